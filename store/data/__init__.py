@@ -1,0 +1,1 @@
+"""Input datasets shared by extract/ and train/."""

@@ -1,0 +1,30 @@
+"""Errors raised by genrecal.store.
+
+Every message says what went wrong, where (file, sample id, YAML path, cache path) and how
+to fix it. Callers catch :class:`StoreError` to report any store-side failure.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error raised by genrecal.store."""
+
+
+class ModelLoadError(StoreError):
+    """A teacher or student VLM (or its processor) could not be loaded or is unsupported."""
+
+
+class SpanError(StoreError):
+    """The image / question / answer spans of a chat-formatted sequence could not be found."""
+
+
+class DatasetError(StoreError):
+    """A sample in an input dataset is invalid (missing image, bad role, escaping path...)."""
+
+    def __init__(self, message: str, *, sample_id: str | None = None, file: str | None = None,
+                 reason: str | None = None):
+        super().__init__(message)
+        self.sample_id = sample_id
+        self.file = file
+        self.reason = reason or message

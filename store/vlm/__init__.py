@@ -1,0 +1,1 @@
+"""Loading VLMs through transformers, per-family knowledge and the tiny-VLM kit."""
