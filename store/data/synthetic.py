@@ -1,0 +1,344 @@
+"""A deterministic synthetic visual-QA set for the demo and the tests.
+
+Every image is a white canvas with a few big, flat, pure-colour shapes (no anti-aliasing),
+so a tiny model can tell them apart. Every question needs the image to be answered, and
+every answer is one canonical word or digit, so exact match scores it:
+
+* ``colour``: "What colour is the circle?" (or "What colour are the circles?") -> ``red``,
+  ``green``, ``blue`` or ``yellow``;
+* ``shape``: "What shape is red?" -> ``circle``, ``square`` or ``triangle``;
+* ``count``: "How many triangles are there?" -> ``1`` ... ``4`` (other shapes may be present);
+* ``position``: "Where is the square?" -> ``left``, ``right``, ``top`` or ``bottom``.
+
+Every human turn ends with "Answer with one word." (:data:`INSTRUCTION`), so real VLM
+teachers answer in the same canonical form.
+
+The set is written in the LLaVA conversation format (``train.jsonl`` / ``test.jsonl`` next
+to ``images/<split>/<index>.png``) and reads back with
+:func:`genrecal.store.data.readers.read_dataset`. Each row also records
+
+* ``type`` - the question type of its first question, and ``types`` - one type per
+  question, in order (multi-turn rows ask 1-2 follow-ups, of any type, about the same image);
+* ``scene`` - the generation spec (shape, colour, centre, size of every object), from
+  which tests and evaluation can re-derive each answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+}
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
+MAX_COUNT = 4
+QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position")
+
+COLOUR_QUESTION = "What colour is the {shape}?"
+COLOUR_PLURAL_QUESTION = "What colour are the {plural}?"
+SHAPE_QUESTION = "What shape is {colour}?"
+COUNT_QUESTION = "How many {plural} are there?"
+POSITION_QUESTION = "Where is the {shape}?"
+INSTRUCTION = "Answer with one word."
+
+_GENERIC_LINES: tuple[str, ...] = (
+    "Look at the image and answer the question.",
+    "The picture shows simple shapes on a white background.",
+    "Each shape has one colour.",
+    "Answer with one word.",
+    "Answer with a single number.",
+    "Describe the image.",
+    "There is a shape in the image.",
+    "The shapes do not overlap.",
+    "I can see the image.",
+    "Yes.",
+    "No.",
+    "Thank you!",
+    "You are a helpful assistant.",
+)
+
+
+def _question_lines() -> list[str]:
+    lines = []
+    for shape in SHAPES:
+        plural = PLURALS[shape]
+        lines += [COLOUR_QUESTION.format(shape=shape), COLOUR_PLURAL_QUESTION.format(plural=plural),
+                  COUNT_QUESTION.format(plural=plural), POSITION_QUESTION.format(shape=shape)]
+    lines += [SHAPE_QUESTION.format(colour=colour) for colour in COLOURS]
+    return lines
+
+
+def _answer_words() -> list[str]:
+    return [*COLOURS, *SHAPES, *POSITIONS, *(str(n) for n in range(1, MAX_COUNT + 1))]
+
+
+def _description_lines(rng: random.Random) -> list[str]:
+    lines = []
+    for shape in SHAPES:
+        for colour in COLOURS:
+            position = rng.choice(POSITIONS)
+            count = rng.randint(1, MAX_COUNT)
+            noun = shape if count == 1 else PLURALS[shape]
+            lines.append(f"There {'is' if count == 1 else 'are'} {count} {colour} {noun}.")
+            lines.append(f"The {colour} {shape} is on the {position}.")
+            lines.append(f"{INSTRUCTION} {COLOUR_QUESTION.format(shape=shape)} {colour}")
+    return lines
+
+
+def corpus_lines(seed: int = 0) -> list[str]:
+    """Varied text lines of the synthetic-QA vocabulary, for training tiny BPE tokenizers.
+
+    Contains every question template filled with every shape / colour, every answer word,
+    some descriptive sentences and some generic chat text. Deterministic for a ``seed``
+    (which only changes the order and the random descriptive details) and cheap.
+    """
+    rng = random.Random(seed)
+    lines = _question_lines() + _answer_words() + list(_GENERIC_LINES) + _description_lines(rng)
+    rng.shuffle(lines)
+    return lines
+
+
+# ---------------------------------------------------------------------------- scenes
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One object of a scene: its shape, colour name, centre ``(x, y)`` and half-extent ``r``.
+
+    Circles are the disc of radius ``r``; squares fill the box ``[x-r, x+r] x [y-r, y+r]``;
+    triangles have apex ``(x, y-r)`` and base corners ``(x-r, y+r)``, ``(x+r, y+r)``. The
+    centre pixel is inside every shape.
+    """
+
+    shape: str
+    colour: str
+    x: int
+    y: int
+    r: int
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+    type: str
+
+
+def _grid_cells(size: int) -> list[tuple[int, int]]:
+    """Centres of the 2x2 grid cells (multi-object scenes)."""
+    lo, hi = size // 4, (3 * size) // 4
+    return [(lo, lo), (hi, lo), (lo, hi), (hi, hi)]
+
+
+def position_centre(position: str, size: int) -> tuple[int, int]:
+    """Where a single object sits for each position answer."""
+    lo, mid, hi = size // 4, size // 2, (3 * size) // 4
+    return {"left": (lo, mid), "right": (hi, mid), "top": (mid, lo), "bottom": (mid, hi)}[position]
+
+
+def _grid_radius(size: int) -> int:
+    return max(4, int(size * 0.17))
+
+
+def _distinct_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
+    """2-3 objects, all shapes different and all colours different (colour / shape questions)."""
+    k = rng.randint(2, len(SHAPES))
+    cells = rng.sample(_grid_cells(size), k)
+    shapes, colours = rng.sample(SHAPES, k), rng.sample(list(COLOURS), k)
+    r = _grid_radius(size)
+    return tuple(ShapeSpec(s, c, x, y, r) for s, c, (x, y) in zip(shapes, colours, cells))
+
+
+def _count_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
+    """1-4 copies of one shape in one colour, plus distractors of other shapes in free cells."""
+    target, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    n = rng.randint(1, MAX_COUNT)
+    n_distractors = rng.randint(0, MAX_COUNT - n)
+    cells = rng.sample(_grid_cells(size), n + n_distractors)
+    others = [s for s in SHAPES if s != target]
+    r = _grid_radius(size)
+    objects = [ShapeSpec(target, colour, x, y, r) for x, y in cells[:n]]
+    objects += [ShapeSpec(rng.choice(others), rng.choice(list(COLOURS)), x, y, r)
+                for x, y in cells[n:]]
+    return tuple(objects)
+
+
+def _position_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
+    """One object on the left / right / top / bottom."""
+    x, y = position_centre(rng.choice(POSITIONS), size)
+    r = max(4, int(size * 0.18))
+    return (ShapeSpec(rng.choice(SHAPES), rng.choice(list(COLOURS)), x, y, r),)
+
+
+_SCENES = {"colour": _distinct_scene, "shape": _distinct_scene, "count": _count_scene,
+           "position": _position_scene}
+
+
+# ---------------------------------------------------------------------------- questions
+
+
+def position_of(obj: ShapeSpec, size: int) -> str | None:
+    """The side of the image an object's centre is on; ``None`` in a corner (ambiguous)."""
+    dx, dy = obj.x - size / 2, obj.y - size / 2
+    if min(abs(dx), abs(dy)) > size / 8:
+        return None
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def questions_for(scene: tuple[ShapeSpec, ...], size: int) -> list[QA]:
+    """Every question the scene answers unambiguously, with its canonical answer."""
+    out: list[QA] = []
+    for shape in sorted({o.shape for o in scene}, key=SHAPES.index):
+        same = [o for o in scene if o.shape == shape]
+        if len({o.colour for o in same}) == 1:
+            template = COLOUR_QUESTION if len(same) == 1 else COLOUR_PLURAL_QUESTION
+            out.append(QA(template.format(shape=shape, plural=PLURALS[shape]), same[0].colour,
+                          "colour"))
+        out.append(QA(COUNT_QUESTION.format(plural=PLURALS[shape]), str(len(same)), "count"))
+    for colour in sorted({o.colour for o in scene}, key=list(COLOURS).index):
+        shapes = {o.shape for o in scene if o.colour == colour}
+        if len(shapes) == 1:
+            out.append(QA(SHAPE_QUESTION.format(colour=colour), shapes.pop(), "shape"))
+    position = position_of(scene[0], size) if len(scene) == 1 else None
+    if position is not None:
+        out.append(QA(POSITION_QUESTION.format(shape=scene[0].shape), position, "position"))
+    return out
+
+
+def _primary_question(rng: random.Random, qtype: str, scene, size: int) -> QA:
+    candidates = [qa for qa in questions_for(scene, size) if qa.type == qtype]
+    if qtype == "count":  # ask about the counted shape, not a distractor
+        candidates = [qa for qa in candidates if PLURALS[scene[0].shape] in qa.question]
+    return rng.choice(candidates)
+
+
+def _questions(rng: random.Random, qtype: str, scene, size: int, multi_turn: bool) -> list[QA]:
+    first = _primary_question(rng, qtype, scene, size)
+    if not multi_turn:
+        return [first]
+    rest = [qa for qa in questions_for(scene, size) if qa.question != first.question]
+    return [first, *rng.sample(rest, min(len(rest), rng.randint(1, 2)))]
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def render(scene: tuple[ShapeSpec, ...], size: int):
+    """The scene as an RGB PIL image: flat pure colours on white, no anti-aliasing."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for o in scene:
+        fill = COLOURS[o.colour]
+        box = (o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r)
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(o.x, o.y - o.r), (o.x - o.r, o.y + o.r), (o.x + o.r, o.y + o.r)],
+                         fill=fill)
+    return image
+
+
+def _conversations(questions: list[QA]) -> list[dict]:
+    turns = []
+    for i, qa in enumerate(questions):
+        prefix = "<image>\n" if i == 0 else ""
+        turns.append({"from": "human", "value": f"{prefix}{qa.question} {INSTRUCTION}"})
+        turns.append({"from": "gpt", "value": qa.answer})
+    return turns
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class SyntheticVQA:
+    """Where :func:`make_synthetic_vqa` wrote the set, and how it was made."""
+
+    root: Path
+    train: Path
+    test: Path
+    n_train: int
+    n_test: int
+    image_size: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SyntheticVQA":
+        paths = {k: Path(data[k]) for k in ("root", "train", "test")}
+        numbers = {k: int(data[k]) for k in ("n_train", "n_test", "image_size", "seed")}
+        return cls(**paths, **numbers)
+
+
+def _row(rng: random.Random, split: str, index: int, size: int, multi_turn_fraction: float,
+         image_dir: Path, root: Path) -> dict:
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    scene = _SCENES[qtype](rng, size)
+    multi_turn = rng.random() < multi_turn_fraction
+    questions = _questions(rng, qtype, scene, size, multi_turn)
+    image_path = image_dir / f"{index:06d}.png"
+    render(scene, size).save(image_path, format="PNG", compress_level=1)
+    return {"id": f"{split}-{index:06d}", "image": image_path.relative_to(root).as_posix(),
+            "conversations": _conversations(questions), "type": qtype,
+            "types": [qa.type for qa in questions], "scene": [asdict(o) for o in scene]}
+
+
+def _write_split(root: Path, split: str, n: int, size: int, seed: int,
+                 multi_turn_fraction: float) -> Path:
+    rng = random.Random(f"genrecal-synthetic-{seed}-{split}")
+    image_dir = root / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    target = root / f"{split}.jsonl"
+    tmp = target.with_suffix(".jsonl.part")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for index in range(n):
+            row = _row(rng, split, index, size, multi_turn_fraction, image_dir, root)
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def _check_args(n_train: int, n_test: int, image_size: int, multi_turn_fraction: float) -> None:
+    if min(n_train, n_test) < 0:
+        raise ValueError(f"n_train={n_train}, n_test={n_test}: sizes must be >= 0")
+    if image_size < 32:
+        raise ValueError(f"image_size={image_size}: use at least 32 pixels so shapes stay legible")
+    if not 0.0 <= multi_turn_fraction <= 1.0:
+        raise ValueError(f"multi_turn_fraction={multi_turn_fraction}: must be within [0, 1]")
+
+
+def make_synthetic_vqa(out_dir: str | Path, *, n_train: int = 1000, n_test: int = 200,
+                       image_size: int = 64, seed: int = 0,
+                       multi_turn_fraction: float = 0.2) -> SyntheticVQA:
+    """Write the synthetic VQA set (see module docstring) under ``out_dir``.
+
+    Writes ``train.jsonl`` / ``test.jsonl`` (LLaVA format, image paths relative to
+    ``out_dir``) and ``images/<split>/<index>.png``. Question types cycle
+    colour, shape, count, position so each is a quarter of every split; a
+    ``multi_turn_fraction`` of the rows ask 1-2 follow-up questions about the same image.
+    Deterministic: the same arguments always give byte-identical files.
+    """
+    _check_args(n_train, n_test, image_size, multi_turn_fraction)
+    root = Path(out_dir)
+    train = _write_split(root, "train", n_train, image_size, seed, multi_turn_fraction)
+    test = _write_split(root, "test", n_test, image_size, seed, multi_turn_fraction)
+    return SyntheticVQA(root=root, train=train, test=test, n_train=n_train, n_test=n_test,
+                        image_size=image_size, seed=seed)

@@ -1,0 +1,207 @@
+"""Tests for genrecal.store.data.synthetic: determinism, sizes, and answers checked from pixels."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genrecal.store.data.readers import read_dataset
+from genrecal.store.data.synthetic import (
+    COLOURS, INSTRUCTION, MAX_COUNT, PLURALS, POSITIONS, QUESTION_TYPES, SHAPES, ShapeSpec,
+    SyntheticVQA, corpus_lines, make_synthetic_vqa, questions_for)
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> SyntheticVQA:
+    out = tmp_path_factory.mktemp("synth")
+    return make_synthetic_vqa(out, n_train=40, n_test=12, image_size=SIZE, seed=3,
+                              multi_turn_fraction=0.5)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ corpus lines
+
+
+def test_corpus_lines_deterministic_and_cover_vocabulary():
+    lines = corpus_lines()
+    assert lines == corpus_lines(0) and all(isinstance(x, str) and x for x in lines)
+    assert corpus_lines(1) != lines
+    text = " ".join(lines)
+    for word in [*SHAPES, *PLURALS.values(), *COLOURS, *POSITIONS, "How many", "Answer"]:
+        assert word in text
+    for n in range(1, MAX_COUNT + 1):
+        assert str(n) in lines
+
+
+def test_corpus_lines_cover_every_generated_question(synth):
+    lines = set(corpus_lines())
+    for r in rows(synth.train):
+        for turn in r["conversations"]:
+            text = turn["value"].replace("<image>\n", "").replace(f" {INSTRUCTION}", "")
+            assert text in lines
+
+
+# ------------------------------------------------------------------ files, sizes, determinism
+
+
+def test_split_sizes_and_balanced_types(synth):
+    train, test = rows(synth.train), rows(synth.test)
+    assert (len(train), len(test)) == (synth.n_train, synth.n_test) == (40, 12)
+    assert Counter(r["type"] for r in train) == {t: 10 for t in QUESTION_TYPES}
+    assert len({r["id"] for r in train + test}) == 52
+    for r in train + test:
+        assert r["types"][0] == r["type"]
+        assert len(r["types"]) == sum(t["from"] == "gpt" for t in r["conversations"])
+        assert (synth.root / r["image"]).is_file()
+
+
+def _file_bytes(root: Path) -> dict[str, bytes]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = make_synthetic_vqa(tmp_path / "a", n_train=8, n_test=4, image_size=32, seed=5)
+    b = make_synthetic_vqa(tmp_path / "b", n_train=8, n_test=4, image_size=32, seed=5)
+    c = make_synthetic_vqa(tmp_path / "c", n_train=8, n_test=4, image_size=32, seed=6)
+    assert _file_bytes(a.root) == _file_bytes(b.root)
+    assert _file_bytes(a.root) != _file_bytes(c.root)
+    assert rows(a.train) != rows(a.test)
+
+
+def test_multi_turn_fraction_extremes(tmp_path):
+    single = make_synthetic_vqa(tmp_path / "s", n_train=12, n_test=0, image_size=32,
+                                multi_turn_fraction=0.0)
+    multi = make_synthetic_vqa(tmp_path / "m", n_train=12, n_test=0, image_size=32,
+                               multi_turn_fraction=1.0)
+    assert all(len(r["types"]) == 1 for r in rows(single.train))
+    assert all(len(r["types"]) >= 2 for r in rows(multi.train))
+    assert rows(single.test) == []
+
+
+def test_to_dict_round_trip(synth):
+    assert SyntheticVQA.from_dict(json.loads(json.dumps(synth.to_dict()))) == synth
+
+
+@pytest.mark.parametrize("kwargs", [{"n_train": -1}, {"image_size": 16},
+                                    {"multi_turn_fraction": 1.5}])
+def test_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        make_synthetic_vqa(tmp_path, **kwargs)
+
+
+# ------------------------------------------------------------------ answers from the pixels
+
+
+def components(image: np.ndarray) -> list[dict]:
+    """Connected non-white regions (4-connectivity): colour name, shape guess, centroid."""
+    background = np.all(image == 255, axis=-1)
+    seen = np.zeros_like(background)
+    found = []
+    for y0, x0 in zip(*np.nonzero(~background)):
+        if seen[y0, x0]:
+            continue
+        stack, pixels = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            pixels.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if (0 <= ny < image.shape[0] and 0 <= nx < image.shape[1]
+                        and not background[ny, nx] and not seen[ny, nx]):
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        found.append(describe(image, np.array(pixels)))
+    return found
+
+
+def describe(image: np.ndarray, pixels: np.ndarray) -> dict:
+    colours = {tuple(int(v) for v in image[y, x]) for y, x in pixels}
+    assert len(colours) == 1, "every object is one flat colour"
+    (rgb,) = colours
+    (name,) = [n for n, value in COLOURS.items() if value == rgb]
+    height, width = np.ptp(pixels, axis=0) + 1
+    fill = len(pixels) / (height * width)  # square ~1, circle ~pi/4, triangle ~1/2
+    shape = "square" if fill > 0.92 else "circle" if fill > 0.68 else "triangle"
+    cy, cx = pixels.mean(axis=0)
+    return {"colour": name, "shape": shape, "x": cx, "y": cy}
+
+
+def side(obj: dict, size: int) -> str:
+    dx, dy = obj["x"] - size / 2, obj["y"] - size / 2
+    assert min(abs(dx), abs(dy)) < size / 8, "a position question about a corner object"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def answer_from_pixels(question: str, objects: list[dict], size: int) -> str:
+    """Answer a synthetic question from the objects found in the image (not from the spec)."""
+    if m := re.match(r"What colour (?:is the|are the) (\w+?)s?\?", question):
+        (colour,) = {o["colour"] for o in objects if o["shape"] == m[1]}
+        return colour
+    if m := re.match(r"How many (\w+?)s are there\?", question):
+        return str(sum(o["shape"] == m[1] for o in objects))
+    if m := re.match(r"What shape is (\w+)\?", question):
+        (shape,) = {o["shape"] for o in objects if o["colour"] == m[1]}
+        return shape
+    if m := re.match(r"Where is the (\w+)\?", question):
+        (obj,) = objects
+        assert obj["shape"] == m[1]
+        return side(obj, size)
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+def test_answers_match_the_pixels(synth):
+    checked = Counter()
+    for r in rows(synth.train) + rows(synth.test):
+        image = np.asarray(Image.open(synth.root / r["image"]).convert("RGB"))
+        assert image.shape == (SIZE, SIZE, 3)
+        objects = components(image)
+        assert len(objects) == len(r["scene"])
+        turns = r["conversations"]
+        for (human, gpt), qtype in zip(zip(turns[::2], turns[1::2]), r["types"]):
+            question = human["value"].removeprefix("<image>\n").removesuffix(f" {INSTRUCTION}")
+            assert answer_from_pixels(question, objects, SIZE) == gpt["value"]
+            checked[qtype] += 1
+    assert set(checked) == set(QUESTION_TYPES)
+
+
+def test_no_position_question_for_a_corner_object():
+    corner = (ShapeSpec("circle", "red", 12, 12, 5),)
+    assert "position" not in {qa.type for qa in questions_for(corner, 48)}
+    side_object = (ShapeSpec("circle", "red", 12, 24, 5),)
+    (qa,) = [qa for qa in questions_for(side_object, 48) if qa.type == "position"]
+    assert (qa.question, qa.answer) == ("Where is the circle?", "left")
+
+
+def test_answers_are_canonical_words(synth):
+    vocabulary = {*COLOURS, *SHAPES, *POSITIONS, *(str(n) for n in range(1, MAX_COUNT + 1))}
+    for r in rows(synth.train):
+        assert {t["value"] for t in r["conversations"][1::2]} <= vocabulary
+
+
+# ------------------------------------------------------------------ reading back
+
+
+def test_reads_back_through_read_dataset(synth):
+    train = read_dataset(synth.train)
+    test = read_dataset(synth.test)
+    assert train.skips == [] and test.skips == []
+    assert len(train.samples) == synth.n_train and len(test.samples) == synth.n_test
+    sample = train.samples[0]
+    assert sample.id == "train-000000" and sample.meta["type"] == "colour"
+    assert sample.turns[0].parts[0] == 0 and len(sample.images) == 1
+    assert sample.load_images()[0].size == (SIZE, SIZE)
+    assert len(read_dataset(synth.root, split="test").samples) == synth.n_test
