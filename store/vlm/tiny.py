@@ -1,0 +1,294 @@
+"""Tiny-VLM kit: real transformers VLM classes at toy size, for tests and the demo.
+
+``build_tiny_vlm(kind, out_dir)`` builds a model from the family's REAL config and model classes
+(``Qwen2VLConfig`` -> ``Qwen2VLForConditionalGeneration``...) with seeded random weights, a BPE
+tokenizer trained here in the family's style (tiny_tokenizers.py), the family's chat template
+(tiny_templates.py) and its real image processor at a tiny image size (4-16 image tokens per
+image), saves everything with ``save_pretrained`` and returns the directory, which
+:func:`genrecal.store.vlm.loading.load_vlm` loads like any checkpoint.
+
+Kinds: ``qwen2_vl`` (teacher default: vocab 2000, hidden 256), ``qwen2_5_vl``, ``llava_qwen2``
+(student default: vocab 500, hidden 64), ``llava_llama`` and ``gemma3`` (with a final-logit
+soft-cap). Same kind + seed + sizes -> byte-identical files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from genrecal.store.vlm import tiny_templates as templates
+from genrecal.store.vlm.tiny_tokenizers import TokenizerStyle, train_tokenizer
+
+QWEN_VL_STYLE = TokenizerStyle(
+    pre_tokenizer="byte_level", leading=(),
+    trailing=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+              "<|image_pad|>", "<|video_pad|>"),
+    named={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "image_token": "<|image_pad|>",
+           "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>",
+           "vision_end_token": "<|vision_end|>"})
+LLAVA_QWEN2_STYLE = TokenizerStyle(
+    pre_tokenizer="byte_level", leading=(),
+    trailing=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"),
+    named={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "image_token": "<image>"})
+LLAVA_LLAMA_STYLE = TokenizerStyle(
+    pre_tokenizer="metaspace_first", leading=("<unk>", "<s>", "</s>"), trailing=("<image>", "<pad>"),
+    named={"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+           "image_token": "<image>"},
+    unk_token="<unk>")
+GEMMA3_STYLE = TokenizerStyle(
+    pre_tokenizer="metaspace_never", leading=("<pad>", "<eos>", "<bos>", "<unk>"),
+    trailing=("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+              "<image_soft_token>"),
+    named={"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>",
+           "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+           "image_token": "<image_soft_token>"},
+    unk_token="<unk>")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of one tiny VLM (text decoder; the vision tower is fixed per kind)."""
+
+    kind: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        return 2 * self.hidden_size
+
+
+@dataclass(frozen=True)
+class _Kind:
+    style: TokenizerStyle
+    chat_template: str
+    defaults: TinySpec
+    build_config: Callable[[TinySpec, Callable[[str], int]], object]
+    build_image_processor: Callable[[], object]
+    build_processor: Callable[[object, object, str], object] | None  # None: video-slot family
+
+
+# ----- configs ---------------------------------------------------------------------------------
+def _mrope_section(head_dim: int) -> list[int]:
+    """Qwen2-VL's temporal/height/width split of the rotary half-dim (16/24/24 of 64)."""
+    half = head_dim // 2
+    hw = 3 * half // 8
+    return [half - 2 * hw, hw, hw]
+
+
+def _text_kwargs(spec: TinySpec) -> dict:
+    return dict(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+                num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+                max_position_embeddings=1024)
+
+
+def _qwen_text(spec: TinySpec, tid) -> dict:
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": _mrope_section(spec.head_dim)}
+    return dict(_text_kwargs(spec), rope_parameters=rope, bos_token_id=None,
+                eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"))
+
+
+def _qwen_vision_ids(tid) -> dict:
+    return dict(image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+                vision_start_token_id=tid("<|vision_start|>"),
+                vision_end_token_id=tid("<|vision_end|>"))
+
+
+def _qwen2_vl_config(spec: TinySpec, tid):
+    from transformers import Qwen2VLConfig
+
+    vision = dict(depth=1, embed_dim=32, hidden_size=spec.hidden_size, num_heads=2, mlp_ratio=2,
+                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2VLConfig(text_config=_qwen_text(spec, tid), vision_config=vision,
+                         **_qwen_vision_ids(tid))
+
+
+def _qwen2_5_vl_config(spec: TinySpec, tid):
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=spec.hidden_size, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(text_config=_qwen_text(spec, tid), vision_config=vision,
+                            **_qwen_vision_ids(tid))
+
+
+def _clip_vision():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=16, patch_size=4, projection_dim=32)
+
+
+def _llava_config(text_config, tid):
+    from transformers import LlavaConfig
+
+    return LlavaConfig(vision_config=_clip_vision(), text_config=text_config,
+                       image_token_index=tid("<image>"), image_seq_length=16,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def _llava_qwen2_config(spec: TinySpec, tid):
+    from transformers import Qwen2Config
+
+    text = Qwen2Config(**_text_kwargs(spec), bos_token_id=None, eos_token_id=tid("<|im_end|>"),
+                       pad_token_id=tid("<|endoftext|>"))
+    return _llava_config(text, tid)
+
+
+def _llava_llama_config(spec: TinySpec, tid):
+    from transformers import LlamaConfig
+
+    text = LlamaConfig(**_text_kwargs(spec), bos_token_id=tid("<s>"), eos_token_id=tid("</s>"),
+                       pad_token_id=tid("<pad>"))
+    return _llava_config(text, tid)
+
+
+GEMMA3_SOFTCAP = 1.0  # small, so the tanh is visibly non-linear on tiny random logits
+
+
+def _gemma3_config(spec: TinySpec, tid):
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        **_text_kwargs(spec), head_dim=spec.head_dim, query_pre_attn_scalar=spec.head_dim,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention"] * (spec.num_layers // 2)
+        + ["sliding_attention"] * (spec.num_layers % 2), final_logit_softcapping=GEMMA3_SOFTCAP,
+        pad_token_id=tid("<pad>"), eos_token_id=[tid("<eos>"), tid("<end_of_turn>")],
+        bos_token_id=tid("<bos>"))
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=32, patch_size=8,
+                                vision_use_head=False)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                        boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),
+                        image_token_index=tid("<image_soft_token>"))
+
+
+# ----- image processors and processors ----------------------------------------------------------
+def _qwen_image_processor():
+    from transformers import Qwen2VLImageProcessorPil
+
+    # 16 px per merged token: 32x32 (4 tokens) .. 64x64 (16 tokens) after smart resize
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+                                    patch_size=8, merge_size=2, temporal_patch_size=2)
+
+
+def _clip_image_processor():
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+
+
+def _gemma3_image_processor():
+    from transformers import Gemma3ImageProcessorPil
+
+    return Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+
+
+def _llava_processor(image_processor, tokenizer, chat_template: str):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token="<image>", chat_template=chat_template)
+
+
+def _gemma3_processor(image_processor, tokenizer, chat_template: str):
+    from transformers import Gemma3Processor
+
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                           chat_template=chat_template, image_seq_length=4)
+
+
+KINDS: dict[str, _Kind] = {
+    "qwen2_vl": _Kind(QWEN_VL_STYLE, templates.QWEN_VL, TinySpec("qwen2_vl", 2000, 256),
+                      _qwen2_vl_config, _qwen_image_processor, None),
+    "qwen2_5_vl": _Kind(QWEN_VL_STYLE, templates.QWEN_VL, TinySpec("qwen2_5_vl", 1500, 128),
+                        _qwen2_5_vl_config, _qwen_image_processor, None),
+    "llava_qwen2": _Kind(LLAVA_QWEN2_STYLE, templates.LLAVA_QWEN2, TinySpec("llava_qwen2", 500, 64),
+                         _llava_qwen2_config, _clip_image_processor, _llava_processor),
+    "llava_llama": _Kind(LLAVA_LLAMA_STYLE, templates.LLAVA_VICUNA,
+                         TinySpec("llava_llama", 600, 64, num_kv_heads=4),
+                         _llava_llama_config, _clip_image_processor, _llava_processor),
+    "gemma3": _Kind(GEMMA3_STYLE, templates.GEMMA3, TinySpec("gemma3", 800, 64),
+                    _gemma3_config, _gemma3_image_processor, _gemma3_processor),
+}
+
+
+# ----- build -----------------------------------------------------------------------------------
+def tiny_spec(kind: str, *, seed: int = 0, **sizes) -> TinySpec:
+    """The kind's default :class:`TinySpec` with ``sizes`` (those not None) and ``seed`` applied."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny VLM kind '{kind}'; choose one of {sorted(KINDS)}")
+    spec = replace(KINDS[kind].defaults, seed=seed, **{k: v for k, v in sizes.items() if v is not None})
+    if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
+        raise ValueError(f"tiny {kind}: hidden_size {spec.hidden_size} must divide by num_heads "
+                         f"{spec.num_heads}, which must divide by num_kv_heads {spec.num_kv_heads}")
+    return spec
+
+
+def build_tiny_vlm(kind: str, out_dir: str | Path, *, seed: int = 0, vocab_size: int | None = None,
+                   hidden_size: int | None = None, num_layers: int | None = None,
+                   num_heads: int | None = None, num_kv_heads: int | None = None) -> Path:
+    """Build, save and return the directory of a tiny ``kind`` VLM (see module docstring)."""
+    spec = tiny_spec(kind, seed=seed, vocab_size=vocab_size, hidden_size=hidden_size,
+                     num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    recipe = KINDS[kind]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _hf_tokenizer(recipe, spec)
+    model_spec = replace(spec, vocab_size=max(spec.vocab_size, len(tokenizer)))
+    model = _random_model(recipe.build_config(model_spec, _id_lookup(tokenizer)), spec.seed)
+    model.save_pretrained(out)
+    _save_processor(recipe, tokenizer, out)
+    return out
+
+
+def _hf_tokenizer(recipe: _Kind, spec: TinySpec):
+    from transformers import TokenizersBackend
+
+    backend = train_tokenizer(recipe.style, spec.vocab_size, seed=spec.seed, salt=spec.kind)
+    tokenizer = TokenizersBackend(tokenizer_object=backend, **recipe.style.named)
+    tokenizer.chat_template = recipe.chat_template
+    return tokenizer
+
+
+def _id_lookup(tokenizer) -> Callable[[str], int]:
+    def lookup(token: str) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or (token != tokenizer.unk_token and token_id == tokenizer.unk_token_id):
+            raise KeyError(f"tiny tokenizer has no token {token!r}")
+        return int(token_id)
+    return lookup
+
+
+def _random_model(config, seed: int):
+    from transformers import AutoModelForImageTextToText
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+    return model.eval()
+
+
+def _save_processor(recipe: _Kind, tokenizer, out: Path) -> None:
+    image_processor = recipe.build_image_processor()
+    if recipe.build_processor is None:  # video slot: saved as its parts, assembled on load
+        tokenizer.save_pretrained(out)
+        image_processor.save_pretrained(out)
+        return
+    recipe.build_processor(image_processor, tokenizer, recipe.chat_template).save_pretrained(out)

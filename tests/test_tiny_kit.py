@@ -1,0 +1,95 @@
+"""The tiny-VLM kit: real classes, family-style tokenizers, determinism, speed."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genrecal.store.vlm.loading import load_vlm
+from genrecal.store.vlm.tiny import KINDS, build_tiny_vlm, tiny_spec
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    first = build_tiny_vlm("llava_qwen2", tmp_path / "a", seed=3)
+    second = build_tiny_vlm("llava_qwen2", tmp_path / "b", seed=3)
+    assert _files(first) == _files(second)
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(_files(first))
+
+
+def test_other_seed_changes_weights_and_tokenizer_ids(tmp_path):
+    a = build_tiny_vlm("qwen2_vl", tmp_path / "a", seed=0, hidden_size=32)
+    b = build_tiny_vlm("qwen2_vl", tmp_path / "b", seed=1, hidden_size=32)
+    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert not torch.equal(weights_a["lm_head.weight"], weights_b["lm_head.weight"])
+    vocab_a = json.loads((a / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab_b = json.loads((b / "tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab_a.keys() == vocab_b.keys() and vocab_a != vocab_b
+
+
+def test_build_is_fast(tmp_path):
+    build_tiny_vlm("qwen2_vl", tmp_path / "warm")  # imports the model classes once
+    timings = {}
+    for kind in ("qwen2_vl", "llava_qwen2"):
+        start = time.perf_counter()
+        build_tiny_vlm(kind, tmp_path / kind)
+        timings[kind] = time.perf_counter() - start
+    assert max(timings.values()) < 2.0, timings  # ~0.2-0.4 s each on an idle CPU core
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_real_classes_and_requested_sizes(kind, tiny_vlm_dir):
+    vlm = load_vlm(tiny_vlm_dir(kind))
+    family = vlm.family
+    assert type(vlm.model).__name__ == family.model_class
+    assert type(vlm.model).__module__.startswith(f"transformers.models.{family.model_type}.")
+    spec = tiny_spec(kind)
+    text = family.text_config(vlm.model.config)
+    assert (text.hidden_size, text.num_hidden_layers) == (spec.hidden_size, spec.num_layers)
+    assert text.vocab_size == max(spec.vocab_size, len(vlm.tokenizer))
+    assert len(vlm.tokenizer) <= text.vocab_size
+    text_cls = type(family.text_model(vlm.model)).__name__
+    expected_text = {"llava_qwen2": "Qwen2Model", "llava_llama": "LlamaModel"}.get(kind)
+    assert expected_text is None or text_cls == expected_text
+
+
+def test_size_overrides_and_bad_arguments(tmp_path):
+    out = build_tiny_vlm("gemma3", tmp_path / "g", hidden_size=32, num_layers=3, vocab_size=700)
+    config = json.loads((out / "config.json").read_text())["text_config"]
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (32, 3, 700)
+    with pytest.raises(ValueError, match="unknown tiny VLM kind 'gpt2'"):
+        build_tiny_vlm("gpt2", tmp_path / "x")
+    with pytest.raises(ValueError, match="must divide"):
+        build_tiny_vlm("llava_qwen2", tmp_path / "y", hidden_size=30)
+
+
+def test_family_styles_differ(tiny_vlm_dir):
+    tokenizers = {kind: load_vlm(tiny_vlm_dir(kind)).tokenizer for kind in
+                  ("qwen2_vl", "llava_qwen2", "llava_llama", "gemma3")}
+    vocab = {kind: tok.get_vocab() for kind, tok in tokenizers.items()}
+    assert {"<|im_start|>", "<|vision_start|>", "<|image_pad|>"} <= vocab["qwen2_vl"].keys()
+    assert {"<|im_start|>", "<image>"} <= vocab["llava_qwen2"].keys()
+    assert [vocab["llava_llama"][t] for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
+    assert {"<start_of_turn>", "<image_soft_token>"} <= vocab["gemma3"].keys()
+    # the same word has a different id in every kind (ids are shuffled per kind)
+    word_ids = {kind: tok.encode("circle", add_special_tokens=False)
+                for kind, tok in tokenizers.items()}
+    assert len({tuple(ids) for ids in word_ids.values()}) == len(word_ids)
+
+
+@pytest.mark.parametrize("kind", ["llava_llama", "gemma3"])
+def test_metaspace_tokenizers_cover_the_vqa_vocabulary(kind, tiny_vlm_dir):
+    tok = load_vlm(tiny_vlm_dir(kind)).tokenizer
+    text = "How many triangles are there? 3. Where is the blue square? left"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+
