@@ -1,0 +1,1101 @@
+"""Typed schema of ``pipelines.yaml``: the single source of truth for every run.
+
+A file holds a top-level ``pipelines:`` mapping, name -> :class:`Pipeline`. A pipeline names the
+teacher and the student (:class:`ModelSpec`), the input data (:class:`DataConfig`), the teacher
+cache and what the teacher pass extracts into it (:class:`CacheConfig`), the Recalibrator
+(:class:`RecalibratorConfig`), the training stages (:data:`Stage`) and the evaluation.
+
+Every model is a frozen pydantic model that forbids unknown keys, with ``to_dict()`` /
+``from_dict()``. Validation collects EVERY problem of a file before any work starts and raises
+one :class:`~genrecal.errors.ConfigError` whose problems name the YAML path
+(``pipelines.demo.stages[1].lr_start``), the expected form and the line in the file. Types are
+strict (``"8"`` is not an integer, ``1`` is not ``true``). The cross-field checks of a mapping
+(steps XOR epochs, stage order, features a loss needs...) run once its own keys are valid.
+
+Conventions:
+
+* Relative paths (cache location, data paths, output directories) are resolved against the
+  current working directory by the code that uses them, not against the YAML file.
+* Top-level keys starting with ``x-`` are ignored; they hold YAML anchors shared by pipelines
+  (``<<: *paper_stage`` merges them into a mapping).
+* ``1e-4`` is read as a number (plain YAML 1.1 would read it as a string).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import model_validator
+from pydantic_core import PydanticCustomError
+from typing_extensions import Self
+
+from genrecal.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Vocabularies
+# --------------------------------------------------------------------------------------------
+
+#: VLM families (transformers ``model_type``) that a teacher or student may declare: those of
+#: genrecal.store.vlm.families (kept torch-free here; tests/test_config.py checks they agree)
+#: plus ``internvl``, the InternVL2.5 teacher of a shipped pipeline (loading support pending).
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "gemma3", "internvl")
+#: Kinds of the tiny-VLM kit (genrecal.store.vlm.tiny.KINDS) -> the family each one builds.
+TINY_KINDS: dict[str, str] = {
+    "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_qwen2": "llava",
+    "llava_llama": "llava", "gemma3": "gemma3",
+}
+#: Stage types, in the only order in which they may appear in a pipeline.
+STAGE_ORDER: tuple[str, ...] = ("align", "distill", "finetune", "grace")
+#: Decoder linears that GRACE's QAT may fake-quantise (method.md section 2).
+QUANT_MODULES: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)
+#: Evaluation metrics.
+METRICS: tuple[str, ...] = ("exact_match", "contains", "token_f1", "answer_nll")
+#: Default location of the packaged pipelines file inside the ``genrecal`` package.
+PIPELINES_FILENAME = "pipelines.yaml"
+
+Family = Literal[FAMILIES]  # type: ignore[valid-type]
+TinyKind = Literal[tuple(TINY_KINDS)]  # type: ignore[valid-type]
+Dtype = Literal["float32", "bfloat16", "float16"]
+Codec = Literal["bf16", "fp8_e4m3", "int8"]
+OnError = Literal["raise", "skip"]
+Precision = Literal["fp32", "bf16"]
+Metric = Literal[METRICS]  # type: ignore[valid-type]
+QuantModule = Literal[QUANT_MODULES]  # type: ignore[valid-type]
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_FILE = "<file>"  # yaml path of problems that concern the file itself, not a key in it
+
+Problem = tuple[tuple[Union[str, int], ...], str]  # (location relative to a model, message)
+
+
+# --------------------------------------------------------------------------------------------
+# Base model
+# --------------------------------------------------------------------------------------------
+
+class ConfigModel(BaseModel):
+    """Frozen, strict, closed model; cross-field checks come from :meth:`_problems`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict; ``from_dict(to_dict())`` gives an equal model."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<dict>") -> Self:
+        """Validate ``data``; raise ConfigError listing every problem (paths relative to it)."""
+        return _validate(cls, data, _Context(source=source))
+
+    def _problems(self) -> list[Problem]:
+        """Cross-field problems as ``(location relative to this model, message)``."""
+        return []
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self):
+        problems = self._problems()
+        if problems:
+            summary = "; ".join(f"{_format_path(loc)}: {msg}" for loc, msg in problems)
+            raise PydanticCustomError("config", "{summary}",
+                                      {"summary": summary, "problems": problems})
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Models: teacher / student
+# --------------------------------------------------------------------------------------------
+
+class TinySpec(ConfigModel):
+    """A tiny random VLM built by the kit (``genrecal.store.vlm.tiny.build_tiny_vlm``).
+
+    Sizes left out (None) take the kit's default for the kind."""
+
+    kind: TinyKind
+    seed: NonNegInt = 0
+    vocab_size: PosInt | None = None
+    hidden_size: PosInt | None = None
+    num_layers: PosInt | None = None
+    num_heads: PosInt | None = None
+    num_kv_heads: PosInt | None = None
+    path: NonEmptyStr | None = None  # where it is built; None: <pipeline output>/models/<role>
+
+    def _problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        pairs = (("hidden_size", "num_heads"), ("num_heads", "num_kv_heads"))
+        for whole, part in pairs:
+            a, b = getattr(self, whole), getattr(self, part)
+            if a is not None and b is not None and a % b:
+                problems.append(((whole,), f"must be divisible by {part} ({b}); got {a}"))
+        return problems
+
+    def build_kwargs(self) -> dict[str, int]:
+        """Keyword arguments of ``build_tiny_vlm(kind, out_dir, **kwargs)``."""
+        return {k: v for k, v in self.model_dump(exclude={"kind", "path"}).items()
+                if v is not None}
+
+
+class ModelSpec(ConfigModel):
+    """Where a teacher or student VLM comes from and how it is loaded."""
+
+    source: NonEmptyStr | None = None  # local directory or hub id (e.g. Qwen/Qwen2-VL-2B-Instruct)
+    tiny: TinySpec | None = None
+    family: Family | None = None  # filled from tiny.kind when left out
+    revision: NonEmptyStr | None = None
+    dtype: Dtype = "bfloat16"
+    device: NonEmptyStr | None = None  # e.g. cpu, cuda, cuda:1
+    device_map: NonEmptyStr | dict[str, Union[int, str]] | None = None  # e.g. auto
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_from_tiny(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("family") is None:
+            kind = data.get("tiny", {}).get("kind") if isinstance(data.get("tiny"), dict) else None
+            if kind in TINY_KINDS:
+                return {**data, "family": TINY_KINDS[kind]}
+        return data
+
+    def _problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if (self.source is None) == (self.tiny is None):
+            problems.append((("source",), "set exactly one of 'source' (a local directory or a "
+                             "hub id such as Qwen/Qwen2-VL-2B-Instruct) or 'tiny' (a tiny model "
+                             "built by the kit)"))
+        if self.source is not None and self.family is None:
+            problems.append((("family",), f"required with 'source'; one of {_choices(FAMILIES)}"))
+        elif self.tiny is not None and self.family != TINY_KINDS[self.tiny.kind]:
+            problems.append((("family",), f"{self.family!r} contradicts tiny.kind "
+                             f"{self.tiny.kind!r} (family {TINY_KINDS[self.tiny.kind]!r}); "
+                             "leave 'family' out for a tiny model"))
+        if self.device is not None and self.device_map is not None:
+            problems.append((("device_map",), "set 'device' or 'device_map', not both"))
+        return problems
+
+    @property
+    def label(self) -> str:
+        """Short human description: the source, or the tiny model's shape."""
+        if self.tiny is None:
+            return str(self.source)
+        sizes = [f"{key}={value}" for key, value in (("d", self.tiny.hidden_size),
+                                                       ("V", self.tiny.vocab_size)) if value]
+        return f"tiny:{self.tiny.kind}" + (f"({','.join(sizes)})" if sizes else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Models: data
+# --------------------------------------------------------------------------------------------
+
+class DataSource(ConfigModel):
+    """One input dataset: a local file / directory or a hub dataset, and the split it gives."""
+
+    path: NonEmptyStr
+    format: Literal["auto", "llava", "messages"] = "auto"
+    image_root: NonEmptyStr | None = None
+    split: NonEmptyStr = "train"
+    limit: PosInt | None = None
+
+
+class SyntheticData(ConfigModel):
+    """Generated VQA samples for the demo and the tests (splits ``train`` and ``test``)."""
+
+    n_train: PosInt = 64
+    n_test: NonNegInt = 16
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 32
+    seed: NonNegInt = 0
+
+
+class DataConfig(ConfigModel):
+    """Input data of a pipeline: declared sources and/or synthetic samples."""
+
+    sources: list[DataSource] = Field(default_factory=list)
+    synthetic: SyntheticData | None = None
+    on_error: OnError = "raise"
+
+    def _problems(self) -> list[Problem]:
+        if not self.sources and self.synthetic is None:
+            return [(("sources",), "declare at least one data source (sources: [{path: ...}]) "
+                     "or a 'synthetic:' block")]
+        return []
+
+    def splits(self) -> set[str]:
+        """Every split name the data provides."""
+        provided = {source.split for source in self.sources}
+        if self.synthetic is not None:
+            provided |= {"train", "test"} if self.synthetic.n_test else {"train"}
+        return provided
+
+
+# --------------------------------------------------------------------------------------------
+# Models: teacher cache
+# --------------------------------------------------------------------------------------------
+
+class LogitStats(ConfigModel):
+    """Per answer token: target logit, logsumexp at T=1 and T, entropy, top-k (method.md s2)."""
+
+    top_k: Annotated[int, Field(ge=1, le=4096)] = 128
+    temperature: PosFloat = 2.0
+
+
+class Features(ConfigModel):
+    """What the teacher pass stores per sample (method.md: 'What this puts in the cache')."""
+
+    answer_hidden: bool = True  # z_al over the answer window
+    question_hidden: Literal["all", "text", "none"] = "all"  # z_ql; 'all' includes image tokens
+    visual_gram: bool = False  # centred Gram of penultimate-layer visual states (GRACE RCKA)
+    logit_stats: LogitStats | None = None
+    input_embeddings: bool = False  # teacher input-embedding matrix, a cache artifact
+
+    def _problems(self) -> list[Problem]:
+        if not (self.answer_hidden or self.question_hidden != "none" or self.visual_gram
+                or self.logit_stats is not None):
+            return [(("answer_hidden",), "every feature is off: the cache would hold no teacher "
+                     "features; enable at least one")]
+        return []
+
+
+class Codecs(ConfigModel):
+    """Storage codec per cached feature."""
+
+    answer_hidden: Codec = "bf16"
+    question_hidden: Codec = "bf16"
+    visual_gram: Codec = "bf16"
+    logit_stats: Codec = "bf16"
+
+
+class ShardLimits(ConfigModel):
+    """A cache shard closes when either bound is reached (None: no bound of that kind)."""
+
+    max_tokens: PosInt | None = 65536
+    max_bytes: ByteSize | None = ByteSize(256 * 2**20)  # accepts 256MiB, "1 GB", 1048576
+
+    def _problems(self) -> list[Problem]:
+        if self.max_tokens is None and self.max_bytes is None:
+            return [(("max_tokens",), "set max_tokens or max_bytes (or both)")]
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            return [(("max_bytes",), f"must be positive, got {int(self.max_bytes)}")]
+        return []
+
+
+class GenerateAnswers(ConfigModel):
+    """Teacher-answers mode: the teacher answers each question before features are cached."""
+
+    max_new_tokens: PosInt = 512
+    temperature: NonNegFloat = 0.0  # 0: greedy
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    replace: Literal["always", "if_correct"] = "if_correct"  # keep the reference otherwise
+
+
+class CacheConfig(ConfigModel):
+    """Teacher cache location and extraction settings."""
+
+    location: NonEmptyStr  # local path or fsspec URL (s3://bucket/x, memory://x)
+    features: Features = Field(default_factory=Features)
+    codecs: Codecs = Field(default_factory=Codecs)
+    shard: ShardLimits = Field(default_factory=ShardLimits)
+    batch_size: PosInt = 1
+    max_length: PosInt = 4096
+    on_error: OnError = "raise"
+    generate_answers: GenerateAnswers | None = None
+
+    def _problems(self) -> list[Problem]:
+        unknown = _unknown_protocols(self.location)
+        if unknown:
+            return [(("location",), f"unknown storage protocol(s) {_choices(unknown)} in "
+                     f"{self.location!r}; use a local path or a URL fsspec knows (s3://, gs://, "
+                     "memory://, file://...)")]
+        return []
+
+
+def _unknown_protocols(location: str) -> list[str]:
+    """Protocols of a (possibly chained ``a::b://``) URL that fsspec does not know."""
+    from fsspec.registry import known_implementations, registry
+
+    protocols = [m.group(1) for part in location.split("::")
+                 if (m := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", part))]
+    if "::" in location:
+        protocols += [part for part in location.split("::")[:-1] if "://" not in part]
+    return [p for p in protocols if p not in known_implementations and p not in registry]
+
+
+# --------------------------------------------------------------------------------------------
+# Models: training
+# --------------------------------------------------------------------------------------------
+
+class RecalibratorConfig(ConfigModel):
+    """The Recalibrator shared by the align and distill stages (method.md section 1)."""
+
+    blocks: Annotated[int, Field(ge=1, le=64)] = 2
+    init: Literal["copy", "random"] = "copy"  # copy: the student's last `blocks` decoder blocks
+    answer_input: Literal["hidden", "embedding"] = "hidden"  # z_al, or teacher token embeddings
+    reassign_positions: bool = True  # positions 0..N_qs+N_al-1 over the concatenation
+
+
+class TrainSwitches(ConfigModel):
+    """Which parameter groups a stage trains; everything else is frozen."""
+
+    recalibrator: bool = False
+    vision_encoder: bool = False
+    projector: bool = False
+    student_body: bool = False
+    student_embeddings: bool = False
+    student_head: bool = False
+
+    def student_parts(self) -> list[str]:
+        """Names of the trainable student parameter groups."""
+        return [k for k, on in self.model_dump().items() if on and k != "recalibrator"]
+
+
+class Losses(ConfigModel):
+    """GenRecal loss weights (0 turns a loss off) and the KL temperature (method.md s1)."""
+
+    ar: NonNegFloat = 1.0
+    kl: NonNegFloat = 1.0
+    reg: NonNegFloat = 1.0
+    ce_student: NonNegFloat = 0.0
+    temperature: PosFloat = 1.0
+
+
+class GdkdConfig(ConfigModel):
+    """Decoupled KD of GRACE: DKD = (alpha*TCKD + beta_dkd*NCKD) * T^2 (method.md s2)."""
+
+    temperature: PosFloat = 2.0
+    alpha: NonNegFloat = 1.0
+    beta_dkd: NonNegFloat = 4.0
+
+
+class RckaConfig(ConfigModel):
+    """Relational CKA on visual tokens, weight omega with a linear warm-up (method.md s2)."""
+
+    omega: NonNegFloat = 3.0
+    warmup_steps: NonNegInt = 400
+    min_tokens: Annotated[int, Field(ge=2)] = 4
+
+
+class ControllerConfig(ConfigModel):
+    """Lagrangian controller of beta: beta <- clip(beta + eta*(EMA(L_GDKD) - tau))."""
+
+    beta_init: NonNegFloat = 0.5
+    beta_min: NonNegFloat = 0.1
+    beta_max: NonNegFloat = 1.0
+    tau: NonNegFloat = 3.0
+    eta: NonNegFloat = 0.003
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.99
+
+    def _problems(self) -> list[Problem]:
+        if not self.beta_min <= self.beta_init <= self.beta_max:
+            return [(("beta_init",), f"needs beta_min <= beta_init <= beta_max; got "
+                     f"{self.beta_min} <= {self.beta_init} <= {self.beta_max}")]
+        return []
+
+
+class QuantConfig(ConfigModel):
+    """Weight-only fake quantisation of the student's decoder linears (GRACE QAT)."""
+
+    bits: Literal[4, 8] = 4
+    group_size: PosInt = 128
+    scale_lr_mult: PosFloat = 10.0
+    modules: list[QuantModule] = Field(default_factory=lambda: list(QUANT_MODULES))
+
+    def _problems(self) -> list[Problem]:
+        if not self.modules:
+            return [(("modules",), f"list at least one of {_choices(QUANT_MODULES)}")]
+        if len(set(self.modules)) != len(self.modules):
+            return [(("modules",), f"lists a module twice: {self.modules}")]
+        return []
+
+
+class _StageBase(ConfigModel):
+    """Settings every training stage has: schedule, batch, length, precision, output."""
+
+    #: Per nested block, the stage type's defaults; keys given in the file override them.
+    block_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    name: str  # the stage type; each subclass narrows it to its Literal
+    lr_start: PosFloat = 1e-4
+    lr_end: NonNegFloat = 1e-5  # linear from lr_start to lr_end over the stage
+    warmup: NonNegInt = 0  # optimizer steps of linear warm-up from 0 to lr_start
+    weight_decay: NonNegFloat = 0.0
+    batch_size: PosInt = 8
+    grad_accum: PosInt = 1
+    steps: PosInt | None = None  # optimizer steps; exactly one of steps / epochs
+    epochs: PosInt | None = None
+    precision: Precision = "bf16"
+    grad_clip: PosFloat | None = 1.0
+    gradient_checkpointing: bool = False
+    seed: NonNegInt = 0
+    output: NonEmptyStr | None = None  # None: <pipeline output>/<stage name>
+    trains: TrainSwitches = Field(default_factory=TrainSwitches)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_block_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for key, defaults in cls.block_defaults.items():
+            given = data.get(key, {})
+            if isinstance(given, dict):
+                merged[key] = {**defaults, **given}
+        return merged
+
+    def _problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if (self.steps is None) == (self.epochs is None):
+            got = "both" if self.steps is not None else "neither"
+            problems.append((("steps",), f"set exactly one of 'steps' or 'epochs' (got {got})"))
+        if self.steps is not None and self.warmup >= self.steps:
+            problems.append((("warmup",), f"must be smaller than steps ({self.steps}); "
+                             f"got {self.warmup}"))
+        if not any(self.trains.model_dump().values()):
+            problems.append((("trains",), "trains nothing: switch on at least one of "
+                             f"{_choices(TrainSwitches.model_fields)}"))
+        return problems
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step on one process (times the world size when distributed)."""
+        return self.batch_size * self.grad_accum
+
+
+class _GenRecalStage(_StageBase):
+    """A stage that trains through the Recalibrator with the GenRecal losses."""
+
+    losses: Losses = Field(default_factory=Losses)
+
+    def _problems(self) -> list[Problem]:
+        problems = super()._problems()
+        if self.losses.ar + self.losses.kl + self.losses.reg + self.losses.ce_student == 0:
+            problems.append((("losses",), "every loss weight is 0"))
+        if self.losses.ce_student > 0 and not self.trains.student_parts():
+            problems.append((("losses", "ce_student"), "CE_s needs a trainable student part "
+                             "(trains.student_body, ...)"))
+        return problems
+
+
+class AlignStage(_GenRecalStage):
+    """Stage 1: trains the Recalibrator alone; L_ar + L_kl + L_reg (method.md s1)."""
+
+    name: Literal["align"]
+    block_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "trains": {"recalibrator": True},
+        "losses": {"ce_student": 0.0},
+    }
+
+
+class DistillStage(_GenRecalStage):
+    """Stage 2: Recalibrator + student body; L_ar + L_kl + CE_s (+ L_reg) (method.md s1)."""
+
+    name: Literal["distill"]
+    block_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "trains": {"recalibrator": True, "student_body": True},
+        "losses": {"ce_student": 1.0},
+    }
+
+
+class FinetuneStage(_StageBase):
+    """Stage 3: every student part except the vision encoder, CE_s only (method.md s1)."""
+
+    name: Literal["finetune"]
+    block_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "trains": {"projector": True, "student_body": True, "student_embeddings": True,
+                   "student_head": True},
+    }
+
+    def _problems(self) -> list[Problem]:
+        problems = super()._problems()
+        if self.trains.recalibrator:
+            problems.append((("trains", "recalibrator"), "finetune trains the student alone "
+                             "(CE_s); the Recalibrator is not used in this stage"))
+        return problems
+
+
+class GraceStage(_StageBase):
+    """GRACE: L = ce*CE + beta*L_GDKD + omega*L_RCKA, optional QAT (method.md section 2)."""
+
+    name: Literal["grace"]
+    block_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "trains": {"projector": True, "student_body": True, "student_embeddings": True,
+                   "student_head": True},
+    }
+
+    ce: NonNegFloat = 1.0
+    gdkd: GdkdConfig = Field(default_factory=GdkdConfig)
+    rcka: RckaConfig = Field(default_factory=RckaConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    quant: QuantConfig | None = Field(default_factory=QuantConfig)  # None: BF16 GRACE
+
+    def _problems(self) -> list[Problem]:
+        problems = super()._problems()
+        if self.trains.recalibrator:
+            problems.append((("trains", "recalibrator"), "GRACE has no Recalibrator"))
+        return problems
+
+
+Stage = Annotated[Union[AlignStage, DistillStage, FinetuneStage, GraceStage],
+                  Field(discriminator="name")]
+RECALIBRATOR_STAGES: tuple[str, ...] = ("align", "distill")
+
+
+class EvaluationConfig(ConfigModel):
+    """How the trained student is evaluated."""
+
+    split: NonEmptyStr = "test"
+    max_new_tokens: PosInt = 64
+    batch_size: PosInt = 8
+    limit: PosInt | None = None
+    metrics: list[Metric] = Field(default_factory=lambda: ["exact_match", "token_f1"])
+
+    def _problems(self) -> list[Problem]:
+        if not self.metrics:
+            return [(("metrics",), f"list at least one of {_choices(METRICS)}")]
+        if len(set(self.metrics)) != len(self.metrics):
+            return [(("metrics",), f"lists a metric twice: {self.metrics}")]
+        return []
+
+
+# --------------------------------------------------------------------------------------------
+# Models: pipeline and file
+# --------------------------------------------------------------------------------------------
+
+class Pipeline(ConfigModel):
+    """One teacher -> student recipe. ``name`` is the pipeline's key in the file."""
+
+    name: NonEmptyStr
+    description: str = ""
+    teacher: ModelSpec
+    student: ModelSpec
+    data: DataConfig
+    cache: CacheConfig
+    recalibrator: RecalibratorConfig = Field(default_factory=RecalibratorConfig)
+    stages: Annotated[list[Stage], Field(min_length=1)]
+    evaluation: EvaluationConfig | None = Field(default_factory=EvaluationConfig)
+    output: NonEmptyStr | None = None  # None: runs/<name>
+
+    def _problems(self) -> list[Problem]:
+        bad_name = [] if _NAME_RE.fullmatch(self.name) else [
+            (("name",), f"invalid pipeline name {self.name!r}: use letters, digits, '.', '_' "
+             "and '-', starting with a letter or a digit")]
+        return [*bad_name, *_stage_order_problems(self.stages), *_cache_feature_problems(self),
+                *_recalibrator_problems(self), *_grace_problems(self), *_split_problems(self)]
+
+    @property
+    def output_dir(self) -> str:
+        """Root directory of this pipeline's outputs."""
+        return self.output or f"runs/{self.name}"
+
+    def stage(self, name: str) -> AlignStage | DistillStage | FinetuneStage | GraceStage:
+        """The stage called ``name``; KeyError naming the stages that exist otherwise."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"pipeline {self.name!r} has no stage {name!r}; it has "
+                       f"{_choices(s.name for s in self.stages)}")
+
+    def stage_dir(self, name: str) -> str:
+        """Output directory of stage ``name``."""
+        return self.stage(name).output or f"{self.output_dir}/{name}"
+
+    def model_location(self, role: Literal["teacher", "student"]) -> str:
+        """Hub id / directory of a model; for a tiny model, the directory it is built into."""
+        spec = self.teacher if role == "teacher" else self.student
+        if spec.tiny is None:
+            return str(spec.source)
+        return spec.tiny.path or f"{self.output_dir}/models/{role}"
+
+    def summary(self) -> str:
+        """One line: teacher -> student | stages."""
+        stages = " -> ".join(stage.name for stage in self.stages)
+        return f"{self.teacher.label} -> {self.student.label} | {stages}"
+
+
+def _stage_order_problems(stages: list) -> list[Problem]:
+    problems: list[Problem] = []
+    ranks = [STAGE_ORDER.index(stage.name) for stage in stages]
+    for i, stage in enumerate(stages):
+        if stage.name in [s.name for s in stages[:i]]:
+            problems.append((("stages", i, "name"), f"stage {stage.name!r} appears twice"))
+        elif i and ranks[i] < max(ranks[:i]):
+            problems.append((("stages", i, "name"), f"stage {stage.name!r} is out of order; "
+                             f"stages run in the order {' -> '.join(STAGE_ORDER)}"))
+    return problems
+
+
+def _cache_feature_problems(pipe: Pipeline) -> list[Problem]:
+    """The GenRecal stages' losses need teacher features that the cache must extract."""
+    features, problems = pipe.cache.features, []
+    feeding = _stage_labels(pipe, lambda s: s.name in RECALIBRATOR_STAGES)
+    if feeding and not features.answer_hidden:
+        problems.append((("cache", "features", "answer_hidden"), f"must be true: {feeding} "
+                         "feed z_al to the Recalibrator"))
+    regularised = _stage_labels(pipe, lambda s: isinstance(s, _GenRecalStage) and s.losses.reg)
+    if regularised and features.question_hidden == "none":
+        problems.append((("cache", "features", "question_hidden"), f"must be 'all' or 'text': "
+                         f"{regularised} use L_reg, which needs z_ql (or set losses.reg: 0)"))
+    return problems
+
+
+def _stage_labels(pipe: Pipeline, predicate) -> str:
+    """``stages[0] (align), stages[1] (distill)`` for the stages that satisfy ``predicate``."""
+    return ", ".join(f"stages[{i}] ({s.name})" for i, s in enumerate(pipe.stages) if predicate(s))
+
+
+def _recalibrator_problems(pipe: Pipeline) -> list[Problem]:
+    if not any(stage.name in RECALIBRATOR_STAGES for stage in pipe.stages):
+        return []
+    rec, problems = pipe.recalibrator, []
+    if rec.answer_input == "embedding" and not pipe.cache.features.input_embeddings:
+        problems.append((("cache", "features", "input_embeddings"), "must be true: "
+                         "recalibrator.answer_input 'embedding' reads the teacher's input "
+                         "embeddings from the cache"))
+    tiny = pipe.student.tiny
+    if rec.init == "copy" and tiny is not None and tiny.num_layers is not None \
+            and rec.blocks > tiny.num_layers:
+        problems.append((("recalibrator", "blocks"), f"init 'copy' copies the student's last "
+                         f"{rec.blocks} blocks but it has {tiny.num_layers}"))
+    return problems
+
+
+def _grace_problems(pipe: Pipeline) -> list[Problem]:
+    """GRACE reads same-tokenizer logit information and, for RCKA, visual Grams."""
+    problems: list[Problem] = []
+    features = pipe.cache.features
+    for i, stage in enumerate(pipe.stages):
+        if not isinstance(stage, GraceStage):
+            continue
+        where = f"stages[{i}] (grace)"
+        if pipe.teacher.family != pipe.student.family:
+            problems.append((("student", "family"), f"{where} needs teacher and student of the "
+                             f"same family and tokenizer; got {pipe.teacher.family!r} and "
+                             f"{pipe.student.family!r}"))
+        if not features.answer_hidden and features.logit_stats is None:
+            problems.append((("cache", "features", "logit_stats"), f"{where} needs teacher "
+                             "logits: set logit_stats or answer_hidden: true"))
+        elif not features.answer_hidden and \
+                features.logit_stats.temperature != stage.gdkd.temperature:
+            problems.append((("cache", "features", "logit_stats", "temperature"),
+                             f"must equal {where} gdkd.temperature ({stage.gdkd.temperature})"))
+        if stage.rcka.omega > 0 and not features.visual_gram:
+            problems.append((("cache", "features", "visual_gram"), f"must be true: {where} has "
+                             "rcka.omega > 0 (or set rcka.omega: 0)"))
+    return problems
+
+
+def _split_problems(pipe: Pipeline) -> list[Problem]:
+    provided = pipe.data.splits()
+    problems: list[Problem] = []
+    if "train" not in provided:
+        problems.append((("data", "sources"), f"no source gives the 'train' split that the "
+                         f"stages train on; splits given: {_choices(sorted(provided))}"))
+    if pipe.evaluation is not None and pipe.evaluation.split not in provided:
+        problems.append((("evaluation", "split"), f"{pipe.evaluation.split!r} is not given by "
+                         f"the data; splits given: {_choices(sorted(provided))}"))
+    return problems
+
+
+class PipelinesFile(ConfigModel):
+    """A whole pipelines.yaml: ``pipelines: {name: Pipeline}``; top-level ``x-*`` keys ignored."""
+
+    pipelines: Annotated[dict[str, Pipeline], Field(min_length=1)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
+        if isinstance(data.get("pipelines"), dict):
+            data["pipelines"] = {k: _with_name(v, str(k)) for k, v in data["pipelines"].items()}
+        return data
+
+    def _problems(self) -> list[Problem]:
+        return [(("pipelines", key, "name"), f"must equal the pipeline's key {key!r} (or be "
+                 f"left out); got {pipe.name!r}")
+                for key, pipe in self.pipelines.items() if pipe.name != key]
+
+
+def _with_name(raw: Any, name: str) -> Any:
+    """The pipeline mapping with its key as ``name`` (kept if the file sets one)."""
+    if isinstance(raw, dict) and "name" not in raw:
+        return {"name": name, **raw}
+    return raw
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def locate_pipelines_file(path: str | Path | None = None) -> Path | Traversable:
+    """The file ``load_pipelines(path)`` reads: ``path``, else ./pipelines.yaml if present,
+    else the default packaged with genrecal."""
+    if path is not None:
+        return Path(path)
+    local = Path.cwd() / PIPELINES_FILENAME
+    if local.is_file():
+        return local
+    return resources.files("genrecal").joinpath(PIPELINES_FILENAME)
+
+
+def pipelines_source(path: str | Path | None = None) -> str:
+    """How messages name the file ``load_pipelines(path)`` reads."""
+    where = locate_pipelines_file(path)
+    if path is None and where != Path.cwd() / PIPELINES_FILENAME:
+        return f"{where} (packaged default)"
+    return str(where)
+
+
+def load_pipelines(path: str | Path | None = None) -> PipelinesFile:
+    """Read and validate a whole pipelines file; ConfigError lists every problem."""
+    doc = _read_document(path)
+    return _validate(PipelinesFile, doc.data, doc.context())
+
+
+def get_pipeline(name: str, path: str | Path | None = None) -> Pipeline:
+    """Read one pipeline; only its own problems (and the file's shape) can make this fail."""
+    doc = _read_document(path)
+    raw = doc.data.get("pipelines") if isinstance(doc.data, dict) else None
+    if not isinstance(raw, dict):
+        raise ConfigError(doc.source, _render([(("pipelines",), "expected a top-level "
+                                                "'pipelines:' mapping of name -> pipeline")],
+                                              doc.context()))
+    if name not in raw:
+        raise ConfigError(doc.source, _render([(("pipelines", name), f"no pipeline named "
+                                                f"{name!r}; the file has {_choices(raw)}")],
+                                              doc.context()))
+    return _validate(Pipeline, _with_name(raw[name], name), doc.context(("pipelines", name)))
+
+
+# --------------------------------------------------------------------------------------------
+# YAML reading with line numbers
+# --------------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-4 (an exponent without a dot) as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Where a validated mapping sits: file label, line map and path prefix."""
+
+    source: str
+    lines: dict[tuple, int] | None = None
+    prefix: tuple = ()
+    extra: tuple[tuple[tuple, str], ...] = ()  # problems found while reading (duplicate keys)
+
+
+@dataclass(frozen=True)
+class _Document:
+    source: str
+    data: Any
+    lines: dict[tuple, int]
+    duplicates: tuple[tuple[tuple, str], ...]
+
+    def context(self, prefix: tuple = ()) -> _Context:
+        extra = tuple(d for d in self.duplicates if d[0][:len(prefix)] == prefix)
+        return _Context(self.source, self.lines, prefix, extra)
+
+
+def _read_document(path: str | Path | None) -> _Document:
+    source = pipelines_source(path)
+    text = _read_text(locate_pipelines_file(path), source)
+    loader = _Loader(text)
+    lines: dict[tuple, int] = {}
+    duplicates: tuple[tuple[tuple, str], ...] = ()
+    try:
+        node = loader.get_single_node()
+        if node is not None:  # before construction, which rewrites merges ('<<') in place
+            lines, duplicates = _line_map(node, ()), tuple(_duplicate_keys(node, ()))
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(source, [(_FILE, _yaml_error_message(exc))]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [(_FILE, f"cannot parse YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise ConfigError(source, [(_FILE, "the file is empty; it needs a top-level "
+                                    "'pipelines:' mapping of name -> pipeline")])
+    return _Document(source, data, lines, duplicates)
+
+
+def _read_text(where: Path | Traversable, source: str) -> str:
+    try:
+        return where.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, [(_FILE, f"file not found (working directory {Path.cwd()}); "
+                                    "pass an existing file with --file PATH")]) from None
+    except IsADirectoryError:
+        raise ConfigError(source, [(_FILE, "is a directory; pass the YAML file itself")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [(_FILE, f"cannot read the file: {exc}")]) from None
+
+
+def _yaml_error_message(exc: yaml.MarkedYAMLError) -> str:
+    message = f"YAML syntax error{_mark_text(exc.problem_mark)}: {exc.problem}"
+    if exc.context:
+        message += f" ({exc.context}{_mark_text(exc.context_mark, ' started')})"
+    return message
+
+
+def _mark_text(mark: yaml.Mark | None, verb: str = "") -> str:
+    return f"{verb} at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+def _line_map(node: yaml.Node, path: tuple) -> dict[tuple, int]:
+    """1-based line of every key (mappings) and item (sequences) under ``node``; keys merged
+    in with ``<<`` are left out, so they report the line of the mapping that merges them."""
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                lines.update(_line_map(value, path + (key.value,)))
+                lines[path + (key.value,)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_line_map(item, path + (i,)))
+    return lines
+
+
+def _duplicate_keys(node: yaml.Node, path: tuple) -> list[tuple[tuple, str]]:
+    """Keys given twice in one mapping (YAML would silently keep the last one)."""
+    found: list[tuple[tuple, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if key.tag == _MERGE_TAG or not isinstance(key, yaml.ScalarNode):
+                continue
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                found.append((path + (key.value,), f"duplicate key {key.value!r} (first at line "
+                              f"{seen[key.value]}); YAML keeps only the last value (line {line})"))
+            seen.setdefault(key.value, line)
+            found += _duplicate_keys(value, path + (key.value,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(item, path + (i,))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Validation errors -> (yaml path, message)
+# --------------------------------------------------------------------------------------------
+
+def _validate(cls: type[ConfigModel], data: Any, ctx: _Context):
+    """``cls.model_validate(data)``, turning every problem into one ConfigError."""
+    try:
+        model = cls.model_validate(data)
+        problems: list[tuple[tuple, str]] = []
+    except ValidationError as exc:
+        model, problems = None, [p for err in exc.errors() for p in _explain(err, cls, data)]
+    found = [*((loc[len(ctx.prefix):], msg) for loc, msg in ctx.extra), *problems]
+    if found:
+        raise ConfigError(ctx.source, _render(found, ctx))
+    return model
+
+
+def _explain(err: dict, root: type[BaseModel], data: Any) -> list[tuple[tuple, str]]:
+    """One pydantic error as ``(location in the data, message)`` problems."""
+    kind = err["type"]
+    loc = _data_loc(err["loc"], data, missing_key=kind == "missing")
+    if kind == "config":
+        return [(loc + tuple(sub), msg) for sub, msg in err["ctx"]["problems"]]
+    if kind == "extra_forbidden":
+        return [(loc, _unknown_key_message(loc[-1], _model_at(root, err["loc"][:-1])))]
+    if kind == "missing":
+        return [(loc, _missing_message(_model_at(root, err["loc"][:-1]), loc[-1]))]
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        key = err["ctx"]["discriminator"].strip("'")
+        return [(loc + (key,), _tag_message(err, key))]
+    if err["loc"][-1:] == ("[key]",):
+        return [(loc, f"keys here must be strings; got {_got(err['input'])}")]
+    if len(err["loc"]) > len(loc) and loc and err["loc"][-1] != loc[-1]:
+        return [(loc, _union_message(root, err, loc))]
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return [(loc, f"expected a mapping (key: value), got {_got(err['input'])}")]
+    message = err["msg"].removeprefix("Value error, ")
+    return [(loc, f"{message}; got {_got(err['input'])}")]
+
+
+def _union_message(root: type[BaseModel], err: dict, loc: tuple) -> str:
+    """A value that matches no member of a union field: name every accepted form once."""
+    raw = err["loc"]
+    field_at = max(i for i, element in enumerate(raw) if element == loc[-1])
+    model = _model_at(root, raw[:field_at])
+    field = model.model_fields.get(loc[-1]) if model is not None else None
+    expected = _describe(field.annotation) if field is not None else err["msg"]
+    return f"expected {expected}; got {_got(err['input'])}"
+
+
+def _data_loc(loc: tuple, data: Any, *, missing_key: bool = False) -> tuple:
+    """Pydantic's location minus the labels it adds (union tags, member types, '[key]');
+    with ``missing_key`` the last element is kept although the data lacks it."""
+    out: list = []
+    node = data
+    for i, element in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and element in node:
+            out.append(element)
+            node = node[element]
+        elif isinstance(node, list) and isinstance(element, int) and 0 <= element < len(node):
+            out.append(element)
+            node = node[element]
+        elif isinstance(node, dict) and last and missing_key:
+            out.append(element)
+    return tuple(out)
+
+
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The model class that pydantic's location ``loc`` (tags included) points into."""
+    current: Any = root
+    for element in loc:
+        current = _child_type(current, element)
+        if current is None:
+            return None
+    models = [t for t in _members(current) if _is_model(t)]
+    return models[0] if len(models) == 1 else None
+
+
+def _child_type(tp: Any, element: Any) -> Any:
+    for member in _members(tp):
+        if _is_model(member):
+            if element in member.model_fields:
+                return member.model_fields[element].annotation
+            name = member.model_fields.get("name")
+            if name is not None and element in get_args(name.annotation):
+                return member  # a discriminated-union tag
+        elif get_origin(member) is list and isinstance(element, int):
+            return get_args(member)[0]
+        elif get_origin(member) is dict:
+            return get_args(member)[1]
+    return None
+
+
+def _members(tp: Any) -> list[Any]:
+    """``tp`` without Annotated and None, unions flattened."""
+    if get_origin(tp) is Annotated:
+        return _members(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType):
+        return [m for arg in get_args(tp) for m in _members(arg)]
+    return [] if tp is type(None) else [tp]
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _unknown_key_message(key: Any, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return f"unknown key {key!r}"
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
+
+
+def _missing_message(model: type[BaseModel] | None, key: Any) -> str:
+    field = model.model_fields.get(key) if model is not None else None
+    expected = f"; expected {_describe(field.annotation)}" if field is not None else ""
+    return f"required key {key!r} is missing{expected}"
+
+
+def _tag_message(err: dict, key: str) -> str:
+    if err["type"] == "union_tag_not_found":
+        return f"required key {key!r} is missing; expected one of {_choices(STAGE_ORDER)}"
+    return f"unknown stage {err['ctx']['tag']!r}; expected one of {err['ctx']['expected_tags']}"
+
+
+def _describe(tp: Any) -> str:
+    """Short English form of an annotation, for messages."""
+    members = _members(tp)
+    tags = [get_args(m.model_fields["name"].annotation) for m in members
+            if _is_model(m) and "name" in m.model_fields]
+    if len(members) > 1 and len(tags) == len(members):
+        return f"a mapping whose 'name' is one of {_choices(t for group in tags for t in group)}"
+    if len(members) != 1:
+        return " or ".join(_describe(m) for m in members)
+    tp = members[0]
+    if get_origin(tp) is Literal:
+        return f"one of {_choices(get_args(tp))}"
+    if _is_model(tp):
+        return f"a mapping with keys {', '.join(tp.model_fields)}"
+    if get_origin(tp) is list:
+        return f"a list; each item {_describe(get_args(tp)[0])}"
+    if get_origin(tp) is dict:
+        return "a mapping"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _render(found: list[tuple[tuple, str]], ctx: _Context) -> list[tuple[str, str]]:
+    """Absolute YAML paths, line notes, same-path messages merged, in file order."""
+    merged: dict[tuple, list[str]] = {}
+    for loc, msg in found:
+        messages = merged.setdefault(ctx.prefix + tuple(loc), [])
+        if msg not in messages:
+            messages.append(msg)
+    order = sorted(merged, key=lambda loc: _line_of(ctx.lines, loc) or 0)
+    return [(_format_path(loc), "; ".join(merged[loc]) + _line_note(ctx.lines, loc))
+            for loc in order]
+
+
+def _line_of(lines: dict[tuple, int] | None, loc: tuple) -> int | None:
+    """Line of ``loc``, or of its nearest ancestor present in the file."""
+    if not lines:
+        return None
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _line_note(lines: dict[tuple, int] | None, loc: tuple) -> str:
+    line = _line_of(lines, loc)
+    return f" (line {line})" if line else ""
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+
+def _format_path(loc: tuple) -> str:
+    """``('pipelines', 'demo', 'stages', 1, 'lr_start')`` -> ``pipelines.demo.stages[1].lr_start``."""
+    parts: list[str] = []
+    for element in loc:
+        if isinstance(element, int):
+            parts.append(f"[{element}]")
+        elif _PLAIN_KEY.fullmatch(str(element)):
+            parts.append(("." if parts else "") + str(element))
+        else:
+            parts.append(f"[{str(element)!r}]")
+    return "".join(parts) or "<top level>"
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _choices(values: Any) -> str:
+    return ", ".join(repr(v) for v in values) or "(none)"
