@@ -28,3 +28,23 @@ class DatasetError(StoreError):
         self.sample_id = sample_id
         self.file = file
         self.reason = reason or message
+
+
+class CacheError(StoreError):
+    """Base class of every teacher-cache error (format, integrity, fingerprint, writer misuse)."""
+
+
+class CacheFormatError(CacheError):
+    """A cache has an unknown format version, an invalid manifest, or a path escaping its root."""
+
+
+class CacheIntegrityError(CacheError):
+    """A cache's files disagree with its manifest: missing, truncated, altered or inconsistent."""
+
+
+class FingerprintMismatchError(CacheError):
+    """A cache was written for another teacher (config, weights or tokenizer) than expected."""
+
+
+class CacheWriteError(CacheError):
+    """A cache writer was misused: invalid sample, duplicate id, settings mismatch, busy rank."""

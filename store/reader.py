@@ -1,0 +1,210 @@
+"""Reading a committed teacher cache (local path or fsspec URL).
+
+:class:`CacheReader` refuses a cache of an unknown format version, a manifest that fails its
+schema or was edited after commit, and (when the caller says which teacher it expects) a cache
+written for another teacher. Shards are opened on demand (a small LRU), their files checked
+against the manifest's checksums on first use, and sample ids are looked up in the sorted index
+file without loading it: memory does not grow with the size of the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from pydantic import ValidationError
+
+from genrecal.store.errors import CacheFormatError, CacheIntegrityError, FingerprintMismatchError
+from genrecal.store.fingerprint import fingerprint_mismatches
+from genrecal.store.index import SampleIndex
+from genrecal.store.schema import FORMAT_VERSION, MANIFEST, RANKS_DIR, FeatureSpec, Manifest, TeacherFingerprint
+from genrecal.store.shard import CachedSample, ShardReader
+from genrecal.store.storage import CacheStorage
+
+__all__ = ["CacheReader", "CachedSample", "load_manifest", "open_cache"]
+
+
+def _raw_manifest(storage: CacheStorage) -> dict:
+    if not storage.exists(MANIFEST):
+        ranks = storage.list_dir(RANKS_DIR)
+        hint = (f"writers have committed shards ({', '.join(ranks)}) but the cache was never committed: run "
+                f"genrecal.store.writer.commit_cache({storage.url!r})" if ranks else
+                "this is not a genrecal teacher cache (or the path is wrong)")
+        raise CacheFormatError(f"{storage.where(MANIFEST)} does not exist: {hint}")
+    try:
+        raw = json.loads(storage.read_bytes(MANIFEST))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CacheFormatError(f"{storage.where(MANIFEST)} is not valid JSON ({exc}); "
+                               f"re-run the commit step or restore the manifest") from exc
+    if not isinstance(raw, dict):
+        raise CacheFormatError(f"{storage.where(MANIFEST)} is not a JSON object")
+    return raw
+
+
+def check_version(raw: dict, where: str) -> None:
+    """Raise unless ``raw["format_version"]`` is the supported :data:`FORMAT_VERSION`."""
+    found = raw.get("format_version")
+    if found != FORMAT_VERSION:
+        raise CacheFormatError(
+            f"{where}: cache format version {found!r} is not supported; this genrecal reads format "
+            f"version {FORMAT_VERSION}. Use the genrecal release that wrote the cache, or re-extract it.")
+
+
+def load_manifest(storage: CacheStorage, check_digest: bool = True) -> Manifest:
+    """Parse and check ``manifest.json``: version, schema (safe paths included), digest."""
+    raw = _raw_manifest(storage)
+    where = storage.where(MANIFEST)
+    check_version(raw, where)
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CacheFormatError(f"{where} does not match the cache schema:\n{problems}\n"
+                               f"Run `genrecal validate {storage.url}`; re-commit or re-extract the cache.") from None
+    unsafe = manifest.unsafe_paths()
+    if unsafe:
+        lines = "\n".join(f"  - {w}: {p!r}" for w, p, _ in unsafe)
+        raise CacheFormatError(f"{where} names paths outside the cache root:\n{lines}\n"
+                               f"Refusing to read it; the manifest was tampered with: re-commit or re-extract.")
+    if check_digest and manifest.digest != manifest.content_digest():
+        raise CacheIntegrityError(
+            f"{where} was modified after commit (its digest {manifest.digest[:16]}... does not match its "
+            f"content {manifest.content_digest()[:16]}...). Re-run commit_cache to rebuild it from the rank "
+            f"shard lists, or restore the original file.")
+    return manifest
+
+
+def check_teacher(manifest: Manifest, expected: TeacherFingerprint | Mapping, where: str) -> None:
+    """Raise :class:`FingerprintMismatchError` naming each differing component, both values."""
+    diffs = fingerprint_mismatches(manifest.teacher, expected)
+    if diffs:
+        lines = "\n".join(f"  - {k}: cache has {found}, expected {want}" for k, found, want in diffs)
+        raise FingerprintMismatchError(
+            f"{where} was written for another teacher than expected:\n{lines}\n"
+            f"Use the cache extracted with this teacher (config, weights, tokenizer), or re-extract.")
+
+
+class CacheReader:
+    """Random access by sample id and sequential iteration by shard over a committed cache.
+
+    ``expect_teacher``: the teacher fingerprint (or a mapping naming some of its components) the
+    caller requires; ``verify``: check each shard's file checksums on first read; ``dtype``: the
+    default float dtype of returned tensors; ``max_open_shards``: size of the shard LRU.
+    """
+
+    def __init__(self, url, *, expect_teacher: TeacherFingerprint | Mapping | None = None, verify: bool = True,
+                 dtype: torch.dtype = torch.float32, max_open_shards: int = 4, storage_options: dict | None = None):
+        self.storage = CacheStorage(url, storage_options)
+        self.manifest = load_manifest(self.storage)
+        if expect_teacher is not None:
+            check_teacher(self.manifest, expect_teacher, self.storage.url)
+        self.verify, self.dtype, self.max_open_shards = verify, dtype, max(1, max_open_shards)
+        self._open: OrderedDict[int, ShardReader] = OrderedDict()
+        self._verified: set[int] = set()
+        self._index: SampleIndex | None = None
+
+    @property
+    def features(self) -> dict[str, FeatureSpec]:
+        return self.manifest.features
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def __len__(self) -> int:
+        return self.manifest.counts.samples
+
+    def __repr__(self) -> str:
+        return f"CacheReader({self.url!r}, samples={len(self)}, shards={len(self.manifest.shards)})"
+
+    # ------------------------------------------------------------------ shards
+
+    def shard(self, i: int) -> ShardReader:
+        """The ``i``-th shard of the manifest, opened (and verified once) on demand."""
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        verify = self.verify and i not in self._verified
+        reader = ShardReader(self.storage, self.manifest.shards[i], self.features, verify=verify)
+        self._verified.add(i)
+        self._open[i] = reader
+        while len(self._open) > self.max_open_shards:
+            self._open.popitem(last=False)
+        return reader
+
+    def iter_shards(self) -> Iterator[ShardReader]:
+        for i in range(len(self.manifest.shards)):
+            yield self.shard(i)
+
+    def __iter__(self) -> Iterator[CachedSample]:
+        """Every sample, shard after shard, in write order."""
+        for shard in self.iter_shards():
+            yield from shard.iter_samples(self.dtype)
+
+    def iter_samples(self, dtype: torch.dtype | None = None, features: Iterable[str] | None = None) -> Iterator[CachedSample]:
+        """Like iteration, with a dtype and a subset of features to load."""
+        names = self._features(features)
+        for shard in self.iter_shards():
+            yield from shard.iter_samples(dtype or self.dtype, names)
+
+    # ------------------------------------------------------------------ random access
+
+    @property
+    def index(self) -> SampleIndex:
+        if self._index is None:
+            if self.manifest.index is None:
+                raise KeyError(f"cache {self.url} holds no samples")
+            self._index = SampleIndex(self.storage, self.manifest.index)
+        return self._index
+
+    def locate(self, sample_id: str) -> tuple[int, int] | None:
+        """``(shard, row)`` of a sample id, or None."""
+        return None if self.manifest.index is None else self.index.lookup(sample_id)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return self.locate(sample_id) is not None
+
+    def get(self, sample_id: str, dtype: torch.dtype | None = None, features: Iterable[str] | None = None) -> CachedSample:
+        """The cached sample ``sample_id`` (KeyError if absent)."""
+        where = self.locate(sample_id)
+        if where is None:
+            raise KeyError(f"sample {sample_id!r} is not in cache {self.url} "
+                           f"({len(self)} samples; skipped ones are listed by `genrecal inspect`)")
+        shard = self.shard(where[0])
+        sample = shard.sample(where[1], dtype or self.dtype, self._features(features))
+        if sample.sample_id != sample_id:
+            raise CacheIntegrityError(f"cache {self.url}: the index points {sample_id!r} to shard "
+                                      f"{shard.entry.name} row {where[1]}, which holds {sample.sample_id!r}; "
+                                      f"re-run commit_cache to rebuild the index")
+        return sample
+
+    __getitem__ = get
+
+    def sample_ids(self) -> Iterator[str]:
+        """Every sample id in sorted order (streamed from the index)."""
+        if self.manifest.index is not None:
+            for sample_id, _, _ in self.index:
+                yield sample_id
+
+    def _features(self, features: Iterable[str] | None) -> list[str]:
+        names = list(self.features if features is None else features)
+        unknown = [n for n in names if n not in self.features]
+        if unknown:
+            raise KeyError(f"features {unknown} are not in cache {self.url} (it has {sorted(self.features)})")
+        return names
+
+    # ------------------------------------------------------------------ teacher
+
+    def teacher_head(self, dtype: torch.dtype | None = None):
+        """The teacher's lm_head and logit transform (:class:`~genrecal.store.artifacts.TeacherHead`)."""
+        from genrecal.store.artifacts import load_teacher_head
+
+        manifest = self.manifest if self.verify else None
+        return load_teacher_head(self.storage, dtype=dtype, verify=self.verify, manifest=manifest)
+
+
+def open_cache(url, **kwargs) -> CacheReader:
+    """Shorthand for :class:`CacheReader`."""
+    return CacheReader(url, **kwargs)

@@ -1,0 +1,271 @@
+"""One shard: an Arrow IPC file of per-sample records plus a zarr v3 group of flat tensors.
+
+:class:`ShardBuffer` accumulates encoded samples in memory and :func:`write_shard` writes them
+under a temporary name, then renames the directory into place (local filesystems); the caller
+records the returned :class:`ShardEntry` in its rank's shard list, which is the commit point.
+:class:`ShardReader` reads a committed shard back, by row or sequentially.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+import zarr
+from zarr.storage import MemoryStore
+
+from genrecal.store.codecs import array_layout, decode_feature, feature_parts, raw_bytes
+from genrecal.store.errors import CacheIntegrityError
+from genrecal.store.logit_stats import LogitStats
+from genrecal.store.schema import (
+    FORMAT_VERSION, RECORDS_FILE, SHARDS_DIR, TENSORS_DIR, TMP_PREFIX, FeatureSpec, FileEntry,
+    ShardEntry, Spans, answer_target_positions, answer_window_positions, records_schema,
+    spans_from_record,
+)
+from genrecal.store.storage import CacheStorage
+
+
+@dataclass(frozen=True)
+class CachedSample:
+    """One sample read back from a cache.
+
+    input_ids: int64 [L]; answer_hidden: [n_win, d] at :meth:`answer_positions` (the answer
+    windows, turn after turn); question_hidden: [n_q, d] at ``question_positions`` (int64);
+    visual_gram: one symmetric [n_i, n_i] Gram per image; logit_stats: at :meth:`target_positions`.
+    Absent features are None.
+    """
+
+    sample_id: str
+    content_hash: str
+    status: str
+    input_ids: torch.Tensor
+    spans: Spans
+    answer_hidden: torch.Tensor | None = None
+    question_hidden: torch.Tensor | None = None
+    question_positions: torch.Tensor | None = None
+    visual_gram: tuple[torch.Tensor, ...] | None = None
+    logit_stats: LogitStats | None = None
+
+    def answer_positions(self) -> torch.Tensor:
+        """int64 [n_win]: token positions of the ``answer_hidden`` rows."""
+        return torch.tensor(answer_window_positions(self.spans), dtype=torch.long)
+
+    def target_positions(self) -> torch.Tensor:
+        """int64 [n_tgt]: positions of the ``logit_stats`` rows (next token is an answer token)."""
+        return torch.tensor(answer_target_positions(self.spans), dtype=torch.long)
+
+    def answer_turn_rows(self) -> list[tuple[int, int]]:
+        """Per answer turn, the half-open row range of its window in ``answer_hidden``."""
+        out, start = [], 0
+        for s, e in self.spans.answers:
+            out.append((start, start + e - s + 1))
+            start += e - s + 1
+        return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class ShardBuffer:
+    """Encoded samples of one shard, held in memory until the shard is written."""
+
+    def __init__(self, features: dict[str, FeatureSpec]):
+        self.features = features
+        self.records: list[dict] = []
+        self.parts: dict[str, dict[str, list[np.ndarray]]] = {
+            name: {p.name: [] for p in feature_parts(spec)} for name, spec in features.items()}
+        self.rows = {name: 0 for name in features}
+        self.tokens = 0
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def add(self, record: dict, encoded: dict[str, dict[str, np.ndarray]]) -> None:
+        """Append one sample: ``record`` (records-schema fields except offsets), encoded parts."""
+        record = dict(record)
+        for name, parts in encoded.items():
+            length = len(next(iter(parts.values())))
+            record[f"{name}_start"], record[f"{name}_length"] = self.rows[name], length
+            self.rows[name] += length
+            for part, arr in parts.items():
+                self.parts[name][part].append(arr)
+                self.nbytes += arr.nbytes
+        self.records.append(record)
+        self.tokens += len(record["input_ids"])
+
+    def files(self) -> dict[str, bytes]:
+        """The shard's files, keyed by path inside the shard directory."""
+        files = {RECORDS_FILE: _records_bytes(self.records, self.features)}
+        files.update({f"{TENSORS_DIR}/{k}": v for k, v in self._zarr_files().items()})
+        return files
+
+    def _zarr_files(self) -> dict[str, bytes]:
+        store: dict = {}
+        group = zarr.open_group(MemoryStore(store), mode="w", zarr_format=3,
+                                attributes={"genrecal_cache_format": FORMAT_VERSION})
+        for name, spec in self.features.items():
+            for part in feature_parts(spec):
+                chunks = self.parts[name][part.name]
+                shape = (0, part.width) if part.width else (0,)
+                data = np.concatenate(chunks) if chunks else np.zeros(shape, part.dtype)
+                arr = group.create_array(f"{name}/{part.name}", **array_layout(len(data), part),
+                                         attributes={"codec": spec.codec, "feature": name})
+                if len(data):
+                    arr[...] = data
+        return {key: buf.to_bytes() for key, buf in store.items()}
+
+
+def _records_bytes(records: list[dict], features: dict[str, FeatureSpec]) -> bytes:
+    table = pa.Table.from_pylist(records, schema=records_schema(features))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer) -> ShardEntry:
+    """Write ``buffer`` as shard ``name``; returns its entry (sizes and sha256 of every file).
+
+    Locally the files go to a temporary directory renamed into place once complete; on other
+    filesystems they are written in place (rename is a copy there) and the rank's shard list,
+    written by the caller afterwards, is the commit point.
+    """
+    files = buffer.files()
+    final = f"{SHARDS_DIR}/{name}"
+    target = f"{SHARDS_DIR}/{TMP_PREFIX}{name}-{secrets.token_hex(4)}" if storage.local else final
+    storage.write_tree(target, files)
+    if target != final:
+        storage.rename(target, final)
+    entries = tuple(FileEntry(path=f"{final}/{k}", size=len(v), sha256=hashlib.sha256(v).hexdigest())
+                    for k, v in sorted(files.items()))
+    return ShardEntry(name=name, rank=rank, samples=len(buffer), tokens=buffer.tokens,
+                      feature_rows=dict(buffer.rows),
+                      feature_bytes=_feature_bytes(files, buffer.features),
+                      raw_bytes={n: raw_bytes(s, buffer.rows[n]) for n, s in buffer.features.items()},
+                      files=entries)
+
+
+def _feature_bytes(files: dict[str, bytes], features: dict[str, FeatureSpec]) -> dict[str, int]:
+    return {name: sum(len(v) for k, v in files.items() if k.startswith(f"{TENSORS_DIR}/{name}/"))
+            for name in features}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def file_problems(storage: CacheStorage, files) -> list[tuple[str, str, str]]:
+    """``(code, path, message)`` for every file missing, of the wrong size or checksum."""
+    out = []
+    for entry in files:
+        if not storage.exists(entry.path):
+            out.append(("file.missing", entry.path, "file is missing"))
+            continue
+        size, digest = storage.sha256(entry.path)
+        if size != entry.size:
+            out.append(("file.size", entry.path, f"size {size} bytes, manifest says {entry.size} (truncated?)"))
+        elif digest != entry.sha256:
+            out.append(("file.checksum", entry.path, f"sha256 {digest[:16]}..., manifest says {entry.sha256[:16]}..."))
+    return out
+
+
+class ShardReader:
+    """Read access to one committed shard; files are checked on first use when ``verify``."""
+
+    def __init__(self, storage: CacheStorage, entry: ShardEntry, features: dict[str, FeatureSpec],
+                 verify: bool = True):
+        self.storage, self.entry, self.features = storage, entry, features
+        if verify:
+            self.verify()
+        self.records = self._open_records()
+        self.group = self._open_group()
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def verify(self) -> None:
+        """Raise :class:`CacheIntegrityError` naming every bad file of this shard."""
+        bad = file_problems(self.storage, self.entry.files)
+        if bad:
+            lines = "\n".join(f"  - {self.storage.where(path)}: {msg}" for _, path, msg in bad)
+            raise CacheIntegrityError(
+                f"shard {self.entry.name} of cache {self.storage.url} is corrupt:\n{lines}\n"
+                f"Run `genrecal validate {self.storage.url}` for a full report; re-extract the "
+                f"affected samples into a new cache (or restore the files from a copy).")
+
+    def _open_records(self) -> pa.Table:
+        rel = f"{self.entry.dir}/{RECORDS_FILE}"
+        try:
+            table = pa.ipc.open_file(self.storage.open_arrow(rel)).read_all()
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise CacheIntegrityError(f"{self.storage.where(rel)}: cannot read the records ({exc}); "
+                                      f"run `genrecal validate {self.storage.url}`") from exc
+        if not table.schema.equals(records_schema(self.features), check_metadata=False):
+            raise CacheIntegrityError(f"{self.storage.where(rel)}: the records' columns do not match the features "
+                                      f"declared in the manifest; run `genrecal validate {self.storage.url}`")
+        if table.num_rows != self.entry.samples:
+            raise CacheIntegrityError(f"{self.storage.where(rel)}: {table.num_rows} records, the manifest says "
+                                      f"{self.entry.samples}; run `genrecal validate {self.storage.url}`")
+        return table
+
+    def _open_group(self):
+        rel = f"{self.entry.dir}/{TENSORS_DIR}"
+        try:
+            return zarr.open_group(self.storage.zarr_store(rel), mode="r", zarr_format=3)
+        except Exception as exc:  # zarr raises several types for missing / malformed groups
+            raise CacheIntegrityError(f"{self.storage.where(rel)}: cannot open the tensor group ({exc}); "
+                                      f"run `genrecal validate {self.storage.url}`") from exc
+
+    def __len__(self) -> int:
+        return self.records.num_rows
+
+    def record(self, row: int) -> dict:
+        return self.records.slice(row, 1).to_pylist()[0]
+
+    def array(self, feature: str, part: str) -> zarr.Array:
+        """The zarr array of one feature part (opened once: its metadata is read on first use)."""
+        key = f"{feature}/{part}"
+        if key not in self._arrays:
+            try:
+                self._arrays[key] = self.group[key]
+            except KeyError:
+                raise CacheIntegrityError(f"{self.storage.where(self.entry.dir)}: tensor array {key} is missing; "
+                                          f"run `genrecal validate {self.storage.url}`") from None
+        return self._arrays[key]
+
+    def read_part(self, feature: str, part: str, start: int, length: int) -> np.ndarray:
+        return self.array(feature, part)[start:start + length]
+
+    def sample(self, row: int, dtype: torch.dtype, features=None) -> CachedSample:
+        """The sample in record ``row``; ``features``: names to load (default: all declared)."""
+        rec = self.record(row)
+        values = {}
+        for name in features if features is not None else self.features:
+            start, length = rec[f"{name}_start"], rec[f"{name}_length"]
+            parts = {p.name: self.read_part(name, p.name, start, length) for p in feature_parts(self.features[name])}
+            values[name] = decode_feature(self.features[name], parts, dtype, rec.get("visual_gram_n"))
+        return _build_sample(rec, values)
+
+    def iter_samples(self, dtype: torch.dtype, features=None) -> Iterator[CachedSample]:
+        """Every sample in record order, reading each tensor array once."""
+        names = list(features if features is not None else self.features)
+        arrays = {n: {p.name: self.array(n, p.name)[...] for p in feature_parts(self.features[n])} for n in names}
+        for rec in self.records.to_pylist():
+            values = {}
+            for name in names:
+                start, stop = rec[f"{name}_start"], rec[f"{name}_start"] + rec[f"{name}_length"]
+                parts = {p: a[start:stop] for p, a in arrays[name].items()}
+                values[name] = decode_feature(self.features[name], parts, dtype, rec.get("visual_gram_n"))
+            yield _build_sample(rec, values)
+
+
+def _build_sample(rec: dict, values: dict) -> CachedSample:
+    positions = rec.get("question_hidden_positions")
+    return CachedSample(
+        sample_id=rec["sample_id"], content_hash=rec["content_hash"], status=rec["status"],
+        input_ids=torch.tensor(rec["input_ids"], dtype=torch.long), spans=spans_from_record(rec),
+        question_positions=torch.tensor(positions, dtype=torch.long) if positions is not None else None,
+        **values)

@@ -1,0 +1,146 @@
+"""File access for a cache rooted at a local directory or an fsspec URL.
+
+Every path handed to :class:`CacheStorage` is relative to the cache root and checked by
+:func:`genrecal.store.schema.check_relpath`, so nothing read from a manifest can reach outside
+the root. Local writes of single files are atomic (temporary file, fsync, ``os.replace``); on
+fsspec filesystems a single-object write is taken as atomic (object stores replace whole
+objects), and multi-file steps rely on the per-rank shard list as their commit point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
+
+from genrecal.store.schema import check_relpath
+
+_READ_BLOCK = 1 << 22
+
+
+class CacheStorage:
+    """The files of one cache. ``url``: a local path, ``file://``, ``memory://``, ``s3://``..."""
+
+    def __init__(self, url: str | Path, storage_options: dict | None = None):
+        self.url = str(url)
+        self.options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = root.rstrip("/") or "/"
+
+    def __repr__(self) -> str:
+        return f"CacheStorage({self.url!r})"
+
+    def path(self, rel: str) -> str:
+        """The filesystem path of ``rel`` (checked to stay inside the root)."""
+        return f"{self.root}/{check_relpath(rel)}"
+
+    def where(self, rel: str) -> str:
+        """A human-readable location of ``rel`` for messages."""
+        return f"{self.url.rstrip('/')}/{rel}"
+
+    # ------------------------------------------------------------------ queries
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def list_dir(self, rel: str) -> list[str]:
+        """Names (not paths) of the entries of directory ``rel``; [] if it does not exist."""
+        path = self.path(rel)
+        if not self.fs.isdir(path):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    def list_files(self, rel: str) -> list[str]:
+        """Relative paths of every file under directory ``rel`` (recursive, sorted)."""
+        base = self.path(rel)
+        if not self.fs.isdir(base):
+            return []
+        found = self.fs.find(base)
+        return sorted(f"{rel}/{p[len(base):].lstrip('/')}" for p in found)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def sha256(self, rel: str) -> tuple[int, str]:
+        """(size, sha256 hex) of file ``rel``, streamed in 4 MiB blocks."""
+        h, size = hashlib.sha256(), 0
+        with self.fs.open(self.path(rel), "rb") as f:
+            while block := f.read(_READ_BLOCK):
+                h.update(block)
+                size += len(block)
+        return size, h.hexdigest()
+
+    def open_arrow(self, rel: str):
+        """A random-access pyarrow input for ``rel``: memory-mapped locally, else a buffered file."""
+        if self.local:
+            return pa.memory_map(self.path(rel), "r")
+        return pa.PythonFile(self.fs.open(self.path(rel), "rb"), mode="r")
+
+    def zarr_store(self, rel: str):
+        """A read-only zarr store of directory ``rel`` (LocalStore or FsspecStore)."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.local:
+            return LocalStore(self.path(rel), read_only=True)
+        return FsspecStore.from_url(self.fs.unstrip_protocol(self.path(rel)),
+                                    storage_options=self.options or None, read_only=True)
+
+    # ------------------------------------------------------------------ writes
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write (or replace) file ``rel`` atomically."""
+        path = self.path(rel)
+        if not self.local:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(path, bytes(data))
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
+
+    def write_tree(self, rel: str, files: dict[str, bytes]) -> None:
+        """Write every ``files[key]`` to ``rel/key`` (not atomic as a whole)."""
+        for key, data in files.items():
+            self.write_bytes(f"{rel}/{key}", data)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename directory ``src`` to ``dst`` (atomic on a local filesystem)."""
+        if self.local:
+            os.rename(self.path(src), self.path(dst))
+            _fsync_dir(os.path.dirname(self.path(dst)))
+        else:
+            self.fs.mv(self.path(src), self.path(dst), recursive=True)
+
+    def remove(self, rel: str) -> None:
+        """Delete file or directory ``rel`` (recursively); no error if it is absent."""
+        path = self.path(rel)
+        if self.local:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        elif self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
