@@ -11,10 +11,6 @@ class ExtractError(Exception):
     """Base class of every error raised by genrecal.extract."""
 
 
-class FeatureInputError(ExtractError, ValueError):
-    """Tensors handed to a feature function (logit statistics, visual Gram) are malformed."""
-
-
 class BatchingError(ExtractError, ValueError):
     """Lengths or per-sample tensors cannot be planned into batches or padded together."""
 

@@ -130,6 +130,53 @@ def pipelines_check(
     typer.echo(f"ok: {config.pipelines_source(path)}: {len(names)} pipeline(s) valid: {', '.join(names)}")
 
 
+CacheArgument = Annotated[str, typer.Argument(
+    metavar="CACHE", show_default=False,
+    help="Teacher cache: a local directory or an fsspec URL (s3://..., memory://...).")]
+
+
+@app.command("inspect")
+def inspect_command(
+    cache: CacheArgument,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as JSON instead of text.")] = False,
+    plots: Annotated[Optional[Path], typer.Option(
+        "--plots", file_okay=False, show_default=False,
+        help="Also write PNG plots (lengths, bytes per feature, top-k mass) into this directory.")] = None,
+) -> None:
+    """Summarise a teacher cache: samples, tokens, bytes per feature, distributions."""
+    import json
+
+    from genrecal.store.inspect import format_inspect, inspect_cache, write_inspect_plots
+
+    summary = inspect_cache(cache)
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_inspect(summary))
+    for path in write_inspect_plots(summary, plots) if plots is not None else ():
+        typer.echo(f"wrote {path}", err=as_json)  # keep stdout pure JSON with --json
+
+
+@app.command("validate")
+def validate_command(cache: CacheArgument) -> None:
+    """Check a teacher cache end to end; print every problem and exit 1 if there is any."""
+    from genrecal.store.validate import validate_cache
+
+    problems = validate_cache(cache)
+    for problem in problems:
+        typer.echo(f"[{problem.code}] {problem.where}: {problem.message}\n    fix: {problem.fix}")
+    if problems:
+        typer.echo(f"{cache}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {cache}: {_cache_counts(cache)}, no problem found")
+
+
+def _cache_counts(cache: str) -> str:
+    from genrecal.store.reader import load_manifest
+    from genrecal.store.storage import CacheStorage
+
+    manifest = load_manifest(CacheStorage(cache))
+    return f"{manifest.counts.samples} samples, {manifest.counts.tokens} tokens in {len(manifest.shards)} shard(s)"
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="genrecal")

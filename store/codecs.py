@@ -25,7 +25,8 @@ import torch
 from zarr.codecs import BloscCodec
 
 from genrecal.store.logit_stats import STAT_FIELDS, LogitStats
-from genrecal.store.schema import FeatureSpec, gram_size
+from genrecal.store.gram import gram_from_upper, upper_triangle, upper_triangle_size
+from genrecal.store.schema import FeatureSpec
 
 CHUNK_TARGET_BYTES = 1 << 19  # 512 KiB inner chunks: compression unit and random-access unit
 FP8_MAX = 448.0
@@ -89,38 +90,6 @@ def value_parts(codec: str) -> dict[str, np.dtype]:
     return parts
 
 
-# ----------------------------------------------------------------------------- Gram matrices
-
-
-def gram_from_states(states: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """GRACE RCKA input (method.md section 2): K = V V^T of row-L2-normalised states.
-
-    states: float [n, d] penultimate-layer visual-token states of one image -> float32 [n, n].
-    """
-    v = states.to(torch.float32)
-    v = v / v.norm(dim=1, keepdim=True).clamp_min(eps)
-    return v @ v.T
-
-
-def pack_gram(k: torch.Tensor) -> torch.Tensor:
-    """k: [n, n] symmetric -> [n(n+1)/2] upper triangle incl. diagonal, row-major."""
-    if k.ndim != 2 or k.shape[0] != k.shape[1]:
-        raise ValueError(f"a Gram matrix must be square [n, n], got shape {tuple(k.shape)}")
-    rows, cols = torch.triu_indices(k.shape[0], k.shape[0])
-    return k[rows, cols]
-
-
-def unpack_gram(flat: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_gram`: [n(n+1)/2] -> symmetric [n, n]."""
-    if flat.numel() != gram_size(n):
-        raise ValueError(f"a packed {n}x{n} Gram has {gram_size(n)} values, got {flat.numel()}")
-    out = flat.new_zeros(n, n)
-    rows, cols = torch.triu_indices(n, n)
-    out[rows, cols] = flat
-    out[cols, rows] = flat
-    return out
-
-
 # ----------------------------------------------------------------------------- feature encoders
 
 
@@ -151,7 +120,7 @@ def encode_feature(spec: FeatureSpec, value) -> dict[str, np.ndarray]:
     ``logit_stats``: a :class:`LogitStats` with ``k == width``.
     """
     if spec.name == "visual_gram":
-        flat = torch.cat([pack_gram(k.to(torch.float32)) for k in value]) if len(value) else torch.zeros(0)
+        flat = torch.cat([upper_triangle(k.to(torch.float32)) for k in value]) if len(value) else torch.zeros(0)
         parts = encode_values(flat[:, None], spec.codec)
         return {name: arr.reshape(-1) for name, arr in parts.items()}
     if spec.name == "logit_stats":
@@ -171,8 +140,8 @@ def decode_feature(spec: FeatureSpec, parts: dict[str, np.ndarray], dtype: torch
     """
     if spec.name == "visual_gram":
         flat = decode_values({k: v[:, None] for k, v in parts.items()}, spec.codec, dtype)[:, 0]
-        sizes = [gram_size(n) for n in gram_n or []]
-        return tuple(unpack_gram(chunk, n) for chunk, n in zip(torch.split(flat, sizes), gram_n or []))
+        sizes = [upper_triangle_size(n) for n in gram_n or []]
+        return tuple(gram_from_upper(chunk, n) for chunk, n in zip(torch.split(flat, sizes), gram_n or []))
     if spec.name == "logit_stats":
         scalars = {f: torch.from_numpy(np.ascontiguousarray(parts[f])).to(dtype) for f in STAT_FIELDS}
         return LogitStats(topk_ids=torch.from_numpy(np.ascontiguousarray(parts["topk_ids"])).long(),

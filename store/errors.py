@@ -48,3 +48,7 @@ class FingerprintMismatchError(CacheError):
 
 class CacheWriteError(CacheError):
     """A cache writer was misused: invalid sample, duplicate id, settings mismatch, busy rank."""
+
+
+class FeatureInputError(StoreError, ValueError):
+    """Tensors handed to a feature function (logit statistics, visual Gram) are malformed."""

@@ -25,11 +25,12 @@ import hashlib
 import json
 import posixpath
 import re
-from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from genrecal.store.vlm.spans import Spans
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -92,59 +93,6 @@ def rank_log_path(rank: int) -> str:
 # ----------------------------------------------------------------------------- spans
 
 
-def _as_pairs(kind: str, spans) -> tuple[tuple[int, int], ...]:
-    out = []
-    for item in spans or ():
-        if len(item) != 2:
-            raise ValueError(f"{kind} span {item!r} is not a [start, end) pair")
-        s, e = int(item[0]), int(item[1])
-        out.append((s, e))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class Spans:
-    """Half-open ``[start, end)`` token ranges of one teacher sequence.
-
-    ``images``: each image's token span, in image order; ``questions``: the question (user)
-    spans; ``answers``: every answer (assistant) turn span, end-of-turn token included.
-    """
-
-    images: tuple[tuple[int, int], ...] = ()
-    questions: tuple[tuple[int, int], ...] = ()
-    answers: tuple[tuple[int, int], ...] = ()
-
-    @classmethod
-    def coerce(cls, spans: "Spans | dict") -> "Spans":
-        """Accept a :class:`Spans` or a dict ``{"images": [[s, e], ...], "questions", "answers"}``."""
-        if isinstance(spans, Spans):
-            return spans
-        unknown = set(spans) - {"images", "questions", "answers"}
-        if unknown:
-            raise ValueError(f"spans: unknown keys {sorted(unknown)}; expected images/questions/answers")
-        return cls(*(_as_pairs(k, spans.get(k)) for k in ("images", "questions", "answers")))
-
-    def to_dict(self) -> dict:
-        return {k: [list(p) for p in getattr(self, k)] for k in ("images", "questions", "answers")}
-
-    def problems(self, seq_len: int) -> list[str]:
-        """Every way these spans are inconsistent with a sequence of ``seq_len`` tokens."""
-        out = []
-        for kind in ("images", "questions", "answers"):
-            prev_end = 0
-            for s, e in getattr(self, kind):
-                if not 0 <= s < e <= seq_len:
-                    out.append(f"{kind} span [{s}, {e}) is empty or outside [0, {seq_len})")
-                elif s < prev_end:
-                    out.append(f"{kind} span [{s}, {e}) overlaps or precedes the previous one")
-                prev_end = max(prev_end, e)
-        if self.answers and self.answers[0][0] < 1:
-            out.append("an answer starts at token 0: no position before it to predict it from")
-        if not self.answers:
-            out.append("no answer span: nothing to distil")
-        return out
-
-
 def answer_window_positions(spans: Spans) -> list[int]:
     """Positions ``s-1 .. e-1`` of every answer span, concatenated in turn order."""
     return [p for s, e in spans.answers for p in range(s - 1, e)]
@@ -164,11 +112,6 @@ def question_positions(spans: Spans, select: str) -> list[int]:
     if select == "text":
         return sorted(question - image)
     raise ValueError(f"question select {select!r}: expected 'all' or 'text'")
-
-
-def gram_size(n: int) -> int:
-    """Number of stored values of one n x n Gram matrix (upper triangle incl. diagonal)."""
-    return n * (n + 1) // 2
 
 
 # ----------------------------------------------------------------------------- manifest models
@@ -397,4 +340,14 @@ def records_schema(features: dict[str, FeatureSpec]) -> pa.Schema:
 
 
 def spans_from_record(rec: dict) -> Spans:
-    return Spans(*(tuple(tuple(p) for p in rec[f"{k}_spans"]) for k in ("image", "question", "answer")))
+    """The :class:`Spans` of a record; raises ValueError if its spans are malformed."""
+    return Spans(*(rec[f"{k}_spans"] for k in ("image", "question", "answer")))
+
+
+def record_span_problems(rec: dict) -> list[str]:
+    """Every problem of a (possibly corrupt) record's spans, reported instead of raised."""
+    try:
+        spans = spans_from_record(rec)
+    except (ValueError, TypeError) as exc:
+        return [str(exc)]
+    return spans.problems(len(rec["input_ids"]))

@@ -24,10 +24,11 @@ from genrecal.store.errors import CacheIntegrityError
 from genrecal.store.logit_stats import LogitStats
 from genrecal.store.schema import (
     FORMAT_VERSION, RECORDS_FILE, SHARDS_DIR, TENSORS_DIR, TMP_PREFIX, FeatureSpec, FileEntry,
-    ShardEntry, Spans, answer_target_positions, answer_window_positions, records_schema,
+    ShardEntry, answer_target_positions, answer_window_positions, records_schema,
     spans_from_record,
 )
 from genrecal.store.storage import CacheStorage
+from genrecal.store.vlm.spans import Spans
 
 
 @dataclass(frozen=True)

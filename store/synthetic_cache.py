@@ -3,7 +3,7 @@
 :func:`synthetic_sample` builds everything :meth:`CacheWriter.add` needs for sample ``i`` from a
 seed: a multi-turn token sequence with image, question and answer spans, bfloat16 hidden states
 with LLM-like per-channel scales (a few outlier channels), one Gram matrix per image and logit
-statistics computed from random logits over a small vocabulary. Same ``i`` and seed, same
+statistics of random hidden states through a random head over a small vocabulary. Same ``i`` and seed, same
 sample, bit for bit.
 """
 
@@ -14,11 +14,14 @@ from collections.abc import Iterable
 import torch
 
 from genrecal.store import schema
-from genrecal.store.codecs import gram_from_states
-from genrecal.store.logit_stats import compute_logit_stats
-from genrecal.store.schema import FeatureSpec, Spans, TeacherFingerprint
+from genrecal.store.gram import gram_from_upper, visual_gram
+from genrecal.store.logit_stats import logit_statistics
+from genrecal.store.schema import FeatureSpec, TeacherFingerprint
+from genrecal.store.vlm.logits import LogitTransform
+from genrecal.store.vlm.spans import Spans
 
 VOCAB = 97
+HEAD_WIDTH = 16
 
 
 def synthetic_features(width: int = 32, codec: str = "bf16", select: str = "all", k: int = 8,
@@ -36,19 +39,21 @@ def synthetic_fingerprint(tag: str = "teacher") -> TeacherFingerprint:
 
 
 def synthetic_spans(gen: torch.Generator) -> tuple[int, Spans]:
-    """(sequence length, spans): system, then 1-2 turns of [image] question answer."""
+    """(sequence length, spans): a 2-token system prompt, then 1-2 turns of [image] question answer.
+
+    Each question runs from the end of the previous answer (or 0) to the start of its answer, as
+    :class:`Spans` requires; the first turn's question holds the image tokens.
+    """
     pos, images, questions, answers = 2, [], [], []
     turns = int(torch.randint(1, 3, (1,), generator=gen))
     for turn in range(turns):
-        q_start = pos
         if turn == 0:
             n_img = int(torch.randint(4, 10, (1,), generator=gen))
             images.append((pos + 1, pos + 1 + n_img))
             pos += n_img + 2
-        pos += int(torch.randint(3, 12, (1,), generator=gen))
-        questions.append((q_start, pos))
-        pos += 2  # assistant header
+        pos += int(torch.randint(3, 12, (1,), generator=gen)) + 2  # question text, assistant header
         a_len = int(torch.randint(2, 16, (1,), generator=gen))
+        questions.append((answers[-1][1] if answers else 0, pos))
         answers.append((pos, pos + a_len))
         pos += a_len
     return pos + 1, Spans(images=tuple(images), questions=tuple(questions), answers=tuple(answers))
@@ -78,10 +83,13 @@ def _feature_value(gen: torch.Generator, spec: FeatureSpec, spans: Spans, ids: t
     if spec.name == "question_hidden":
         return _hidden(gen, len(schema.question_positions(spans, spec.select)), spec.width)
     if spec.name == "visual_gram":
-        return [gram_from_states(torch.randn(e - s, 16, generator=gen)) for s, e in spans.images]
+        return [gram_from_upper(visual_gram(torch.randn(e - s, 16, generator=gen)), e - s)
+                for s, e in spans.images]
     targets = torch.tensor(schema.answer_target_positions(spans)) + 1
-    logits = torch.randn(len(targets), VOCAB, generator=gen) * 3
-    return compute_logit_stats(logits, ids[targets], spec.width, spec.temperature)
+    z = torch.randn(len(targets), HEAD_WIDTH, generator=gen)
+    head = torch.randn(VOCAB, HEAD_WIDTH, generator=gen) * (3 / HEAD_WIDTH**0.5)  # logits ~ N(0, 9)
+    return logit_statistics(z, head, None, LogitTransform(), ids[targets], top_k=spec.width,
+                            temperature=spec.temperature)
 
 
 def write_synthetic_cache(url, n: int, features: list[FeatureSpec] | None = None, *, seed: int = 0,

@@ -26,9 +26,10 @@ from genrecal.store.index import INDEX_SCHEMA, SampleIndex
 from genrecal.store.schema import (
     FORMAT_VERSION, MANIFEST, RECORDS_FILE, STATUSES, TENSORS_DIR, FeatureSpec, Manifest, ShardEntry,
     TeacherFingerprint,
-    answer_target_positions, answer_window_positions, gram_size, question_positions, records_schema,
-    spans_from_record,
+    answer_target_positions, answer_window_positions, question_positions, record_span_problems,
+    records_schema, spans_from_record,
 )
+from genrecal.store.gram import upper_triangle_size
 from genrecal.store.shard import file_problems
 from genrecal.store.storage import CacheStorage
 
@@ -199,14 +200,17 @@ def _check_records(where: str, entry: ShardEntry, features, rows: list[dict]) ->
     tokens = sum(len(r["input_ids"]) for r in rows)
     if tokens != entry.tokens:
         out.append(Problem("count.shard", where, f"{tokens} tokens, manifest says {entry.tokens}", _FIX_RECOMMIT))
-    bad_spans = [r["sample_id"] for r in rows if spans_from_record(r).problems(len(r["input_ids"]))]
+    bad_spans = [r["sample_id"] for r in rows if record_span_problems(r)]
     bad_status = [r["sample_id"] for r in rows if r["status"] not in STATUSES]
     out += _aggregate("record.spans", where, "have invalid spans", bad_spans, _FIX_REEXTRACT)
     out += _aggregate("record.status", where, f"have a status outside {STATUSES}", bad_status, _FIX_REEXTRACT)
     return out
 
 
-def _expected_length(spec: FeatureSpec, rec: dict) -> int:
+def _expected_length(spec: FeatureSpec, rec: dict) -> int | None:
+    """Rows the record's spans call for; None if its spans are malformed (reported as record.spans)."""
+    if record_span_problems(rec):
+        return None
     spans = spans_from_record(rec)
     if spec.name == "answer_hidden":
         return len(answer_window_positions(spans))
@@ -214,10 +218,12 @@ def _expected_length(spec: FeatureSpec, rec: dict) -> int:
         return len(question_positions(spans, spec.select))
     if spec.name == "logit_stats":
         return len(answer_target_positions(spans))
-    return sum(gram_size(n) for n in rec["visual_gram_n"])
+    return sum(upper_triangle_size(n) for n in rec["visual_gram_n"])
 
 
 def _record_problems(spec: FeatureSpec, rec: dict) -> bool:
+    if record_span_problems(rec):
+        return False  # already reported as record.spans
     spans = spans_from_record(rec)
     if spec.name == "question_hidden":
         return list(rec["question_hidden_positions"]) != question_positions(spans, spec.select)
@@ -235,7 +241,8 @@ def _check_feature(where: str, entry: ShardEntry, spec: FeatureSpec, rows: list[
         start, n = rec[f"{name}_start"], rec[f"{name}_length"]
         if start != cursor or n < 0:
             order.append(rec["sample_id"])
-        if n != _expected_length(spec, rec):
+        expected = _expected_length(spec, rec)
+        if expected is not None and n != expected:
             length.append(rec["sample_id"])
         if _record_problems(spec, rec):
             meta.append(rec["sample_id"])

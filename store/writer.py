@@ -32,12 +32,13 @@ from genrecal.store.index import duplicate_ids, read_sample_ids, sorted_id_table
 from genrecal.store.logit_stats import STAT_FIELDS, LogitStats
 from genrecal.store.schema import (
     FORMAT_VERSION, MANIFEST, RANKS_DIR, SHARDS_DIR, TEACHER_DIR, TMP_PREFIX, CacheHeader, Counts,
-    FeatureSpec, FileEntry, Manifest, RankLog, ShardEntry, SkippedSample, Spans, TeacherFingerprint,
+    FeatureSpec, FileEntry, Manifest, RankLog, ShardEntry, SkippedSample, TeacherFingerprint,
     answer_target_positions, answer_window_positions, parse_shard_name, question_positions,
     rank_log_path, shard_name,
 )
 from genrecal.store.shard import ShardBuffer, write_shard
 from genrecal.store.storage import CacheStorage
+from genrecal.store.vlm.spans import Spans
 
 DEFAULT_SHARD_TOKENS = 1 << 20
 DEFAULT_SHARD_BYTES = 512 << 20
@@ -246,8 +247,8 @@ class CacheWriter:
         input_ids: int [L] teacher input ids; spans: see :class:`Spans`.
         answer_hidden: float [n_win, d] at ``answer_window_positions(spans)``;
         question_hidden: float [n_q, d] at ``question_positions(spans, select)``;
-        visual_gram: one [n_i, n_i] Gram (:func:`~genrecal.store.codecs.gram_from_states`) per
-        image span; logit_stats: at ``answer_target_positions(spans)``.
+        visual_gram: one symmetric [n_i, n_i] Gram per image span
+        (``gram_from_upper(visual_gram(states), n_i)``, :mod:`genrecal.store.gram`); logit_stats: at ``answer_target_positions(spans)``.
         Raises :class:`CacheWriteError` listing every problem of the sample.
         """
         self._require_open()
@@ -409,7 +410,7 @@ def _check_gram(spec, value, spans, record) -> list[str]:
 
 def _check_stats(spec, value, spans, record) -> list[str]:
     if not isinstance(value, LogitStats):
-        return ["logit_stats must be a genrecal.store.logit_stats.LogitStats"]
+        return ["logit_stats must be a genrecal.store.logit_stats.LogitStats (logit_statistics)"]
     rows = len(answer_target_positions(spans))
     if value.n != rows:
         return [f"{value.n} rows, expected {rows} (answer_target_positions)"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -13,9 +11,10 @@ from hypothesis import strategies as st
 from genrecal.store import schema
 from genrecal.store.codecs import (
     array_layout, decode_feature, decode_values, encode_feature, encode_values, feature_parts,
-    gram_from_states, pack_gram, unpack_gram,
 )
-from genrecal.store.logit_stats import LogitStats, compute_logit_stats
+from genrecal.store.gram import gram_from_upper, visual_gram
+from genrecal.store.logit_stats import LogitStats, logit_statistics
+from genrecal.store.vlm.logits import LogitTransform
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -95,58 +94,6 @@ def test_unknown_codec_is_refused():
         encode_values(torch.zeros(1, 1), "zip")
 
 
-# ----------------------------------------------------------------------------- Gram matrices
-
-
-@SETTINGS
-@given(st.integers(1, 20), st.integers(1, 16), st.integers(0, 2**31 - 1))
-def test_gram_pack_roundtrip_and_reference(n, d, seed):
-    states = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
-    k = gram_from_states(states)
-    v = states.double() / states.double().norm(dim=1, keepdim=True)
-    assert torch.allclose(k.double(), v @ v.T, atol=1e-5)
-    flat = pack_gram(k)
-    assert flat.numel() == schema.gram_size(n)
-    assert torch.equal(unpack_gram(flat, n), torch.triu(k) + torch.triu(k, 1).T)
-
-
-def test_unpack_refuses_wrong_size():
-    with pytest.raises(ValueError, match="3x3 Gram has 6 values"):
-        unpack_gram(torch.zeros(5), 3)
-
-
-# ----------------------------------------------------------------------------- logit stats
-
-
-def _reference_stats(logits: torch.Tensor, targets: torch.Tensor, k: int, t: float) -> dict:
-    x = logits.double()
-    lse = torch.logsumexp(x, -1)
-    p = torch.softmax(x, -1)
-    return {"lse": lse, "lse_t": torch.logsumexp(x / t, -1), "entropy": -(p * torch.log_softmax(x, -1)).sum(-1),
-            "target_logit": x[torch.arange(len(x)), targets],
-            "topk_logprobs": torch.sort(torch.log_softmax(x, -1), -1, descending=True).values[:, :k]}
-
-
-@SETTINGS
-@given(st.integers(0, 9), st.integers(2, 50), st.integers(0, 2**31 - 1), st.floats(0.5, 4.0))
-def test_logit_stats_match_float64_reference(n, vocab, seed, temperature):
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, vocab, generator=gen) * 4
-    targets = torch.randint(0, vocab, (n,), generator=gen)
-    k = min(5, vocab)
-    stats = compute_logit_stats(logits, targets, k, temperature, chunk=3)
-    ref = _reference_stats(logits, targets, k, temperature)
-    for name, want in ref.items():
-        assert torch.allclose(getattr(stats, name).double(), want, atol=1e-4), name
-    assert torch.equal(logits.gather(1, stats.topk_ids.long()), logits.topk(k, -1).values)
-
-
-def test_entropy_ignores_masked_logits():
-    logits = torch.tensor([[0.0, 0.0, -math.inf]])
-    stats = compute_logit_stats(logits, torch.tensor([0]), 2, 1.0)
-    assert torch.allclose(stats.entropy, torch.tensor([math.log(2)]))
-
-
 # ----------------------------------------------------------------------------- feature encoders
 
 
@@ -166,7 +113,7 @@ def test_hidden_feature_roundtrip(name, codec):
 @pytest.mark.parametrize("codec", ["f32", "bf16"])
 def test_gram_feature_roundtrip(codec):
     spec = schema.visual_gram(codec)
-    grams = [gram_from_states(torch.randn(n, 6)) for n in (4, 1, 9)]
+    grams = [gram_from_upper(visual_gram(torch.randn(n, 6)), n) for n in (4, 1, 9)]
     back = decode_feature(spec, encode_feature(spec, grams), torch.float32, [4, 1, 9])
     tol = 0 if codec == "f32" else 2.0**-8
     for k, b in zip(grams, back):  # the upper triangle is what is stored
@@ -177,7 +124,8 @@ def test_gram_feature_roundtrip(codec):
 @pytest.mark.parametrize("codec", ["f32", "bf16"])
 def test_logit_stats_feature_roundtrip(codec):
     spec = schema.logit_stats(4, 2.0, codec)
-    stats = compute_logit_stats(torch.randn(6, 30), torch.randint(0, 30, (6,)), 4, 2.0)
+    stats = logit_statistics(torch.randn(6, 8), torch.randn(30, 8), None, LogitTransform(),
+                             torch.randint(0, 30, (6,)), top_k=4, temperature=2.0)
     back = decode_feature(spec, encode_feature(spec, stats), torch.float32)
     assert isinstance(back, LogitStats) and torch.equal(back.topk_ids, stats.topk_ids.long())
     assert torch.equal(back.entropy, stats.entropy) and torch.equal(back.lse_t, stats.lse_t)

@@ -205,7 +205,7 @@ def test_writer_lists_every_problem_of_a_bad_sample(cache_url):
         message = str(err.value)
         assert "answer window rows" in message and "NaN" in message and "not declared" in message
         with pytest.raises(CacheWriteError, match="spans: answers span"):
-            w.add("y", **dict(good, spans={"answers": [[0, 400]]}, logit_stats=None))
+            w.add("y", **dict(good, spans={"questions": [[0, 1]], "answers": [[1, 400]]}, logit_stats=None))
         with pytest.raises(CacheWriteError, match="declared but missing"):
             w.add("z", **dict(good, visual_gram=None, logit_stats=None))
         assert not w.has("x")

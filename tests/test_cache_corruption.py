@@ -241,6 +241,22 @@ def test_inconsistent_offsets_and_duplicates(cache):
         reader[manifest_last_id(manifest)]
 
 
+def test_malformed_record_spans_are_reported_not_raised(cache):
+    url, fs, root, manifest = cache
+
+    def edit(rows):
+        rows[0]["question_spans"] = [[1, 2]]  # no longer tiles the sequence up to the answer
+        rows[-1]["answer_spans"] = [[5, 10**6]]  # well-formed but past the end of the sequence
+
+    rewrite_records(url, manifest, 1, edit)
+    reseal(url)
+    problems = validate_cache(url)
+    assert [p.code for p in problems] == ["record.spans"]
+    first = manifest.shards[0].samples  # shard 1 holds samples first .. first + samples - 1
+    first, last = sample_id(first), sample_id(first + manifest.shards[1].samples - 1)
+    assert f"2 sample(s) have invalid spans: {first!r}, {last!r}" in problems[0].message
+
+
 def manifest_last_id(manifest: Manifest) -> str:
     """The id whose record was overwritten in shard 1 (its last record)."""
     return sample_id(sum(s.samples for s in manifest.shards[:2]) - 1)

@@ -1,1 +1,33 @@
-"""Loading VLMs through transformers, per-family knowledge and the tiny-VLM kit."""
+"""Loading VLMs through transformers, per-family knowledge and the tiny-VLM kit.
+
+The public names below are imported lazily (PEP 562): most of them need torch and
+transformers, while the cache format only needs :mod:`genrecal.store.vlm.spans` and
+:mod:`genrecal.store.vlm.logits`, which must stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load_vlm": "loading", "LoadedVLM": "loading",
+    "encode_sample": "encoding", "Encoded": "encoding",
+    "Spans": "spans",
+    "get_family": "families", "FAMILIES": "families",
+    "build_tiny_vlm": "tiny",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

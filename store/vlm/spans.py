@@ -17,17 +17,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 Range = tuple[int, int]
+SPAN_KINDS = ("images", "questions", "answers")
 
 
 @dataclass(frozen=True)
 class Spans:
-    images: tuple[Range, ...]
-    questions: tuple[Range, ...]
-    answers: tuple[Range, ...]
+    """Image / question / answer spans of one sequence, validated on construction.
+
+    Construction raises ``ValueError`` if a range is reversed, empty (images, answers) or
+    overlaps the one before it, or if ``questions`` do not tile the sequence up to the answers
+    (``questions[k] == (end of answer k-1 or 0, start of answer k)``). Consistency with a given
+    sequence length is checked separately by :meth:`problems`, which reports instead of raising.
+    """
+
+    images: tuple[Range, ...] = ()
+    questions: tuple[Range, ...] = ()
+    answers: tuple[Range, ...] = ()
 
     def __post_init__(self):
-        for name in ("images", "questions", "answers"):
-            object.__setattr__(self, name, tuple((int(a), int(b)) for a, b in getattr(self, name)))
+        for name in SPAN_KINDS:
+            object.__setattr__(self, name, _as_pairs(name, getattr(self, name)))
         _check_ranges("images", self.images, allow_empty=False)
         _check_ranges("answers", self.answers, allow_empty=False)
         _check_ranges("questions", self.questions, allow_empty=True)
@@ -42,16 +51,52 @@ class Spans:
         start, end = self.answers[k]
         return start - 1, end
 
+    def problems(self, seq_len: int) -> list[str]:
+        """Every way these (well-formed) spans are inconsistent with a ``seq_len``-token sequence.
+
+        Reports instead of raising, for writers and validators that list every problem at once.
+        """
+        out = [f"{kind} span [{s}, {e}) ends past the sequence [0, {seq_len})"
+               for kind in SPAN_KINDS for s, e in getattr(self, kind) if e > seq_len]
+        if self.answers and self.answers[0][0] < 1:
+            out.append("an answer starts at token 0: no position before it to predict it from")
+        if not self.answers:
+            out.append("no answer span: nothing to distil")
+        return out
+
     def to_dict(self) -> dict:
-        return {name: [list(r) for r in getattr(self, name)]
-                for name in ("images", "questions", "answers")}
+        return {name: [list(r) for r in getattr(self, name)] for name in SPAN_KINDS}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Spans":
-        expected = {"images", "questions", "answers"}
-        if set(data) != expected:
-            raise ValueError(f"Spans.from_dict: expected keys {sorted(expected)}, got {sorted(data)}")
-        return cls(**{name: tuple(tuple(r) for r in data[name]) for name in expected})
+        """Inverse of :meth:`to_dict`: exactly the keys images, questions, answers."""
+        if set(data) != set(SPAN_KINDS):
+            raise ValueError(f"Spans.from_dict: expected keys {sorted(SPAN_KINDS)}, got {sorted(data)}")
+        return cls(**{name: data[name] for name in SPAN_KINDS})
+
+    @classmethod
+    def coerce(cls, spans: "Spans | dict") -> "Spans":
+        """A :class:`Spans` as is, or one built from a dict ``{"images": [[s, e], ...], ...}``.
+
+        Missing keys mean no span of that kind; unknown keys and malformed spans raise ValueError.
+        """
+        if isinstance(spans, Spans):
+            return spans
+        if not isinstance(spans, dict):
+            raise ValueError(f"spans must be a Spans or a dict, got {type(spans).__name__}")
+        unknown = set(spans) - set(SPAN_KINDS)
+        if unknown:
+            raise ValueError(f"spans: unknown keys {sorted(unknown)}; expected images/questions/answers")
+        return cls(**{name: spans.get(name) or () for name in SPAN_KINDS})
+
+
+def _as_pairs(kind: str, ranges) -> tuple[Range, ...]:
+    out = []
+    for item in ranges:
+        if len(item) != 2:
+            raise ValueError(f"{kind} span {item!r} is not a [start, end) pair")
+        out.append((int(item[0]), int(item[1])))
+    return tuple(out)
 
 
 def _check_ranges(name: str, ranges: tuple[Range, ...], *, allow_empty: bool) -> None:
