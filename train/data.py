@@ -1,0 +1,681 @@
+"""Training batches: teacher-cache records joined with dataset samples by sample id.
+
+Teacher side (from the cache, never the teacher model). For each assistant turn k of a sample
+(answer span ``[s_k, e_k)`` of the teacher sequence), a :class:`TeacherTurn` holds
+
+- ``window``: the cached ``answer_hidden`` rows of turn k, positions ``s_k-1 .. e_k-1``
+  (method.md section 1, "Positions, precisely");
+- ``answer_ids``: the record's input ids ``[s_k, e_k)`` (teacher tokenizer, end-of-turn included);
+- ``question``: every cached row at a position ``< s_k`` in position order: the
+  ``question_hidden`` rows and the answer-window rows of earlier turns, each position once
+  (where both hold a position, e.g. the last token before an earlier answer, the answer-window
+  row is used: it is the one the earlier turn's window also uses). None when the cache holds no
+  ``question_hidden`` or the loader was told not to load it (L_reg off).
+
+Student side: the same :class:`~genrecal.store.data.sample.Sample` run through the student's
+OWN chat template and processor (:func:`~genrecal.store.vlm.encoding.encode_sample`). One
+forward per side covers every turn (method.md: multi-turn turns are sliced from one forward):
+``student_labels[t] = input_ids[t+1]`` for ``t+1`` an answer token of a kept turn, and
+``student_answer_starts[b][k]`` is ``s_k`` in the student sequence.
+
+Turns: ``n_turns = min(student turns kept, teacher turns cached)`` (``max_length`` may drop
+trailing turns on either side). Student turns beyond ``n_turns`` stay in the input (the student
+sequence is not re-encoded) but get no labels and no answer start.
+
+Join. The cache must hold every dataset sample: a sample missing from it (skipped at
+extraction, or never extracted) is left out with a recorded :class:`Skip` (reason from the
+cache manifest when it names one); :attr:`TrainLoader.skips` lists every skip. A record whose
+content hash differs from the sample's is a :class:`ContentHashMismatchError` (never skipped:
+the data changed, or the cache belongs to other data). Stage finetune has no cache: every
+sample is used and ``TrainBatch.teacher`` is None.
+
+Pipeline (:func:`make_loader`): :class:`~genrecal.train.sampler.BatchPlan` gives this rank's
+batches of an epoch; a torch ``DataLoader`` replays them as its batch sampler, and its worker
+processes run :class:`JoinedDataset` (read the record, check the hash, encode with the student
+processor) and :class:`Collator` (pad into a :class:`TrainBatch`), so the training step does
+not wait on decompression or image processing. Workers open their cache reader lazily
+(``CacheReader`` is never pickled; nothing is ever unpickled from disk).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from genrecal.store.data.problems import Skip
+from genrecal.store.data.readers import DatasetRead
+from genrecal.store.data.sample import Sample
+from genrecal.store.errors import DatasetError, SpanError
+from genrecal.store.reader import CachedSample, CacheReader
+from genrecal.store.vlm.encoding import Encoded, encode_sample
+from genrecal.store.vlm.families import Family
+from genrecal.train.errors import ContentHashMismatchError, DataJoinError
+from genrecal.train.losses import IGNORE_INDEX
+from genrecal.train.sampler import BatchPlan, SamplerState
+
+__all__ = ["Collator", "DataWait", "Example", "JoinReport", "JoinedDataset", "LoaderConfig",
+           "StudentSide", "TeacherTurn", "TrainBatch", "TrainLoader", "join_with_cache", "make_loader",
+           "pad_student", "student_labels", "teacher_turns"]
+
+SEQUENCE_PAD_VALUES: Mapping[str, int] = {"attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
+"""Per-token processor outputs besides ``input_ids``, with their pad values (right padding)."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
+
+
+def _move(x, device, non_blocking: bool):
+    return None if x is None else x.to(device, non_blocking=non_blocking)
+
+
+def _pin(x):
+    return None if x is None else x.pin_memory()
+
+
+# ============================================================================ batch records
+
+
+@dataclass
+class TeacherTurn:
+    """One assistant turn k of one sample, teacher side (from the cache).
+
+    window: float ``[Na_k + 1, d_l]``, z over the answer window (positions s_k-1 .. e_k-1);
+    answer_ids: int64 ``[Na_k]`` teacher answer token ids, end-of-turn included;
+    question: float ``[Nq_k, d_l]`` cached rows at positions < s_k in position order, or None.
+    """
+
+    window: torch.Tensor
+    answer_ids: torch.Tensor
+    question: torch.Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> "TeacherTurn":
+        return TeacherTurn(*(_move(x, device, non_blocking) for x in (self.window, self.answer_ids, self.question)))
+
+    def pin_memory(self) -> "TeacherTurn":
+        return TeacherTurn(*(_pin(x) for x in (self.window, self.answer_ids, self.question)))
+
+
+@dataclass
+class TrainBatch:
+    """One batch of B samples (see the trainer contract).
+
+    ids: B sample ids; student_inputs: ``model(**student_inputs)`` (``input_ids`` / ``attention_mask``
+    int64 ``[B, Ls]`` right-padded, pixel inputs concatenated along dim 0); student_labels: int64
+    ``[B, Ls]``, already shifted (``labels[t] = input_ids[t+1]`` on answer targets, else -100);
+    student_answer_starts: per sample, per turn, the answer start s_k in the student sequence;
+    teacher: per sample, per turn, a :class:`TeacherTurn`, or None without a cache (finetune);
+    skipped: samples of this batch left out by the workers (``on_error="skip"``). A batch whose
+    every sample was skipped has ``len(batch) == 0`` and empty inputs.
+    """
+
+    ids: list[str]
+    student_inputs: dict[str, torch.Tensor]
+    student_labels: torch.Tensor
+    student_answer_starts: list[list[int]]
+    teacher: list[list[TeacherTurn]] | None
+    skipped: list[Skip] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device, non_blocking: bool = False) -> "TrainBatch":
+        """A copy with every tensor on ``device``."""
+        return replace(self, student_inputs={k: _move(v, device, non_blocking) for k, v in self.student_inputs.items()},
+                       student_labels=_move(self.student_labels, device, non_blocking),
+                       teacher=None if self.teacher is None else
+                       [[t.to(device, non_blocking) for t in turns] for turns in self.teacher])
+
+    def pin_memory(self) -> "TrainBatch":
+        """A copy in pinned host memory (called by ``DataLoader(pin_memory=True)``)."""
+        return replace(self, student_inputs={k: _pin(v) for k, v in self.student_inputs.items()},
+                       student_labels=_pin(self.student_labels),
+                       teacher=None if self.teacher is None else [[t.pin_memory() for t in turns]
+                                                                  for turns in self.teacher])
+
+
+@dataclass(frozen=True)
+class Example:
+    """One joined sample, before batching.
+
+    inputs: the student processor's output (batch dim 1); labels: int64 ``[Ls]``;
+    answer_starts: s_k per kept turn; teacher: the sample's turns, or None without a cache.
+    """
+
+    sample_id: str
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    answer_starts: list[int]
+    teacher: list[TeacherTurn] | None
+
+
+# ============================================================================ teacher side
+
+
+def _known_rows(cached: CachedSample) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every cached row, in position order, each position once (answer-window rows win ties).
+
+    Returns int64 ``[n]`` sorted positions and float ``[n, d]`` rows.
+    """
+    positions = torch.cat([cached.answer_positions(), cached.question_positions])
+    rows = torch.cat([cached.answer_hidden, cached.question_hidden])
+    order = torch.argsort(positions, stable=True)  # answer rows come first among equal positions
+    positions, rows = positions[order], rows[order]
+    first = torch.ones_like(positions, dtype=torch.bool)
+    first[1:] = positions[1:] != positions[:-1]
+    return positions[first], rows[first]
+
+
+def teacher_turns(cached: CachedSample, n_turns: int) -> list[TeacherTurn]:
+    """The first ``n_turns`` :class:`TeacherTurn` s of a cache record (see the module docstring).
+
+    ``cached`` must carry ``answer_hidden``; ``question`` is filled when it carries
+    ``question_hidden`` (with ``question_positions``), else None.
+    """
+    if cached.answer_hidden is None:
+        raise DataJoinError(f"sample {cached.sample_id!r}: the cache record was read without answer_hidden; "
+                            "load the record with the answer_hidden feature", sample_id=cached.sample_id)
+    known = _known_rows(cached) if cached.question_hidden is not None else None
+    rows = cached.answer_turn_rows()
+    out = []
+    for k in range(n_turns):
+        start, end = cached.spans.answers[k]
+        question = None
+        if known is not None:
+            question = known[1][: int(torch.searchsorted(known[0], start))]
+        out.append(TeacherTurn(window=cached.answer_hidden[rows[k][0]:rows[k][1]],
+                               answer_ids=cached.input_ids[start:end].clone(), question=question))
+    return out
+
+
+class CacheSource:
+    """The teacher cache as seen by one process: a :class:`CacheReader` opened lazily, once per process.
+
+    Picklable: the reader is dropped when the object is sent to a worker process and reopened
+    there on first use. ``dtype``: float dtype of the returned teacher tensors;
+    ``load_question``: read ``question_hidden`` when the cache has it.
+    """
+
+    def __init__(self, url, *, dtype: torch.dtype = torch.float32, load_question: bool = True,
+                 expect_teacher=None, verify: bool = True, storage_options: dict | None = None):
+        self.url, self.dtype, self.load_question = str(url), dtype, load_question
+        self.expect_teacher, self.verify, self.storage_options = expect_teacher, verify, storage_options
+        self._reader: CacheReader | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None, "_pid": None}
+
+    def reader(self) -> CacheReader:
+        if self._reader is None or self._pid != os.getpid():
+            self._reader = CacheReader(self.url, expect_teacher=self.expect_teacher, verify=self.verify,
+                                       dtype=self.dtype, storage_options=self.storage_options)
+            self._pid = os.getpid()
+        return self._reader
+
+    def features(self) -> list[str]:
+        """The cached features this source reads (answer_hidden, and question_hidden if asked and cached)."""
+        available = self.reader().features
+        if "answer_hidden" not in available:
+            raise DataJoinError(f"teacher cache {self.url} holds no answer_hidden (it has {sorted(available)}); "
+                                "the GenRecal stages need it. Re-extract with cache.features.answer_hidden: true")
+        wanted = ["answer_hidden"]
+        if self.load_question and "question_hidden" in available:
+            wanted.append("question_hidden")
+        return wanted
+
+    def record(self, sample: Sample) -> CachedSample:
+        """The record of ``sample``, after checking that it was extracted from the same content."""
+        cached = self.reader().get(sample.id, dtype=self.dtype, features=self.features())
+        if cached.content_hash != sample.content_hash:
+            raise ContentHashMismatchError(
+                f"sample {sample.id!r}: the teacher cache was extracted from other content than the dataset "
+                f"holds. Cache {self.reader().url} has content hash {cached.content_hash}; dataset file "
+                f"{sample.source or '<unknown>'} gives {sample.content_hash}. The data changed after extraction, "
+                f"or the cache belongs to other data. Fix: re-extract the cache from this data, or point the "
+                f"trainer at the dataset (and image files) the cache was extracted from.", sample_id=sample.id)
+        return cached
+
+
+# ============================================================================ student side
+
+
+@dataclass(frozen=True)
+class StudentSide:
+    """The student's processor and family (never its model): what the workers encode with."""
+
+    processor: object
+    family: Family
+    max_length: int | None = None
+
+    @classmethod
+    def of(cls, student, max_length: int | None = None) -> "StudentSide":
+        """From a :class:`~genrecal.store.vlm.loading.LoadedVLM` or a ``(processor, family)`` pair."""
+        processor, family = student if isinstance(student, tuple) else (student.processor, student.family)
+        if not isinstance(family, Family):
+            raise TypeError(f"student: expected a LoadedVLM or (processor, Family), got family of type "
+                            f"{type(family).__name__}")
+        return cls(processor, family, max_length)
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad id (else its eos id, else 0): padded positions are masked anyway."""
+        tokenizer = self.processor.tokenizer
+        for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+            if value is not None:
+                return int(value)
+        return 0
+
+    def encode(self, sample: Sample) -> Encoded:
+        return encode_sample((self.processor, self.family), sample, max_length=self.max_length)
+
+
+def student_labels(input_ids: torch.Tensor, answers: Sequence[tuple[int, int]], n_turns: int) -> torch.Tensor:
+    """Shifted next-token labels of one student sequence.
+
+    input_ids: int64 ``[L]``; answers: answer spans ``[s_k, e_k)``. Returns int64 ``[L]`` with
+    ``labels[t] = input_ids[t+1]`` for ``s_k - 1 <= t < e_k - 1``, ``k < n_turns``, else -100.
+    """
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for start, end in answers[:n_turns]:
+        labels[start - 1:end - 1] = input_ids[start:end]
+    return labels
+
+
+# ============================================================================ dataset
+
+
+class JoinedDataset(Dataset):
+    """``dataset[i]`` -> the :class:`Example` of sample i (or a :class:`Skip` under ``on_error="skip"``).
+
+    samples: the joined samples (their ids are in the cache when ``cache`` is given);
+    cache: None for stage finetune (``Example.teacher`` is None).
+    """
+
+    def __init__(self, samples: Sequence[Sample], student: StudentSide, cache: CacheSource | None = None,
+                 *, on_error: Literal["raise", "skip"] = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
+        self.samples, self.student, self.cache, self.on_error = list(samples), student, cache, on_error
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Example | Skip:
+        sample = self.samples[i]
+        cached = None if self.cache is None else self.cache.record(sample)
+        try:
+            encoded = self.student.encode(sample)
+        except (SpanError, DatasetError) as exc:
+            return self._student_failure(sample, exc)
+        return self._example(sample, encoded, cached)
+
+    def _student_failure(self, sample: Sample, exc: Exception) -> Skip:
+        if self.on_error == "skip":
+            return Skip(sample_id=sample.id, file=sample.source, reason=f"student side: {exc}")
+        raise DataJoinError(f"sample {sample.id!r} (dataset file {sample.source or '<unknown>'}) cannot be "
+                            f"encoded for the student: {exc}. Fix the sample, raise the student max_length, or "
+                            f"train with on_error='skip' to leave such samples out (they are recorded)",
+                            sample_id=sample.id) from exc
+
+    def _example(self, sample: Sample, encoded: Encoded, cached: CachedSample | None) -> Example | Skip:
+        answers = encoded.spans.answers
+        n_turns = len(answers) if cached is None else min(len(answers), len(cached.spans.answers))
+        if n_turns == 0:  # defensive: encode_sample and the cache both keep >= 1 answer
+            return Skip(sample_id=sample.id, file=sample.source, reason="no turn left on both sides")
+        ids = encoded.inputs["input_ids"].reshape(-1).long()
+        return Example(sample_id=sample.id, inputs=dict(encoded.inputs), labels=student_labels(ids, answers, n_turns),
+                       answer_starts=[s for s, _ in answers[:n_turns]],
+                       teacher=None if cached is None else teacher_turns(cached, n_turns))
+
+
+# ============================================================================ collate
+
+
+def _pad_right(row: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """row: ``[L]`` -> ``[length]`` padded with ``value`` at the end."""
+    return torch.cat([row, row.new_full((length - row.shape[0],), value)])
+
+
+def _token_keys(inputs: Sequence[dict[str, torch.Tensor]]) -> list[str]:
+    keys = ["input_ids", *(k for k in SEQUENCE_PAD_VALUES if k in inputs[0])]
+    for i, x in enumerate(inputs):
+        mine = ["input_ids", *(k for k in SEQUENCE_PAD_VALUES if k in x)]
+        if mine != keys:
+            raise DataJoinError(f"collate: example {i} has per-token keys {mine} but example 0 has {keys}; "
+                                "every sample must come from the same student processor")
+    return keys
+
+
+def pad_student(inputs: Sequence[dict[str, torch.Tensor]], labels: Sequence[torch.Tensor],
+                pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Right-pad per-sample student processor outputs into one batch.
+
+    inputs: dicts with batch dim 1 (``input_ids`` ``[1, L_b]``); labels: int64 ``[L_b]`` each.
+    Per-token keys (``input_ids`` with ``pad_id``, :data:`SEQUENCE_PAD_VALUES`) become
+    ``[B, L_max]``; labels ``[B, L_max]`` padded with -100; every other key (``pixel_values``,
+    ``image_grid_thw``, ``image_sizes``...) is concatenated along dim 0 in sample order over the
+    samples that have it, which is how Qwen2-VL (``[patches, C]``), LLaVA and Gemma 3
+    (``[images, 3, H, W]``) all take them.
+    """
+    keys = _token_keys(inputs)
+    longest = max(x["input_ids"].shape[-1] for x in inputs)
+    values = {"input_ids": pad_id, **SEQUENCE_PAD_VALUES}
+    out = {k: torch.stack([_pad_right(x[k].reshape(-1), longest, values[k]) for x in inputs]) for k in keys}
+    if "attention_mask" not in out:
+        out["attention_mask"] = torch.stack([_pad_right(torch.ones_like(x["input_ids"].reshape(-1)), longest, 0)
+                                             for x in inputs])
+    others = dict.fromkeys(k for x in inputs for k in x if k not in out)
+    for key in others:
+        out[key] = torch.cat([x[key] for x in inputs if key in x], dim=0)
+    padded_labels = torch.stack([_pad_right(y, longest, IGNORE_INDEX) for y in labels])
+    return out, padded_labels
+
+
+@dataclass(frozen=True)
+class Collator:
+    """``collate(items)`` -> :class:`TrainBatch`; items are :class:`Example` s and :class:`Skip` s."""
+
+    pad_id: int
+    with_teacher: bool
+
+    def __call__(self, items: Sequence[Example | Skip]) -> TrainBatch:
+        examples = [x for x in items if isinstance(x, Example)]
+        skipped = [x for x in items if isinstance(x, Skip)]
+        if not examples:
+            return TrainBatch([], {}, torch.zeros(0, 0, dtype=torch.long), [], [] if self.with_teacher else None,
+                              skipped)
+        inputs, labels = pad_student([x.inputs for x in examples], [x.labels for x in examples], self.pad_id)
+        teacher = [x.teacher for x in examples] if self.with_teacher else None
+        return TrainBatch(ids=[x.sample_id for x in examples], student_inputs=inputs, student_labels=labels,
+                          student_answer_starts=[x.answer_starts for x in examples], teacher=teacher,
+                          skipped=skipped)
+
+
+# ============================================================================ join
+
+
+@dataclass(frozen=True)
+class JoinReport:
+    """How the dataset and the cache were joined.
+
+    n_data: dataset samples given; n_joined: samples trained on; n_cache: samples in the cache
+    (None without one); skips: samples left out before training (missing from the cache, or
+    skipped by the dataset reader), each with its reason.
+    """
+
+    n_data: int
+    n_joined: int
+    n_cache: int | None
+    skips: tuple[Skip, ...]
+
+    @property
+    def n_cache_only(self) -> int:
+        """Cached samples that the dataset does not hold (unused)."""
+        return 0 if self.n_cache is None else self.n_cache - self.n_joined
+
+    def summary(self) -> str:
+        cache = "" if self.n_cache is None else f", {self.n_cache} cached ({self.n_cache_only} not in the data)"
+        return f"{self.n_joined} of {self.n_data} dataset samples joined{cache}, {len(self.skips)} skipped"
+
+
+def _check_unique(samples: Sequence[Sample]) -> None:
+    seen: dict[str, Sample] = {}
+    for sample in samples:
+        if sample.id in seen:
+            raise DataJoinError(f"sample id {sample.id!r} occurs twice (dataset files {seen[sample.id].source or '?'} "
+                                f"and {sample.source or '?'}); samples are joined with the cache by id, so ids must "
+                                f"be unique across every data source. Fix: give the rows distinct ids",
+                                sample_id=sample.id)
+        seen[sample.id] = sample
+
+
+def join_with_cache(samples: Sequence[Sample], reader: CacheReader) -> tuple[list[Sample], list[Skip]]:
+    """The samples whose id is in the cache (dataset order) and a :class:`Skip` for each other one.
+
+    Streams the cache's sorted id index once (no per-id lookups); the reason of a missing sample
+    is the one the extraction recorded when the manifest has it.
+    """
+    _check_unique(samples)
+    wanted = {s.id for s in samples}
+    present = {sample_id for sample_id in reader.sample_ids() if sample_id in wanted}
+    extraction = {s.sample_id: s.reason for s in reader.manifest.skipped if s.sample_id in wanted}
+    kept, skips = [], []
+    for sample in samples:
+        if sample.id in present:
+            kept.append(sample)
+            continue
+        why = (f"skipped at extraction: {extraction[sample.id]}" if sample.id in extraction
+               else "never extracted (the cache was built from other or fewer samples)")
+        skips.append(Skip(sample_id=sample.id, file=sample.source, reason=f"not in teacher cache {reader.url}: {why}"))
+    return kept, skips
+
+
+# ============================================================================ loader
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Settings of :func:`make_loader`.
+
+    batch_size: samples per batch per rank (at most); seed: of the epoch permutations;
+    num_workers: worker processes (0: load in the training process); prefetch_factor: batches
+    each worker prepares ahead; persistent_workers: keep workers across epochs; pin_memory: pin
+    batches for fast host-to-GPU copies; max_length: student sequence limit (trailing turns are
+    dropped to fit); teacher_dtype: float dtype of teacher tensors; load_question: read
+    ``question_hidden`` (for L_reg) when cached; on_error: what a sample the student cannot
+    encode does ("raise" or "skip", recorded); verify: check cache shard checksums on first read;
+    multiprocessing_context: "fork" / "spawn" / "forkserver" (None: the platform default).
+    """
+
+    batch_size: int = 8
+    seed: int = 0
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    pin_memory: bool = False
+    max_length: int | None = None
+    teacher_dtype: str = "float32"
+    load_question: bool = True
+    on_error: Literal["raise", "skip"] = "raise"
+    verify: bool = True
+    multiprocessing_context: str | None = None
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ValueError("LoaderConfig: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        out = [f"{name}={getattr(self, name)!r} must be an integer >= {low}"
+               for name, low in (("batch_size", 1), ("seed", 0), ("num_workers", 0), ("prefetch_factor", 1))
+               if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int)
+               or getattr(self, name) < low]
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            out.append(f"max_length={self.max_length!r} must be None or an integer >= 2")
+        if self.teacher_dtype not in _DTYPES:
+            out.append(f"teacher_dtype={self.teacher_dtype!r} must be one of {sorted(_DTYPES)}")
+        if self.on_error not in ("raise", "skip"):
+            out.append(f"on_error={self.on_error!r} must be 'raise' or 'skip'")
+        return out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.teacher_dtype]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "LoaderConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"LoaderConfig.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+    def dataloader_kwargs(self) -> dict:
+        if self.num_workers == 0:
+            return {"num_workers": 0, "pin_memory": self.pin_memory}
+        return {"num_workers": self.num_workers, "prefetch_factor": self.prefetch_factor,
+                "persistent_workers": self.persistent_workers, "pin_memory": self.pin_memory,
+                "multiprocessing_context": self.multiprocessing_context, "worker_init_fn": _init_worker}
+
+
+def _init_worker(_worker_id: int) -> None:
+    """One intra-op thread per worker: the workers run in parallel with each other and the trainer."""
+    torch.set_num_threads(1)
+
+
+class _ReplaySampler(Sampler):
+    """The DataLoader's batch sampler: replays the batches the loader sets before each pass."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class DataWait:
+    """Time the training loop spent waiting in ``next()`` for batches (seconds)."""
+
+    total_s: float = 0.0
+    batches: int = 0
+    last_s: float = 0.0
+    max_s: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.total_s += seconds
+        self.batches += 1
+        self.last_s = seconds
+        self.max_s = max(self.max_s, seconds)
+
+    @property
+    def mean_s(self) -> float:
+        return self.total_s / self.batches if self.batches else 0.0
+
+    def reset(self) -> None:
+        self.total_s, self.batches, self.last_s, self.max_s = 0.0, 0, 0.0, 0.0
+
+
+class TrainLoader:
+    """Iterates one epoch of :class:`TrainBatch` es per ``iter()``, resumable from a :class:`SamplerState`.
+
+    ``state`` is always the position after the last batch handed out (save it with a checkpoint);
+    after the last batch of an epoch it moves to ``(epoch + 1, 0)`` when the loop asks for the next
+    one. ``wait`` measures the time spent in ``next()``; ``skips`` lists every sample left out.
+    """
+
+    def __init__(self, dataset: JoinedDataset, plan: BatchPlan, collator: Collator, report: JoinReport,
+                 config: LoaderConfig, state: SamplerState | None = None):
+        self.dataset, self.plan, self.report, self.config = dataset, plan, report, config
+        self._sampler = _ReplaySampler()
+        self._loader = DataLoader(dataset, batch_sampler=self._sampler, collate_fn=collator,
+                                  **config.dataloader_kwargs())
+        self._state = plan.state()
+        self._worker_skips: dict[str, Skip] = {}
+        self.wait = DataWait()
+        if state is not None:
+            self.load_state(state)
+
+    @property
+    def state(self) -> SamplerState:
+        return self._state
+
+    def load_state(self, state: SamplerState) -> None:
+        """Resume at ``state`` (checked against this run: seed, world size, rank, batch boundary)."""
+        self.plan.remaining(state)
+        self._state = state
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        return len(self.plan.remaining(self._state))
+
+    @property
+    def skips(self) -> list[Skip]:
+        """Samples left out: at the join (before training) and by the workers so far."""
+        return [*self.report.skips, *self._worker_skips.values()]
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        batches = self.plan.remaining(self._state)
+        if not batches:  # resumed at the very end of an epoch
+            self._state = self._state.next_epoch()
+            return
+        self._sampler.batches = batches
+        iterator = iter(self._loader)
+        for planned in batches:
+            started = time.perf_counter()
+            batch = next(iterator)
+            self.wait.add(time.perf_counter() - started)
+            self._worker_skips.update((s.sample_id, s) for s in batch.skipped)
+            self._state = self._state.advanced(len(planned))
+            yield batch
+        self._state = self._state.next_epoch()
+
+    def close(self) -> None:
+        """Stop persistent worker processes (they also stop when the loader is garbage collected)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader._iterator = None
+
+
+def _samples_of(data: Sequence[Sample] | DatasetRead) -> tuple[list[Sample], list[Skip]]:
+    if isinstance(data, DatasetRead):
+        return list(data.samples), [replace(s, reason=f"dataset reader: {s.reason}") for s in data.skips]
+    return list(data), []
+
+
+def _join(data: Sequence[Sample] | DatasetRead, source: CacheSource | None) -> tuple[list[Sample], JoinReport]:
+    """The samples to train on and the :class:`JoinReport` (raises if none is left)."""
+    samples, skips = _samples_of(data)
+    n_data, n_cache = len(samples) + len(skips), None
+    if source is None:
+        _check_unique(samples)
+    else:
+        source.features()  # fail now, in the main process, if the cache cannot feed training
+        samples, missing = join_with_cache(samples, source.reader())
+        skips, n_cache = skips + missing, len(source.reader())
+    if not samples:
+        first = f"; first: {skips[0].sample_id!r}: {skips[0].reason}" if skips else ""
+        fix = ("point the trainer at the data the cache was extracted from" if source is not None
+               else "check the data sources")
+        raise DataJoinError(f"no sample left to train on: {n_data} in the data, {len(skips)} skipped{first}. "
+                            f"Fix: {fix}")
+    return samples, JoinReport(n_data=n_data, n_joined=len(samples), n_cache=n_cache, skips=tuple(skips))
+
+
+def make_loader(data: Sequence[Sample] | DatasetRead, student, *, cache=None,
+                config: LoaderConfig | None = None, world_size: int = 1, rank: int = 0,
+                state: SamplerState | None = None, expect_teacher=None,
+                storage_options: dict | None = None) -> TrainLoader:
+    """A :class:`TrainLoader` over ``data`` joined with the teacher ``cache``.
+
+    data: the dataset samples (or a :class:`DatasetRead`, whose skipped rows are recorded too);
+    student: the student :class:`~genrecal.store.vlm.loading.LoadedVLM` or ``(processor, family)``
+    (only the processor travels to the workers); cache: the cache URL, None for stage finetune;
+    world_size / rank: this process's place under DDP; state: resume here (default: epoch 0,
+    position 0); expect_teacher: the teacher fingerprint the cache must have.
+    """
+    config = config or LoaderConfig()
+    source = None if cache is None else CacheSource(
+        cache, dtype=config.dtype, load_question=config.load_question, expect_teacher=expect_teacher,
+        verify=config.verify, storage_options=storage_options)
+    samples, report = _join(data, source)
+    side = StudentSide.of(student, config.max_length)
+    dataset = JoinedDataset(samples, side, source, on_error=config.on_error)
+    plan = BatchPlan(len(samples), config.batch_size, config.seed, world_size, rank)
+    return TrainLoader(dataset, plan, Collator(side.pad_id, source is not None), report, config, state)
