@@ -17,3 +17,37 @@ class BatchingError(ExtractError, ValueError):
 
 class WriterError(ExtractError):
     """The background writer failed; ``__cause__`` holds the sink's original exception."""
+
+
+class ExtractSetupError(ExtractError, ValueError):
+    """The pipeline cannot be extracted as configured (codec, top-k, devices, data location)."""
+
+
+class CacheExistsError(ExtractError):
+    """The output cache already holds data and ``--resume`` was not given."""
+
+
+class SampleError(ExtractError):
+    """One sample cannot be extracted (bad image, empty or over-long answer...) under on_error=raise.
+
+    ``sample_id``, ``file`` (its dataset file) and ``reason`` say which one and why.
+    """
+
+    def __init__(self, message: str, *, sample_id: str, file: str = "", reason: str = ""):
+        super().__init__(message)
+        self.sample_id = sample_id
+        self.file = file
+        self.reason = reason or message
+
+
+class DistributedError(ExtractError):
+    """The torchrun environment (RANK / WORLD_SIZE / LOCAL_RANK) is inconsistent."""
+
+
+class FidelityError(ExtractError):
+    """``validate --against-teacher`` cannot rerun the teacher on the cached samples."""
+
+
+class AnswersError(ExtractError):
+    """Teacher answers cannot be written: no samples, an output path of the wrong kind, images
+    outside the chosen image root, text that the LLaVA format cannot hold."""

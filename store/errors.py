@@ -52,3 +52,8 @@ class CacheWriteError(CacheError):
 
 class FeatureInputError(StoreError, ValueError):
     """Tensors handed to a feature function (logit statistics, visual Gram) are malformed."""
+
+
+class GenerationError(StoreError):
+    """A VLM cannot generate answers for a sample (no question to answer, bad turn selection,
+    control tokens in the text, a tokenizer without a padding token)."""
