@@ -156,7 +156,20 @@ def inspect_command(
 
 
 @app.command("validate")
-def validate_command(cache: CacheArgument) -> None:
+def validate_command(
+    ctx: typer.Context,
+    cache: CacheArgument,
+    against_teacher: Annotated[Optional[int], typer.Option(
+        "--against-teacher", min=1, show_default=False,
+        help="Also rerun the teacher on N random cached samples and report, per feature, the "
+             "largest deviation from the cache.")] = None,
+    pipeline: Annotated[Optional[str], typer.Option(
+        "--pipeline", "-p", show_default=False,
+        help="With --against-teacher: take teacher and data from this pipeline (default: the "
+             "locations recorded in the cache).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --against-teacher draw.")] = 0,
+    file: FileOption = None,
+) -> None:
     """Check a teacher cache end to end; print every problem and exit 1 if there is any."""
     from genrecal.store.validate import validate_cache
 
@@ -167,6 +180,23 @@ def validate_command(cache: CacheArgument) -> None:
         typer.echo(f"{cache}: {len(problems)} problem(s)", err=True)
         raise typer.Exit(1)
     typer.echo(f"ok: {cache}: {_cache_counts(cache)}, no problem found")
+    if against_teacher is not None:
+        _against_teacher(ctx, cache, against_teacher, pipeline, seed, file)
+
+
+def _against_teacher(ctx: typer.Context, cache: str, n: int, pipeline: str | None, seed: int,
+                     file: Path | None) -> None:
+    """Print the --against-teacher report; exit 1 if a cached record no longer matches."""
+    from genrecal.extract.fidelity import check_against_teacher
+    from genrecal.extract.job import job_from_pipeline
+
+    job = job_from_pipeline(config.get_pipeline(pipeline, pipelines_file(ctx, file))) if pipeline else None
+    report = check_against_teacher(cache, n, settings=job.settings if job else None, seed=seed,
+                                   device=job.device if job else None,
+                                   device_map=job.device_map if job else None)
+    typer.echo(report.format())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def _cache_counts(cache: str) -> str:
@@ -175,6 +205,143 @@ def _cache_counts(cache: str) -> str:
 
     manifest = load_manifest(CacheStorage(cache))
     return f"{manifest.counts.samples} samples, {manifest.counts.tokens} tokens in {len(manifest.shards)} shard(s)"
+
+
+@app.command("train")
+def train_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Pipeline to train.", show_default=False)],
+    stage: Annotated[Optional[list[str]], typer.Option(
+        "--stage", "-s", show_default=False,
+        help="Train only this stage (repeatable); default: every stage, in order.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the newest checkpoint; skip finished stages.")] = False,
+    save_every: Annotated[int, typer.Option(
+        "--save-every", min=1, help="Optimizer steps between checkpoints.")] = 100,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=0, help="Data loader worker processes per training process.")] = 2,
+    file: FileOption = None,
+) -> None:
+    """Train the align / distill / finetune stages of pipeline NAME (torchrun for DDP)."""
+    from genrecal.train.loop import LoopOptions, run_stages
+
+    pipeline = config.get_pipeline(name, pipelines_file(ctx, file))
+    options = LoopOptions(save_every=save_every, num_workers=workers)
+    for result in run_stages(pipeline, stage, resume=resume, options=options):
+        state = "already finished" if result.skipped else f"{result.step} steps"
+        typer.echo(f"{result.stage}: {state} -> {result.out_dir}")
+
+
+@app.command("eval")
+def eval_command(
+    ctx: typer.Context,
+    model_dir: Annotated[Path, typer.Argument(
+        metavar="MODEL_DIR", show_default=False,
+        help="Saved model directory (teacher, student, or a stage output holding student/).")],
+    pipeline: Annotated[Optional[str], typer.Option(
+        "--pipeline", "-p", show_default=False,
+        help="Use this pipeline's evaluation split and settings (and its model dtype/device).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", show_default=False,
+        help="Dataset file or folder to evaluate on (instead of the pipeline's data).")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        "--split", show_default=False,
+        help="Split of a dataset folder or of the pipeline's data (default: the pipeline's "
+             "evaluation split, else test).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", min=1, show_default=False, help="Answer length cap (default: 64).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", min=1, show_default=False, help="Prompts per generate call (default: 8).")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", min=1, show_default=False, help="Evaluate the first N samples only.")] = None,
+    turns: Annotated[Optional[str], typer.Option(
+        "--turns", show_default=False,
+        help="Questions to answer per sample: all (earlier answers from the data) or the last "
+             "(default: all).")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", show_default=False, help="cpu, cuda, cuda:1... (default: the pipeline's, "
+        "else cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", show_default=False,
+        help="float32, bfloat16, float16 or auto (the checkpoint's) (default: the pipeline's, else float32 on "
+        "CPU and the checkpoint's on GPU).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", dir_okay=False, show_default=False,
+        help="Also write the result (scores, per-type table, every prediction) as JSON here.")] = None,
+    file: FileOption = None,
+) -> None:
+    """Exact-match accuracy of MODEL_DIR's greedy answers, per question type."""
+    import json
+
+    from genrecal.train.evaluate import EvalSettings, evaluate_model_dir, format_eval
+
+    pipe = config.get_pipeline(pipeline, pipelines_file(ctx, file)) if pipeline else None
+    settings = EvalSettings.resolve(pipe.evaluation if pipe is not None else None, split=split,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    limit=limit, turn=turns)
+    result = evaluate_model_dir(model_dir, pipeline=pipe, data=data, settings=settings,
+                                device=device, dtype=dtype)
+    typer.echo(format_eval(result))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command("answers")
+def answers_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Pipeline whose teacher answers.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", dir_okay=False, show_default=False,
+        help="JSONL file to write (default: <output>/data/teacher_answers/<split>.jsonl).")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", min=1, show_default=False, help="Answer the first N samples only.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of the pipeline's data.")] = "train",
+    file: FileOption = None,
+) -> None:
+    """Let the teacher of pipeline NAME answer its data; write a new LLaVA JSONL dataset."""
+    import json
+
+    from genrecal.extract.answers import teacher_answers_path, write_teacher_answers
+    from genrecal.train.evaluate import load_pipeline_model, read_pipeline_split
+
+    pipe = config.get_pipeline(name, pipelines_file(ctx, file))
+    options = pipe.cache.generate_answers or config.GenerateAnswers()
+    read = read_pipeline_split(pipe, split, limit=limit)
+    teacher = load_pipeline_model(pipe, "teacher")
+    report = write_teacher_answers(teacher, read, out or teacher_answers_path(pipe, split),
+                                   options, batch_size=pipe.cache.batch_size)
+    typer.echo(f"wrote {report.path}: {report.samples} samples, {report.answers} answers: "
+               f"{report.replaced} from the teacher, {report.kept} references kept "
+               f"(replace={report.replace}, {report.matched} teacher answers matched, "
+               f"{report.unusable} unusable)")
+    typer.echo(f"use it as a data source: {json.dumps(report.source_entry(split))}")
+
+
+@app.command("extract")
+def extract_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Pipeline whose teacher runs.", show_default=False)],
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", min=1, show_default=False, help="Extract the first N samples only.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue an existing cache: extract only the samples it is missing.")] = False,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", show_default=False, help="Cache location (default: the pipeline's cache.location).")] = None,
+    window: Annotated[Optional[int], typer.Option(
+        "--window", min=1, show_default=False,
+        help="Samples per batch-planning window, the unit dealt to torchrun ranks "
+             "(default: 16 x batch size).")] = None,
+    file: FileOption = None,
+) -> None:
+    """Run the teacher of pipeline NAME over its train data into the teacher cache (torchrun ok)."""
+    from genrecal.extract.job import job_from_pipeline
+    from genrecal.extract.pipeline import run_extract
+
+    pipe = config.get_pipeline(name, pipelines_file(ctx, file))
+    result = run_extract(job_from_pipeline(pipe, out=out, limit=limit, resume=resume, window=window))
+    typer.echo(result.summary())
 
 
 def main() -> None:
