@@ -220,13 +220,17 @@ def train_command(
         "--save-every", min=1, help="Optimizer steps between checkpoints.")] = 100,
     workers: Annotated[int, typer.Option(
         "--workers", min=0, help="Data loader worker processes per training process.")] = 2,
+    online: Annotated[bool, typer.Option(
+        "--online", help="Run the teacher live on the training device instead of reading the "
+                         "teacher cache (align / distill; needs room for both models).")] = False,
     file: FileOption = None,
 ) -> None:
     """Train the align / distill / finetune stages of pipeline NAME (torchrun for DDP)."""
     from genrecal.train.loop import LoopOptions, run_stages
 
     pipeline = config.get_pipeline(name, pipelines_file(ctx, file))
-    options = LoopOptions(save_every=save_every, num_workers=workers)
+    options = LoopOptions(save_every=save_every, num_workers=workers,
+                          teacher_source="online" if online else "cache")
     for result in run_stages(pipeline, stage, resume=resume, options=options):
         state = "already finished" if result.skipped else f"{result.step} steps"
         typer.echo(f"{result.stage}: {state} -> {result.out_dir}")

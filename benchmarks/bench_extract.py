@@ -1,0 +1,180 @@
+"""Overhead of the teacher pass over a bare teacher forward on the same batches.
+
+In one run, on the same tiny teacher (the kit's Qwen2-VL, hidden 256 by default) and the same
+synthetic VQA samples:
+
+* **bare forward**: the samples are encoded and planned into exactly the batches extraction
+  uses (same windows, same length bucketing), then only ``model(**batch)`` runs over them
+  (last-position logits, as a plain forward would need at least), under inference_mode;
+* **forward + features + writes**: the extraction's inner loop over the same pre-encoded
+  batches (teacher forward with hidden states, features, background cache writes), to
+  separate the cost of the features and the writes from that of the encoding;
+* **extraction**: ``genrecal extract`` in process (:func:`run_extract`) with the demo pipeline's
+  features: z over the answer windows, z over the questions (fp8), visual Grams, logit
+  statistics (top-16); its loop time covers encoding (prefetch thread), the forward, the
+  features and the cache writes until the last shard is on disk.
+
+Reported: both times, the overhead ratio (extraction loop / bare forward; goal <= 1.05),
+end-to-end time (loading, fingerprint, artifacts, commit included), the time the encoding alone
+takes, and the share of the loop during which the forward waited on the background writer.
+Repeats alternate bare and extraction runs; the median is reported.
+
+    python benchmarks/bench_extract.py [--samples 96] [--batch-size 8] [--hidden 256] [--repeats 3]
+                                       [--window 16] [--threads 1] [--device cpu|cuda] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from genrecal.config import Pipeline
+from genrecal.extract.background import BackgroundWriter
+from genrecal.extract.batching import pad_batch
+from genrecal.extract.inputs import ensure_synthetic, ensure_teacher, read_inputs, sample_windows
+from genrecal.extract.job import feature_specs, job_from_pipeline
+from genrecal.extract.pipeline import (BatchRunner, RunCounters, encode_window, run_extract,
+                                       window_batches, write_item)
+from genrecal.extract.teacher import (bare_forward, fingerprint, load_teacher, processor_files,
+                                      to_device)
+from genrecal.store.writer import CacheWriter
+
+
+def _pipeline(root: Path, args) -> Pipeline:
+    tiny = {"kind": "qwen2_vl", "hidden_size": args.hidden, "path": str(root / "teacher")}
+    return Pipeline.from_dict({
+        "name": "bench",
+        "teacher": {"tiny": tiny, "dtype": args.dtype, "device": args.device},
+        "student": {"tiny": {"kind": "llava_qwen2", "path": str(root / "student")}},
+        "data": {"synthetic": {"n_train": args.samples, "n_test": 0, "image_size": 32}},
+        "cache": {"location": str(root / "cache"), "batch_size": args.batch_size, "max_length": 512,
+                  "features": {"answer_hidden": True, "question_hidden": "all", "visual_gram": True,
+                               "logit_stats": {"top_k": 16, "temperature": 2.0}},
+                  "codecs": {"question_hidden": "fp8_e4m3"}},
+        "stages": [{"name": "align", "steps": 1, "lr_start": 1e-3, "lr_end": 1e-4}],
+        "evaluation": None, "output": str(root / "out")})
+
+
+def _same_batches(teacher, job) -> tuple[list[list], int, float]:
+    """The batches extraction runs (same windows and plan) as (sample, encoded) lists, their
+    tokens, and the seconds the encoding took."""
+    samples = read_inputs(job.settings, job.limit).samples
+    t0 = time.perf_counter()
+    encoded = [encode_window(teacher, w, job.settings.max_length)
+               for w in sample_windows(samples, job.plan_window)]
+    seconds = time.perf_counter() - t0
+    batches = [batch for window in encoded for batch in window_batches(window.ok, job.batch_size)]
+    tokens = sum(len(enc.input_ids) for window in encoded for _, enc in window.ok)
+    return batches, tokens, seconds
+
+
+def _sync(teacher) -> None:
+    if teacher.device.type == "cuda":
+        torch.cuda.synchronize(teacher.device)
+
+
+def _time_bare(teacher, batches: list[list]) -> float:
+    padded = [pad_batch([enc.inputs for _, enc in batch], teacher.pad_id, "right") for batch in batches]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in padded:
+            bare_forward(teacher, to_device(teacher, batch))
+    _sync(teacher)
+    return time.perf_counter() - t0
+
+
+def _time_features_and_writes(teacher, job, batches: list[list], out: str) -> tuple[float, float]:
+    """Seconds of the extraction's inner loop on pre-encoded batches; the writer wait share."""
+    specs = feature_specs(job.features, job.codecs, hidden_size=teacher.hidden_size,
+                          vocab_size=teacher.vocab_size)
+    writer = CacheWriter(out, teacher=fingerprint(teacher, processor_files(teacher)),
+                         features=specs, settings=job.settings.to_dict(), commit=False,
+                         shard_tokens=job.shard_tokens, shard_bytes=job.shard_bytes)
+    t0 = time.perf_counter()
+    with writer, BackgroundWriter(partial(write_item, writer, "raise")) as background:
+        runner = BatchRunner("raise", teacher, writer.header.features, background, set(),
+                             RunCounters())
+        for batch in batches:
+            runner.run_batch(batch)
+    _sync(teacher)
+    return time.perf_counter() - t0, background.stats().wait_fraction
+
+
+def measure(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="genrecal-bench-extract-") as tmp:
+        job = job_from_pipeline(_pipeline(Path(tmp), args), window=args.window)
+        job = job.with_overrides(progress=False)
+        ensure_teacher(job)
+        ensure_synthetic(job)
+        teacher = load_teacher(job.settings.teacher, device=job.device)
+        batches, tokens, encode_s = _same_batches(teacher, job)
+        _time_bare(teacher, batches[:1])  # warm-up
+        bare, inner, runs = [], [], []
+        for r in range(args.repeats):
+            bare.append(_time_bare(teacher, batches))
+            inner.append(_time_features_and_writes(teacher, job, batches, f"{tmp}/inner-{r}")[0])
+            runs.append(run_extract(replace(job, out=f"{tmp}/cache-{r}")))
+        loop = statistics.median(run.loop_seconds for run in runs)
+        return {"inner_s": statistics.median(inner),"samples": runs[0].written, "batches": len(batches), "tokens": tokens,
+                "hidden": teacher.hidden_size, "vocab": teacher.vocab_size,
+                "device": str(teacher.device), "threads": torch.get_num_threads(),
+                "bare_s": statistics.median(bare), "loop_s": loop,
+                "end_to_end_s": statistics.median(run.seconds for run in runs),
+                "encode_s": encode_s, "ratio": loop / statistics.median(bare),
+                "writer_wait": statistics.median(run.writer.wait_fraction for run in runs),
+                "writer_busy": statistics.median(run.writer.busy_fraction for run in runs)}
+
+
+def format_table(r: dict) -> str:
+    rows = [("bare teacher forward", r["bare_s"], "1.00"),
+            ("forward+features+writes", r["inner_s"], f"{r['inner_s'] / r['bare_s']:.2f}"),
+            ("extraction loop", r["loop_s"], f"{r['ratio']:.2f}"),
+            ("extraction end to end", r["end_to_end_s"], f"{r['end_to_end_s'] / r['bare_s']:.2f}"),
+            ("encoding alone", r["encode_s"], "")]
+    lines = [f"tiny qwen2_vl teacher d={r['hidden']} V={r['vocab']}, {r['samples']} samples, "
+             f"{r['batches']} batches, {r['tokens']} tokens, {r['device']}, {r['threads']} threads",
+             f"{'':<24}{'seconds':>9}{'samples/s':>11}{'tokens/s':>10}{'x bare':>8}"]
+    for name, seconds, ratio in rows:
+        lines.append(f"{name:<24}{seconds:>9.2f}{r['samples'] / seconds:>11.1f}"
+                     f"{r['tokens'] / seconds:>10.0f}{ratio:>8}")
+    lines.append(f"overhead ratio (loop / bare): {r['ratio']:.3f} (goal <= 1.05); the forward "
+                 f"waited on the writer {r['writer_wait']:.1%} of the loop, the writer was busy "
+                 f"{r['writer_busy']:.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=96, help="synthetic samples (default 96)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    parser.add_argument("--hidden", type=int, default=256, help="teacher hidden size (default 256)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--window", type=int, default=16,
+                        help="samples per plan window (default 16: several windows, so that "
+                             "encoding the next one overlaps the current one)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats (default 3)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: leaves a core to the encoding and "
+                             "writer threads; on small shared machines more threads made the "
+                             "tiny forward erratically 20x slower)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = measure(args)
+    print(format_table(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""From one batch's teacher states to each sample's cached features.
+
+Positions follow method.md ("Positions, precisely") through :mod:`genrecal.store.schema`:
+
+* ``answer_hidden``: ``z`` at :func:`answer_window_positions` (the last token before each answer
+  through its last token);
+* ``question_hidden``: ``z`` at :func:`question_positions` (``all``: image tokens included,
+  ``text``: without them);
+* ``visual_gram``: per image span, ``K = V V^T`` of the row-normalised penultimate-layer states
+  (:func:`genrecal.store.gram.visual_gram`), as the symmetric matrix the writer takes;
+* ``logit_stats``: at :func:`answer_target_positions`, with next-token targets, computed for the
+  whole batch in one call to :func:`~genrecal.store.logit_stats.logit_statistics` (streamed over
+  the vocabulary: no ``[tokens, V]`` logits in full).
+
+Results are CPU tensors, safe to hand to the background writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from genrecal.extract.teacher import HiddenStates, Teacher
+from genrecal.store.gram import gram_from_upper, visual_gram
+from genrecal.store.logit_stats import LogitStats, logit_statistics
+from genrecal.store.schema import (FeatureSpec, answer_target_positions, answer_window_positions,
+                                   question_positions)
+from genrecal.store.vlm.encoding import Encoded
+from genrecal.store.vlm.spans import Spans
+
+
+@dataclass(frozen=True)
+class SampleFeatures:
+    """One sample's record and feature values, as :meth:`CacheWriter.add` takes them."""
+
+    sample_id: str
+    content_hash: str
+    input_ids: list[int]
+    spans: Spans
+    status: str
+    values: dict[str, object] = field(default_factory=dict)
+    source: str = ""  # the dataset file the sample came from
+
+
+def batch_features(teacher: Teacher, encoded: Sequence[Encoded], states: HiddenStates,
+                   specs: Mapping[str, FeatureSpec], offsets: Sequence[int]) -> list[dict]:
+    """Per sample of the batch, ``{feature name: value}`` for every spec (CPU tensors).
+
+    encoded: the batch's samples in batch order; states: their teacher states [B, N, d];
+    offsets: index of each sample's first token in the padded batch (:func:`pad_offsets`).
+    """
+    out = [dict() for _ in encoded]
+    for i, (enc, off) in enumerate(zip(encoded, offsets)):
+        final = states.final[i]
+        if "answer_hidden" in specs:
+            out[i]["answer_hidden"] = _rows(final, answer_window_positions(enc.spans), off)
+        if "question_hidden" in specs:
+            select = specs["question_hidden"].select
+            out[i]["question_hidden"] = _rows(final, question_positions(enc.spans, select), off)
+        if "visual_gram" in specs:
+            out[i]["visual_gram"] = image_grams(states.penultimate[i], enc.spans, off)
+    if "logit_stats" in specs:
+        for values, stats in zip(out, batch_logit_stats(teacher, encoded, states.final, offsets,
+                                                        specs["logit_stats"])):
+            values["logit_stats"] = stats
+    return out
+
+
+def _rows(states: torch.Tensor, positions: list[int], offset: int) -> torch.Tensor:
+    """states [N, d] -> [len(positions), d] at ``offset + positions``, on the CPU."""
+    index = torch.tensor(positions, dtype=torch.long, device=states.device) + offset
+    return states.index_select(0, index).cpu()
+
+
+def image_grams(penultimate: torch.Tensor, spans: Spans, offset: int) -> list[torch.Tensor]:
+    """penultimate [N, d] -> per image span, its float32 Gram [n_i, n_i] on the CPU."""
+    grams = []
+    for start, end in spans.images:
+        flat = visual_gram(penultimate[offset + start:offset + end])
+        grams.append(gram_from_upper(flat, end - start).cpu())
+    return grams
+
+
+def batch_logit_stats(teacher: Teacher, encoded: Sequence[Encoded], final: torch.Tensor,
+                      offsets: Sequence[int], spec: FeatureSpec) -> list[LogitStats]:
+    """Logit statistics of every sample of a batch, from one chunked-vocabulary pass.
+
+    final: [B, N, d] post-norm states. Row t of a sample predicts token t+1 (its target).
+    """
+    rows, targets, counts = [], [], []
+    for i, (enc, off) in enumerate(zip(encoded, offsets)):
+        positions = answer_target_positions(enc.spans)
+        index = torch.tensor(positions, dtype=torch.long, device=final.device)
+        rows.append(final[i].index_select(0, index + off))
+        targets.append(torch.tensor([enc.input_ids[p + 1] for p in positions], dtype=torch.long))
+        counts.append(len(positions))
+    stats = logit_statistics(torch.cat(rows), teacher.head_weight, teacher.head_bias,
+                             teacher.transform, torch.cat(targets).to(final.device),
+                             top_k=spec.width, temperature=spec.temperature)
+    return split_stats(stats, counts)
+
+
+def split_stats(stats: LogitStats, counts: Sequence[int]) -> list[LogitStats]:
+    """Cut stacked statistics into consecutive pieces of ``counts`` rows, on the CPU."""
+    pieces = {name: torch.split(t.cpu(), list(counts)) for name, t in stats.to_dict().items()}
+    return [LogitStats(**{name: parts[j] for name, parts in pieces.items()})
+            for j in range(len(counts))]

@@ -1,0 +1,363 @@
+"""``genrecal extract``: the teacher pass, from a pipeline to a committed teacher cache.
+
+Per rank (:func:`run_extract`; one process, or one per GPU under torchrun):
+
+1. rank 0 builds a tiny teacher / generates synthetic data if they are missing; every rank
+   refuses a non-empty output cache unless ``resume`` (then a barrier);
+2. the teacher is loaded, its fingerprint taken, the data read; the samples are cut into
+   windows and the rank takes its own (:mod:`genrecal.extract.distributed`);
+3. a :class:`~genrecal.store.writer.CacheWriter` for the rank is opened; samples it already
+   holds (committed by any rank, or skipped) are known up front;
+4. windows are encoded on a prefetch thread (chat template + processor + spans) while the
+   previous one runs; each window is planned into length-bucketed batches
+   (:func:`plan_batches`); a batch whose samples are all cached is skipped, any other runs
+   whole (so that its numbers equal an uninterrupted run's), padded on the right, in one
+   forward under ``torch.inference_mode``; the features of its new samples go to a
+   :class:`BackgroundWriter` thread, which encodes and writes shards while the next batch runs;
+5. a barrier; rank 0 writes the teacher artifacts and commits the manifest.
+
+SIGKILL at any point loses at most the samples buffered since the rank's last committed shard;
+a rerun with ``resume`` extracts exactly those. Bad samples (unreadable image, empty or
+over-long answer, control tokens in the text, non-finite teacher values: a batch that has one is
+rerun sample by sample) stop the job naming the sample and its file (``on_error: raise``) or
+are recorded in the manifest with their reason (``skip``), like the rows the dataset reader
+skipped.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+
+import torch
+
+from genrecal.extract.background import BackgroundWriter, WriterStats
+from genrecal.extract.batching import pad_batch, pad_offsets, plan_batches
+from genrecal.extract.distributed import RankInfo, barrier, owned, process_group, rank_info
+from genrecal.extract.errors import CacheExistsError, SampleError
+from genrecal.extract.features import SampleFeatures, batch_features
+from genrecal.extract.inputs import ensure_synthetic, ensure_teacher, read_inputs, sample_windows
+from genrecal.extract.job import ExtractJob, feature_specs
+from genrecal.extract.teacher import (Teacher, fingerprint, forward_hidden, load_teacher,
+                                      processor_files, resolve_device, to_device, write_artifacts)
+from genrecal.store.data import Sample
+from genrecal.store.errors import CacheWriteError, DatasetError, FeatureInputError, StoreError
+from genrecal.store.schema import MANIFEST, RANKS_DIR, SHARDS_DIR, Manifest
+from genrecal.store.storage import CacheStorage
+from genrecal.store.vlm.encoding import Encoded, encode_sample
+from genrecal.store.writer import CacheWriter, commit_cache, read_rank_logs
+
+_NO_LIMIT = sys.maxsize
+# Per-sample failures that are the data's fault: span/format problems (StoreError), unreadable or
+# vanished images (OSError, PIL's UnidentifiedImageError), images the processor rejects (ValueError).
+SAMPLE_ERRORS = (StoreError, OSError, ValueError)
+
+
+@dataclass(frozen=True)
+class SkipItem:
+    """A sample left out, for the manifest: id, dataset file, reason."""
+
+    sample_id: str
+    reason: str
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class WindowEncoding:
+    """A window's samples encoded for the teacher, and the ones that failed (with the reason)."""
+
+    ok: list[tuple[Sample, Encoded]]
+    failed: list[tuple[Sample, str]]
+
+
+@dataclass
+class RunCounters:
+    """What this rank did in this run."""
+
+    written: int = 0
+    skipped: int = 0
+    already: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """Outcome of one rank's run; ``manifest`` is set on rank 0 (after the commit)."""
+
+    out: str
+    rank: int
+    world: int
+    written: int
+    skipped: int
+    already: int
+    tokens: int
+    seconds: float  # the whole run: loading, reading, extraction, artifacts, commit
+    loop_seconds: float = 0.0  # the extraction loop alone: encode, forward, features, writes
+    writer: WriterStats | None = None
+    manifest: Manifest | None = field(default=None, repr=False)
+
+    def summary(self) -> str:
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        tok = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        wait = f", forward waited on the writer {self.writer.wait_fraction:.1%} of the time" \
+            if self.writer else ""
+        total = f"; cache holds {self.manifest.counts.samples} samples, " \
+                f"{self.manifest.counts.skipped} skipped" if self.manifest else ""
+        return (f"rank {self.rank}/{self.world}: extracted {self.written} samples ({self.skipped} "
+                f"skipped, {self.already} already cached) in {self.seconds:.1f} s ({rate:.2f} "
+                f"samples/s, {tok:.0f} tokens/s){wait} -> {self.out}{total}")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_extract(job: ExtractJob, *, info: RankInfo | None = None) -> ExtractResult:
+    """Run this rank's share of ``job`` (see the module docstring)."""
+    info = info or rank_info()
+    with process_group(info):
+        if info.is_main:
+            ensure_teacher(job)
+            ensure_synthetic(job)
+        check_output(job)
+        barrier(info)
+        return _run_rank(job, info)
+
+
+def check_output(job: ExtractJob) -> None:
+    """Refuse an output cache that already holds data unless ``job.resume``."""
+    if job.resume:
+        return
+    storage = CacheStorage(job.out)
+    if storage.exists(MANIFEST) or storage.list_dir(RANKS_DIR) or storage.list_dir(SHARDS_DIR):
+        raise CacheExistsError(
+            f"{job.out} already holds a teacher cache (or part of one); pass --resume to extract "
+            "only the samples it is missing (same teacher and settings), or choose another --out")
+
+
+def _run_rank(job: ExtractJob, info: RankInfo) -> ExtractResult:
+    start = time.perf_counter()
+    device = resolve_device(job.device, job.device_map, info.local_rank, info.world)
+    teacher = load_teacher(job.settings.teacher, device=device, device_map=job.device_map)
+    files = processor_files(teacher)
+    specs = feature_specs(job.features, job.codecs, hidden_size=teacher.hidden_size,
+                          vocab_size=teacher.vocab_size)
+    inputs = read_inputs(job.settings, job.limit)
+    windows = owned(sample_windows(inputs.samples, job.plan_window), info)
+    writer = CacheWriter(job.out, teacher=fingerprint(teacher, files), features=specs,
+                         settings=job.settings.to_dict(), rank=info.rank,
+                         shard_tokens=job.shard_tokens or _NO_LIMIT,
+                         shard_bytes=job.shard_bytes or _NO_LIMIT, commit=False)
+    loop_start = time.perf_counter()
+    with writer:
+        done = {s.id for w in windows for s in w if writer.has(s.id)}
+        read_skips = inputs.skips if info.is_main else []
+        counters, stats = _extract(job, teacher, writer, windows, done, read_skips, info)
+    loop_seconds = time.perf_counter() - loop_start
+    barrier(info)
+    manifest = finalise(job, teacher, files) if info.is_main else None
+    barrier(info)
+    return ExtractResult(out=job.out, rank=info.rank, world=info.world, written=counters.written,
+                         skipped=counters.skipped, already=counters.already,
+                         tokens=counters.tokens, seconds=time.perf_counter() - start,
+                         loop_seconds=loop_seconds, writer=stats, manifest=manifest)
+
+
+def finalise(job: ExtractJob, teacher: Teacher, files: dict[str, bytes]) -> Manifest:
+    """Write the teacher artifacts (embedding rows of every cached answer id) and commit."""
+    storage = CacheStorage(job.out)
+    answer_ids = cached_answer_ids(storage) if job.features.input_embeddings else None
+    write_artifacts(storage, teacher, files, answer_ids)
+    return commit_cache(job.out)
+
+
+def cached_answer_ids(storage: CacheStorage) -> torch.Tensor:
+    """int64 [m]: the sorted unique token ids of every answer span committed by any rank."""
+    from genrecal.store.shard import ShardReader
+
+    ids: set[int] = set()
+    for log in read_rank_logs(storage).values():
+        for entry in log.shards:
+            records = ShardReader(storage, entry, log.header.features, verify=False).records
+            for input_ids, spans in zip(records.column("input_ids").to_pylist(),
+                                        records.column("answer_spans").to_pylist()):
+                ids.update(t for s, e in spans for t in input_ids[s:e])
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _extract(job, teacher, writer, windows, done, read_skips, info):
+    """Encode (prefetched), run and write this rank's windows; returns counters, writer stats."""
+    counters = RunCounters(already=sum(s.id in done for w in windows for s in w))
+    todo = [w for w in windows if any(s.id not in done for s in w)]
+    bar = _progress(job, info, total=sum(map(len, windows)), initial=counters.already)
+    encode = partial(encode_window, teacher, max_length=job.settings.max_length)
+    with BackgroundWriter(partial(write_item, writer, job.on_error), max_queue=4) as background:
+        run = BatchRunner(job.on_error, teacher, writer.header.features, background, done, counters)
+        for skip in read_skips:
+            background.submit(SkipItem(skip.sample_id, f"dataset: {skip.reason}", skip.file))
+        for window in prefetched(encode, todo):
+            for sample, reason in window.failed:
+                run.fail(sample, reason)
+            for batch in window_batches(window.ok, job.batch_size):
+                run.run_batch(batch)
+                _advance(bar, counters)
+    bar.close()
+    return counters, background.stats()
+
+
+@dataclass
+class BatchRunner:
+    """Runs batches and hands their new samples (or failures) to the background writer.
+
+    ``done``: ids the cache already holds (committed or skipped); they are never resubmitted.
+    """
+
+    on_error: str
+    teacher: Teacher
+    specs: dict
+    background: BackgroundWriter
+    done: set[str]
+    counters: RunCounters
+
+    def run_batch(self, batch: list[tuple[Sample, Encoded]]) -> None:
+        """Run the batch whole unless every sample in it is cached; submit its new samples."""
+        if all(sample.id in self.done for sample, _ in batch):
+            return
+        features, failures = features_or_failures(self.teacher, self.specs, batch)
+        for sample, reason in failures:
+            self.fail(sample, reason)
+        for item in features:
+            if item.sample_id not in self.done:
+                self.background.submit(item)
+                self.counters.written += 1
+                self.counters.tokens += len(item.input_ids)
+
+    def fail(self, sample: Sample, reason: str) -> None:
+        """Stop (on_error raise) or record the sample as skipped (skip)."""
+        if sample.id in self.done:
+            return
+        if self.on_error == "raise":
+            raise SampleError(f"sample {sample.id!r} (from {sample.source or 'unknown file'}) "
+                              f"cannot be extracted: {reason}. Fix or drop the sample, or set "
+                              "cache.on_error: skip to record it in the manifest and go on",
+                              sample_id=sample.id, file=sample.source, reason=reason)
+        self.background.submit(SkipItem(sample.id, reason, sample.source))
+        self.counters.skipped += 1
+
+
+def window_batches(items: list[tuple[Sample, Encoded]], batch_size: int) -> Iterator[list]:
+    """A window's encoded samples cut into length-bucketed batches (longest first)."""
+    lengths = [len(enc.input_ids) for _, enc in items]
+    for batch in plan_batches(lengths, batch_size=batch_size, bucket_size=None):
+        yield [items[i] for i in batch]
+
+
+def features_or_failures(teacher: Teacher, specs, batch: list[tuple[Sample, Encoded]]):
+    """``(features, failures)`` of a batch. If the teacher gives non-finite values, each sample
+    is run alone so that only the bad ones fail (with the reason)."""
+    try:
+        return batch_sample_features(teacher, specs, batch), []
+    except FeatureInputError as exc:
+        if len(batch) == 1:
+            return [], [(batch[0][0], f"non-finite teacher values: {exc}")]
+    results = [features_or_failures(teacher, specs, [item]) for item in batch]
+    return [f for r in results for f in r[0]], [x for r in results for x in r[1]]
+
+
+def batch_sample_features(teacher: Teacher, specs, batch: list[tuple[Sample, Encoded]]
+                          ) -> list[SampleFeatures]:
+    """Pad ``batch`` (right), run the teacher once and compute every sample's features."""
+    encoded = [enc for _, enc in batch]
+    padded = pad_batch([enc.inputs for enc in encoded], teacher.pad_id, "right")
+    offsets = pad_offsets([len(enc.input_ids) for enc in encoded], "right")
+    with torch.inference_mode():
+        states = forward_hidden(teacher, to_device(teacher, padded),
+                                penultimate="visual_gram" in specs)
+        values = batch_features(teacher, encoded, states, specs, offsets)
+    return [SampleFeatures(sample_id=sample.id, content_hash=sample.content_hash,
+                           input_ids=enc.input_ids, spans=enc.spans,
+                           status="truncated" if enc.dropped_turns else "ok", values=v,
+                           source=sample.source)
+            for (sample, enc), v in zip(batch, values)]
+
+
+def write_item(writer: CacheWriter, on_error: str, item) -> None:
+    """The background writer's work: one sample (or skip record) into the cache writer.
+
+    A sample the writer refuses (NaN/Inf in its hidden states...) is recorded as skipped under
+    ``on_error="skip"``; under ``raise`` the job stops with the writer's message naming it.
+    """
+    if isinstance(item, SkipItem):
+        writer.skip(item.sample_id, item.reason, item.file)
+        return
+    try:
+        writer.add(item.sample_id, content_hash=item.content_hash, input_ids=item.input_ids,
+                   spans=item.spans, status=item.status, **item.values)
+    except CacheWriteError as exc:
+        if on_error != "skip" or writer.has(item.sample_id):
+            raise
+        writer.skip(item.sample_id, f"invalid teacher features: {exc}", item.source)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode_window(teacher: Teacher, window: list[Sample], max_length: int) -> WindowEncoding:
+    """Encode every sample of a window with the teacher's chat template and processor."""
+    ok, failed = [], []
+    for sample in window:
+        try:
+            ok.append((sample, encode_sample(teacher.vlm, sample, max_length=max_length)))
+        except SAMPLE_ERRORS as exc:
+            failed.append((sample, _reason(exc)))
+    return WindowEncoding(ok=ok, failed=failed)
+
+
+def _reason(exc: BaseException) -> str:
+    """The skip reason of a failed encoding: genrecal's own message, else the exception's."""
+    if isinstance(exc, DatasetError):
+        return exc.reason
+    if isinstance(exc, StoreError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def prefetched(fn: Callable, items: Iterable, depth: int = 1) -> Iterator:
+    """``fn(item)`` for each item, in order, computed ``depth`` items ahead on one thread."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="genrecal-encode") as pool:
+        source = iter(items)
+        pending = deque(pool.submit(fn, item) for item in islice(source, depth + 1))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                pending.extend(pool.submit(fn, item) for item in islice(source, 1))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def _progress(job: ExtractJob, info: RankInfo, *, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="sample", desc=f"extract r{info.rank}",
+                disable=not (job.progress and info.is_main), dynamic_ncols=True)
+
+
+def _advance(bar, counters: RunCounters) -> None:
+    """Move the bar to the samples handled so far; show tokens/s beside samples/s and ETA."""
+    bar.update(counters.already + counters.written + counters.skipped - bar.n)
+    elapsed = bar.format_dict.get("elapsed") or 0.0
+    if elapsed > 0:
+        bar.set_postfix_str(f"{counters.tokens / elapsed:.0f} tok/s", refresh=False)
