@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from genrecal.extract.teacher import HiddenStates, Teacher
-from genrecal.store.gram import gram_from_upper, visual_gram
+from genrecal.store.gram import gram_from_upper, require_finite, visual_gram
 from genrecal.store.logit_stats import LogitStats, logit_statistics
 from genrecal.store.schema import (FeatureSpec, answer_target_positions, answer_window_positions,
                                    question_positions)
@@ -59,8 +59,9 @@ def batch_features(teacher: Teacher, encoded: Sequence[Encoded], states: HiddenS
         if "question_hidden" in specs:
             select = specs["question_hidden"].select
             out[i]["question_hidden"] = _rows(final, question_positions(enc.spans, select), off)
-        if "visual_gram" in specs:
-            out[i]["visual_gram"] = image_grams(states.penultimate[i], enc.spans, off)
+    if "visual_gram" in specs:
+        for values, grams in zip(out, batch_grams(states.penultimate, encoded, offsets)):
+            values["visual_gram"] = grams
     if "logit_stats" in specs:
         for values, stats in zip(out, batch_logit_stats(teacher, encoded, states.final, offsets,
                                                         specs["logit_stats"])):
@@ -74,12 +75,29 @@ def _rows(states: torch.Tensor, positions: list[int], offset: int) -> torch.Tens
     return states.index_select(0, index).cpu()
 
 
+def batch_grams(penultimate: torch.Tensor, encoded: Sequence[Encoded],
+                offsets: Sequence[int]) -> list[list[torch.Tensor]]:
+    """penultimate [B, N, d] -> per sample, per image, its float32 Gram [n_i, n_i] on the CPU.
+
+    All the batch's Grams are checked for inf/NaN in one device sync (a non-finite state makes
+    its Gram row NaN), not one per image.
+    """
+    grams = [image_grams(penultimate[i], enc.spans, off)
+             for i, (enc, off) in enumerate(zip(encoded, offsets))]
+    require_finite([g for sample in grams for g in sample], "visual_gram: the batch's visual states")
+    return [[g.cpu() for g in sample] for sample in grams]
+
+
 def image_grams(penultimate: torch.Tensor, spans: Spans, offset: int) -> list[torch.Tensor]:
-    """penultimate [N, d] -> per image span, its float32 Gram [n_i, n_i] on the CPU."""
+    """penultimate [N, d] -> per image span, its float32 Gram [n_i, n_i] on penultimate's device.
+
+    Not checked for inf/NaN (that would sync per image): :func:`batch_features` checks a whole
+    batch's Grams at once (:func:`batch_grams`).
+    """
     grams = []
     for start, end in spans.images:
-        flat = visual_gram(penultimate[offset + start:offset + end])
-        grams.append(gram_from_upper(flat, end - start).cpu())
+        flat = visual_gram(penultimate[offset + start:offset + end], check_finite=False)
+        grams.append(gram_from_upper(flat, end - start))
     return grams
 
 

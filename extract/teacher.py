@@ -101,7 +101,7 @@ def load_teacher(source: TeacherSource, *, device: str | None = "cpu", device_ma
     """Load the teacher in eval mode on ``device`` (or spread by ``device_map``)."""
     vlm = load_vlm(source.location, family=source.family, dtype=source.dtype,
                    device=device or "cpu", device_map=device_map,
-                   trust_remote_code=source.trust_remote_code)
+                   trust_remote_code=source.trust_remote_code, revision=source.revision)
     head = vlm.family.lm_head(vlm.model)
     transform = vlm.family.logit_transform(vlm.model)
     first = next(vlm.model.parameters()).device

@@ -57,3 +57,7 @@ class FeatureInputError(StoreError, ValueError):
 class GenerationError(StoreError):
     """A VLM cannot generate answers for a sample (no question to answer, bad turn selection,
     control tokens in the text, a tokenizer without a padding token)."""
+
+
+class DuplicateSampleError(DatasetError):
+    """Two data sources of one pipeline give the same sample id (caches are keyed by id)."""

@@ -9,6 +9,7 @@ codecs and the trainer rebuild the symmetric matrix with :func:`gram_from_upper`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ def gram_side(num_entries: int) -> int:
     return n
 
 
-def visual_gram(states: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
+def visual_gram(states: torch.Tensor, *, eps: float = 1e-12, check_finite: bool = True) -> torch.Tensor:
     """Uncentred Gram of row-normalised visual-token states of ONE image, as an upper triangle.
 
     states: [n, d] any float dtype; penultimate-layer (output of block L-2) hidden states at
@@ -44,16 +45,31 @@ def visual_gram(states: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
     the UNCENTRED K: centring is an O(n^2) operation at train time, K~ is a function of K, and
     keeping K also leaves the choice of kernel normalisation to the trainer. Rebuild the
     symmetric matrix with :func:`gram_from_upper`.
+
+    check_finite: reject inf/NaN states here. The check reads a value back from the device (a
+    sync per call); a caller computing many Grams passes False and checks all the results at
+    once with :func:`require_finite` (a non-finite state row makes its Gram row NaN).
     """
     if states.ndim != 2 or states.shape[0] == 0 or not states.is_floating_point():
         raise FeatureInputError(f"visual_gram: states must be a float [n>=1, d] tensor of one "
                                 f"image's visual tokens, got {states.dtype} {tuple(states.shape)}")
-    if not bool(states.isfinite().all()):
-        raise FeatureInputError("visual_gram: states contain inf/NaN; check the teacher's "
-                                "penultimate-layer hidden states (float16 overflow?)")
+    if check_finite:
+        require_finite([states], "visual_gram: states")
     with torch.no_grad():
         v = F.normalize(states.to(torch.float32), p=2.0, dim=1, eps=eps)
         return upper_triangle(v @ v.T)
+
+
+def require_finite(tensors: Sequence[torch.Tensor], what: str) -> None:
+    """Raise FeatureInputError if any of ``tensors`` holds inf/NaN, with ONE device sync in all.
+
+    tensors: float tensors of any shape, all on one device; what: named in the message.
+    """
+    if not tensors:
+        return
+    if not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+        raise FeatureInputError(f"{what} contain inf/NaN; check the teacher's penultimate-layer "
+                                "hidden states (float16 overflow? run the teacher in bfloat16)")
 
 
 def upper_triangle(matrix: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,9 @@ def test_feature_specs_follow_the_config_and_reject_impossible_ones():
                                           hidden_size=8, vocab_size=8)] == ["answer_hidden"]
     with pytest.raises(ExtractSetupError, match="top_k = 4 exceeds.*3 tokens"):
         feature_specs(features, Codecs(), hidden_size=32, vocab_size=3)
-    with pytest.raises(ExtractSetupError, match="cache.codecs.visual_gram: 'int8'"):
-        feature_specs(features, Codecs(visual_gram="int8"), hidden_size=32, vocab_size=10)
+    f32 = {s.name: s.codec for s in feature_specs(features, Codecs(visual_gram="f32", logit_stats="f32"),
+                                                  hidden_size=32, vocab_size=10)}
+    assert (f32["visual_gram"], f32["logit_stats"]) == ("f32", "f32")
 
 
 def test_rank_info_from_the_torchrun_environment():

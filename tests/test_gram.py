@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from genrecal.store.errors import FeatureInputError
-from genrecal.store.gram import (gram_from_upper, gram_side, upper_triangle, upper_triangle_size,
-                                 visual_gram)
+from genrecal.store.gram import (gram_from_upper, gram_side, require_finite, upper_triangle,
+                                 upper_triangle_size, visual_gram)
 
 
 def _gram_reference(states: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,9 @@ def test_gram_from_upper_round_trip_and_side():
     (lambda: visual_gram(torch.randn(0, 4)), "states must be"),
     (lambda: visual_gram(torch.ones(3, 4, dtype=torch.long)), "states must be"),
     (lambda: visual_gram(torch.tensor([[1.0, float("inf")]])), "inf/NaN"),
+    (lambda: visual_gram(torch.tensor([[1.0, float("nan")]])), "inf/NaN"),
+    (lambda: require_finite([torch.ones(2), torch.tensor([0.0, float("nan")])], "grams"),
+     "grams contain inf/NaN"),
     (lambda: gram_from_upper(torch.zeros(5), 3), r"expected a flat \[6\]"),
     (lambda: gram_from_upper(torch.zeros(2, 3), 2), "expected a flat"),
     (lambda: gram_side(7), "not n\\(n\\+1\\)/2"),
@@ -86,3 +89,17 @@ def test_gram_from_upper_round_trip_and_side():
 def test_gram_bad_inputs(call, pattern):
     with pytest.raises(FeatureInputError, match=pattern):
         call()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_unchecked_gram_turns_a_bad_state_row_into_nan_that_require_finite_catches(bad):
+    states = torch.randn(4, 6, dtype=torch.float32)
+    states[2, 3] = bad
+    flat = visual_gram(states, check_finite=False)
+    gram = gram_from_upper(flat, 4)
+    assert gram[2].isnan().all() and gram[:, 2].isnan().all()
+    assert gram[[0, 1, 3]][:, [0, 1, 3]].isfinite().all()
+    with pytest.raises(FeatureInputError, match="inf/NaN"):
+        require_finite([visual_gram(torch.randn(3, 6)), flat], "visual_gram: grams")
+    require_finite([visual_gram(torch.randn(3, 6))], "visual_gram: grams")  # finite: no error
+    require_finite([], "nothing")

@@ -73,12 +73,13 @@ def test_size_overrides_and_bad_arguments(tmp_path):
 
 def test_family_styles_differ(tiny_vlm_dir):
     tokenizers = {kind: load_vlm(tiny_vlm_dir(kind)).tokenizer for kind in
-                  ("qwen2_vl", "llava_qwen2", "llava_llama", "gemma3")}
+                  ("qwen2_vl", "llava_qwen2", "llava_llama", "gemma3", "internvl")}
     vocab = {kind: tok.get_vocab() for kind, tok in tokenizers.items()}
     assert {"<|im_start|>", "<|vision_start|>", "<|image_pad|>"} <= vocab["qwen2_vl"].keys()
     assert {"<|im_start|>", "<image>"} <= vocab["llava_qwen2"].keys()
     assert [vocab["llava_llama"][t] for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
     assert {"<start_of_turn>", "<image_soft_token>"} <= vocab["gemma3"].keys()
+    assert {"<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>"} <= vocab["internvl"].keys()
     # the same word has a different id in every kind (ids are shuffled per kind)
     word_ids = {kind: tok.encode("circle", add_special_tokens=False)
                 for kind, tok in tokenizers.items()}

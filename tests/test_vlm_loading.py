@@ -16,7 +16,7 @@ from genrecal.store.vlm.loading import load_vlm
 from genrecal.store.vlm.tiny import GEMMA3_SOFTCAP, KINDS, tiny_spec
 
 KIND_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_qwen2": "llava",
-               "llava_llama": "llava", "gemma3": "gemma3"}
+               "llava_llama": "llava", "gemma3": "gemma3", "internvl": "internvl"}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,34 @@ def test_video_slot_processor_is_assembled_without_torchvision(loaded):
     assert vlm.processor.video_processor is None
     assert type(vlm.processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
     assert vlm.processor.chat_template == vlm.tokenizer.chat_template
+
+
+def test_internvl_processor_keeps_its_settings_and_only_context_tokens_carry_features(loaded):
+    vlm = loaded("internvl")
+    assert type(vlm.processor).__name__ == "InternVLProcessor"
+    assert vlm.processor.video_processor is None
+    assert type(vlm.processor.image_processor).__name__ == "GotOcr2ImageProcessorPil"
+    assert vlm.processor.image_seq_length == vlm.model.config.image_seq_length == 4  # processor_config.json
+    # <img> / </img> are image tokens to transformers, but only <IMG_CONTEXT> carries features
+    context = vlm.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert set(vlm.processor.image_token_ids) == {context, *vlm.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])}
+    assert vlm.family.processor_image_token_ids(vlm.processor) == (context,)
+    assert vlm.family.image_token_ids(vlm.model.config) == (context,)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_vision_encoder_and_projector(kind, loaded):
+    vlm = loaded(kind)
+    encoder, projector = vlm.family.vision_encoder(vlm.model), vlm.family.projector(vlm.model)
+    encoder_ids = {id(p) for p in encoder.parameters()}
+    text_ids = {id(p) for p in vlm.family.text_model(vlm.model).parameters()}
+    projector_ids = {id(p) for p in projector.parameters()}
+    assert projector_ids and not encoder_ids & text_ids and not projector_ids & text_ids
+    # Qwen nests its merger in the encoder; the other families keep them apart
+    assert (projector_ids <= encoder_ids) == kind.startswith("qwen")
+    # encoder (+ projector) + decoder + head: every parameter of the VLM is in one of them
+    everything = encoder_ids | projector_ids | text_ids | {id(vlm.family.lm_head(vlm.model).weight)}
+    assert everything == {id(p) for p in vlm.model.parameters()}
 
 
 def test_teacher_and_student_tokenizers_differ(loaded):

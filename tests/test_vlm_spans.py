@@ -13,17 +13,25 @@ from genrecal.store.vlm.spans import Spans
 from genrecal.store.vlm.tiny import KINDS
 
 EOT = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "llava_qwen2": "<|im_end|>",
-       "llava_llama": "</s>", "gemma3": "<end_of_turn>"}
+       "llava_llama": "</s>", "gemma3": "<end_of_turn>", "internvl": "<|im_end|>"}
+# the token that carries image features (the run the spans must cover), per kind
+IMAGE_TOKEN = {"qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava_qwen2": "<image>",
+               "llava_llama": "<image>", "gemma3": "<image_soft_token>", "internvl": "<IMG_CONTEXT>"}
 # image tokens per image, worked out by hand from each kind's image settings:
 # Qwen: smart-resize to multiples of 16 px (patch 8 x merge 2) within [32*32, 64*64] px, one
 # token per 16x16 block; 40x56 -> 32x64 -> 2*4 = 8, 64x32 -> 4*2 = 8, 48x48 -> 3*3 = 9.
 # LLaVA: CLIP 16x16 crop, patch 4 -> 16 patches (CLS dropped). Gemma 3: 4 tokens (mm_tokens_per_image).
+# InternVL: 32 px tiles of 4 tokens, grid of at most 2 tiles closest to w/h, plus a thumbnail when
+# there are 2: 40x56 (w/h 1.4) -> 1x1 = 4; 64x32 (h x w, w/h 0.5) -> 1x2 + thumbnail = 12; 48x48 -> 4.
 _QWEN_COUNTS = {(40, 56): 8, (64, 32): 8, (48, 48): 9}
+_INTERNVL_COUNTS = {(40, 56): 4, (64, 32): 12, (48, 48): 4}
 
 
 def expected_image_tokens(kind: str, size: tuple[int, int]) -> int:
     if kind.startswith("qwen"):
         return _QWEN_COUNTS[size]
+    if kind == "internvl":
+        return _INTERNVL_COUNTS[size]
     return {"llava_qwen2": 16, "llava_llama": 16, "gemma3": 4}[kind]
 
 
@@ -54,7 +62,7 @@ def check_spans(kind, vlm, sample, encoded):
     assert spans.questions[0][0] == 0
     for k in range(1, spans.n_turns):
         assert spans.questions[k][0] == spans.answers[k - 1][1]
-    image_ids = set(vlm.processor.image_token_ids)
+    image_ids = {tok.convert_tokens_to_ids(IMAGE_TOKEN[kind])}
     sizes = [sample.load_images()[p].size[::-1] for t in sample.turns for p in t.parts
              if isinstance(p, int)]
     assert len(spans.images) == len(sizes)

@@ -35,6 +35,18 @@ processes run :class:`JoinedDataset` (read the record, check the hash, encode wi
 processor) and :class:`Collator` (pad into a :class:`TrainBatch`), so the training step does
 not wait on decompression or image processing. Workers open their cache reader lazily
 (``CacheReader`` is never pickled; nothing is ever unpickled from disk).
+
+Teacher sources. The teacher side comes from a :class:`TeacherSource`: the cache
+(:class:`CacheSource`), or a live teacher (online mode, :mod:`genrecal.train.online`), whose
+workers only encode each sample with the teacher's processor (a :class:`TeacherRequest` in
+``TrainBatch.teacher_requests``); the teacher forward then runs in the training process, which
+fills in ``TrainBatch.teacher`` through :func:`teacher_turns` exactly as from a cache record.
+
+RNG. The ``DataLoader`` draws its workers' base seed from a generator of its own, seeded by
+(seed, rank, epoch) (:meth:`TrainLoader.worker_generator`), never from torch's global RNG: reading
+batches leaves the training process's RNG (dropout masks) untouched, and a resumed run starts its
+workers with the seeds an uninterrupted run gives them (persistent workers start once, with the
+seeds of epoch 0).
 """
 
 from __future__ import annotations
@@ -43,8 +55,9 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Literal
+from typing import Literal, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -59,9 +72,10 @@ from genrecal.train.errors import ContentHashMismatchError, DataJoinError
 from genrecal.train.losses import IGNORE_INDEX
 from genrecal.train.sampler import BatchPlan, SamplerState
 
-__all__ = ["Collator", "DataWait", "Example", "JoinReport", "JoinedDataset", "LoaderConfig",
-           "StudentSide", "TeacherTurn", "TrainBatch", "TrainLoader", "join_with_cache", "make_loader",
-           "pad_student", "student_labels", "teacher_turns"]
+__all__ = ["CacheSource", "Collator", "DataWait", "Example", "JoinReport", "JoinedDataset", "LoaderConfig",
+           "StudentSide", "TeacherRequest", "TeacherSource", "TeacherTurn", "TrainBatch", "TrainLoader",
+           "join_with_cache", "make_loader", "pad_inputs", "pad_student", "pad_token_id", "student_labels",
+           "teacher_turns"]
 
 SEQUENCE_PAD_VALUES: Mapping[str, int] = {"attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
 """Per-token processor outputs besides ``input_ids``, with their pad values (right padding)."""
@@ -111,7 +125,9 @@ class TrainBatch:
     student_answer_starts: per sample, per turn, the answer start s_k in the student sequence;
     teacher: per sample, per turn, a :class:`TeacherTurn`, or None without a cache (finetune);
     skipped: samples of this batch left out by the workers (``on_error="skip"``). A batch whose
-    every sample was skipped has ``len(batch) == 0`` and empty inputs.
+    every sample was skipped has ``len(batch) == 0`` and empty inputs. teacher_requests: online
+    mode only, per sample the teacher's encoding (``teacher`` is None until the live teacher
+    fills it in, see :mod:`genrecal.train.online`); None otherwise.
     """
 
     ids: list[str]
@@ -120,6 +136,7 @@ class TrainBatch:
     student_answer_starts: list[list[int]]
     teacher: list[list[TeacherTurn]] | None
     skipped: list[Skip] = field(default_factory=list)
+    teacher_requests: list[TeacherRequest] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -140,18 +157,38 @@ class TrainBatch:
 
 
 @dataclass(frozen=True)
+class TeacherRequest:
+    """One sample encoded with the TEACHER's chat template and processor, for a live teacher.
+
+    encoded: the teacher's :class:`Encoded` (``inputs`` with batch dim 1, ids, spans); n_turns:
+    the turns the batch keeps (``min(student turns, teacher turns)``).
+    """
+
+    sample_id: str
+    content_hash: str
+    encoded: Encoded
+    n_turns: int
+
+    @property
+    def spans(self):
+        """The teacher's spans (:class:`~genrecal.store.vlm.spans.Spans`) of the sample."""
+        return self.encoded.spans
+
+
+@dataclass(frozen=True)
 class Example:
     """One joined sample, before batching.
 
     inputs: the student processor's output (batch dim 1); labels: int64 ``[Ls]``;
-    answer_starts: s_k per kept turn; teacher: the sample's turns, or None without a cache.
+    answer_starts: s_k per kept turn; teacher: the sample's turns (a :class:`TeacherRequest`
+    in online mode), or None without a teacher source.
     """
 
     sample_id: str
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
     answer_starts: list[int]
-    teacher: list[TeacherTurn] | None
+    teacher: list[TeacherTurn] | TeacherRequest | None
 
 
 # ============================================================================ teacher side
@@ -165,10 +202,10 @@ def _known_rows(cached: CachedSample) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.cat([cached.answer_positions(), cached.question_positions])
     rows = torch.cat([cached.answer_hidden, cached.question_hidden])
     order = torch.argsort(positions, stable=True)  # answer rows come first among equal positions
-    positions, rows = positions[order], rows[order]
+    positions = positions[order]
     first = torch.ones_like(positions, dtype=torch.bool)
     first[1:] = positions[1:] != positions[:-1]
-    return positions[first], rows[first]
+    return positions[first], rows.index_select(0, order[first].to(rows.device))  # rows may be on a GPU (online)
 
 
 def teacher_turns(cached: CachedSample, n_turns: int) -> list[TeacherTurn]:
@@ -191,6 +228,24 @@ def teacher_turns(cached: CachedSample, n_turns: int) -> list[TeacherTurn]:
         out.append(TeacherTurn(window=cached.answer_hidden[rows[k][0]:rows[k][1]],
                                answer_ids=cached.input_ids[start:end].clone(), question=question))
     return out
+
+
+class TeacherSource(Protocol):
+    """Where the teacher side of the samples comes from (picklable: it travels to the workers).
+
+    ``join(samples)`` (main process, once): the samples it can serve (dataset order), a
+    :class:`Skip` for each other one, and the number of samples it holds (None: not a store);
+    ``record(sample)`` (workers): the teacher's view of one sample, with ``.spans`` (its
+    answers count the teacher turns), raising :class:`SpanError` / :class:`DatasetError` when
+    the teacher cannot take the sample; ``turns(record, n_turns)``: the sample's entry in
+    ``TrainBatch``: its first ``n_turns`` :class:`TeacherTurn` s, or a :class:`TeacherRequest`.
+    """
+
+    def join(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Skip], int | None]: ...
+
+    def record(self, sample: Sample): ...
+
+    def turns(self, record, n_turns: int) -> list[TeacherTurn] | TeacherRequest: ...
 
 
 class CacheSource:
@@ -229,6 +284,15 @@ class CacheSource:
             wanted.append("question_hidden")
         return wanted
 
+    def join(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Skip], int]:
+        """The samples the cache holds and a Skip for each other one (see :func:`join_with_cache`)."""
+        self.features()  # fail now, in the main process, if the cache cannot feed training
+        kept, missing = join_with_cache(samples, self.reader())
+        return kept, missing, len(self.reader())
+
+    def turns(self, cached: CachedSample, n_turns: int) -> list[TeacherTurn]:
+        return teacher_turns(cached, n_turns)
+
     def record(self, sample: Sample) -> CachedSample:
         """The record of ``sample``, after checking that it was extracted from the same content."""
         cached = self.reader().get(sample.id, dtype=self.dtype, features=self.features())
@@ -264,15 +328,18 @@ class StudentSide:
 
     @property
     def pad_id(self) -> int:
-        """The tokenizer's pad id (else its eos id, else 0): padded positions are masked anyway."""
-        tokenizer = self.processor.tokenizer
-        for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-            if value is not None:
-                return int(value)
-        return 0
+        return pad_token_id(self.processor.tokenizer)
 
     def encode(self, sample: Sample) -> Encoded:
         return encode_sample((self.processor, self.family), sample, max_length=self.max_length)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id (else its eos id, else 0): padded positions are masked anyway."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def student_labels(input_ids: torch.Tensor, answers: Sequence[tuple[int, int]], n_turns: int) -> torch.Tensor:
@@ -294,10 +361,10 @@ class JoinedDataset(Dataset):
     """``dataset[i]`` -> the :class:`Example` of sample i (or a :class:`Skip` under ``on_error="skip"``).
 
     samples: the joined samples (their ids are in the cache when ``cache`` is given);
-    cache: None for stage finetune (``Example.teacher`` is None).
+    cache: the :class:`TeacherSource`; None for stage finetune (``Example.teacher`` is None).
     """
 
-    def __init__(self, samples: Sequence[Sample], student: StudentSide, cache: CacheSource | None = None,
+    def __init__(self, samples: Sequence[Sample], student: StudentSide, cache: TeacherSource | None = None,
                  *, on_error: Literal["raise", "skip"] = "raise"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
@@ -308,22 +375,25 @@ class JoinedDataset(Dataset):
 
     def __getitem__(self, i: int) -> Example | Skip:
         sample = self.samples[i]
-        cached = None if self.cache is None else self.cache.record(sample)
+        try:
+            cached = None if self.cache is None else self.cache.record(sample)
+        except (SpanError, DatasetError) as exc:  # a live teacher's encoding (a cache never raises these)
+            return self._failure(sample, exc, "teacher")
         try:
             encoded = self.student.encode(sample)
         except (SpanError, DatasetError) as exc:
-            return self._student_failure(sample, exc)
+            return self._failure(sample, exc, "student")
         return self._example(sample, encoded, cached)
 
-    def _student_failure(self, sample: Sample, exc: Exception) -> Skip:
+    def _failure(self, sample: Sample, exc: Exception, side: str) -> Skip:
         if self.on_error == "skip":
-            return Skip(sample_id=sample.id, file=sample.source, reason=f"student side: {exc}")
+            return Skip(sample_id=sample.id, file=sample.source, reason=f"{side} side: {exc}")
         raise DataJoinError(f"sample {sample.id!r} (dataset file {sample.source or '<unknown>'}) cannot be "
-                            f"encoded for the student: {exc}. Fix the sample, raise the student max_length, or "
+                            f"encoded for the {side}: {exc}. Fix the sample, raise the {side} max_length, or "
                             f"train with on_error='skip' to leave such samples out (they are recorded)",
                             sample_id=sample.id) from exc
 
-    def _example(self, sample: Sample, encoded: Encoded, cached: CachedSample | None) -> Example | Skip:
+    def _example(self, sample: Sample, encoded: Encoded, cached) -> Example | Skip:
         answers = encoded.spans.answers
         n_turns = len(answers) if cached is None else min(len(answers), len(cached.spans.answers))
         if n_turns == 0:  # defensive: encode_sample and the cache both keep >= 1 answer
@@ -331,7 +401,7 @@ class JoinedDataset(Dataset):
         ids = encoded.inputs["input_ids"].reshape(-1).long()
         return Example(sample_id=sample.id, inputs=dict(encoded.inputs), labels=student_labels(ids, answers, n_turns),
                        answer_starts=[s for s, _ in answers[:n_turns]],
-                       teacher=None if cached is None else teacher_turns(cached, n_turns))
+                       teacher=None if cached is None else self.cache.turns(cached, n_turns))
 
 
 # ============================================================================ collate
@@ -356,12 +426,22 @@ def pad_student(inputs: Sequence[dict[str, torch.Tensor]], labels: Sequence[torc
                 pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Right-pad per-sample student processor outputs into one batch.
 
-    inputs: dicts with batch dim 1 (``input_ids`` ``[1, L_b]``); labels: int64 ``[L_b]`` each.
-    Per-token keys (``input_ids`` with ``pad_id``, :data:`SEQUENCE_PAD_VALUES`) become
-    ``[B, L_max]``; labels ``[B, L_max]`` padded with -100; every other key (``pixel_values``,
-    ``image_grid_thw``, ``image_sizes``...) is concatenated along dim 0 in sample order over the
-    samples that have it, which is how Qwen2-VL (``[patches, C]``), LLaVA and Gemma 3
-    (``[images, 3, H, W]``) all take them.
+    inputs: as :func:`pad_inputs`; labels: int64 ``[L_b]`` each, padded with -100 into
+    ``[B, L_max]``.
+    """
+    out = pad_inputs(inputs, pad_id)
+    longest = out["input_ids"].shape[-1]
+    return out, torch.stack([_pad_right(y, longest, IGNORE_INDEX) for y in labels])
+
+
+def pad_inputs(inputs: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad per-sample processor outputs (student or teacher) into one model input dict.
+
+    inputs: dicts with batch dim 1 (``input_ids`` ``[1, L_b]``). Per-token keys (``input_ids``
+    with ``pad_id``, :data:`SEQUENCE_PAD_VALUES`) become ``[B, L_max]``; every other key
+    (``pixel_values``, ``image_grid_thw``, ``image_sizes``...) is concatenated along dim 0 in
+    sample order over the samples that have it, which is how Qwen2-VL (``[patches, C]``), LLaVA
+    and Gemma 3 (``[images, 3, H, W]``) all take them.
     """
     keys = _token_keys(inputs)
     longest = max(x["input_ids"].shape[-1] for x in inputs)
@@ -373,8 +453,7 @@ def pad_student(inputs: Sequence[dict[str, torch.Tensor]], labels: Sequence[torc
     others = dict.fromkeys(k for x in inputs for k in x if k not in out)
     for key in others:
         out[key] = torch.cat([x[key] for x in inputs if key in x], dim=0)
-    padded_labels = torch.stack([_pad_right(y, longest, IGNORE_INDEX) for y in labels])
-    return out, padded_labels
+    return out
 
 
 @dataclass(frozen=True)
@@ -392,9 +471,12 @@ class Collator:
                               skipped)
         inputs, labels = pad_student([x.inputs for x in examples], [x.labels for x in examples], self.pad_id)
         teacher = [x.teacher for x in examples] if self.with_teacher else None
+        requests = None
+        if teacher and isinstance(teacher[0], TeacherRequest):  # online: the live teacher fills `teacher` in
+            teacher, requests = None, teacher
         return TrainBatch(ids=[x.sample_id for x in examples], student_inputs=inputs, student_labels=labels,
                           student_answer_starts=[x.answer_starts for x in examples], teacher=teacher,
-                          skipped=skipped)
+                          skipped=skipped, teacher_requests=requests)
 
 
 # ============================================================================ join
@@ -580,7 +662,7 @@ class TrainLoader:
         self.dataset, self.plan, self.report, self.config = dataset, plan, report, config
         self._sampler = _ReplaySampler()
         self._loader = DataLoader(dataset, batch_sampler=self._sampler, collate_fn=collator,
-                                  **config.dataloader_kwargs())
+                                  generator=torch.Generator(), **config.dataloader_kwargs())
         self._state = plan.state()
         self._worker_skips: dict[str, Skip] = {}
         self.wait = DataWait()
@@ -609,12 +691,22 @@ class TrainLoader:
         """Samples left out: at the join (before training) and by the workers so far."""
         return [*self.report.skips, *self._worker_skips.values()]
 
+    def worker_generator(self, epoch: int) -> torch.Generator:
+        """The generator the ``DataLoader`` draws its workers' base seed from when it starts
+        them for ``epoch``: seeded by (seed, rank, epoch), or (seed, rank, 0) for persistent
+        workers (started once, kept across epochs), so that workers started by a resumed run
+        get the seeds an uninterrupted run gives them."""
+        start = 0 if self._loader.persistent_workers else epoch
+        state = np.random.SeedSequence([self.config.seed, self.plan.rank, start]).generate_state(1, np.uint64)
+        return torch.Generator().manual_seed(int(state[0]))
+
     def __iter__(self) -> Iterator[TrainBatch]:
         batches = self.plan.remaining(self._state)
         if not batches:  # resumed at the very end of an epoch
             self._state = self._state.next_epoch()
             return
         self._sampler.batches = batches
+        self._loader.generator = self.worker_generator(self._state.epoch)  # never the global RNG
         iterator = iter(self._loader)
         for planned in batches:
             started = time.perf_counter()
@@ -639,19 +731,17 @@ def _samples_of(data: Sequence[Sample] | DatasetRead) -> tuple[list[Sample], lis
     return list(data), []
 
 
-def _join(data: Sequence[Sample] | DatasetRead, source: CacheSource | None) -> tuple[list[Sample], JoinReport]:
+def _join(data: Sequence[Sample] | DatasetRead, source: TeacherSource | None) -> tuple[list[Sample], JoinReport]:
     """The samples to train on and the :class:`JoinReport` (raises if none is left)."""
     samples, skips = _samples_of(data)
     n_data, n_cache = len(samples) + len(skips), None
-    if source is None:
-        _check_unique(samples)
-    else:
-        source.features()  # fail now, in the main process, if the cache cannot feed training
-        samples, missing = join_with_cache(samples, source.reader())
-        skips, n_cache = skips + missing, len(source.reader())
+    _check_unique(samples)
+    if source is not None:
+        samples, missing, n_cache = source.join(samples)
+        skips = skips + missing
     if not samples:
         first = f"; first: {skips[0].sample_id!r}: {skips[0].reason}" if skips else ""
-        fix = ("point the trainer at the data the cache was extracted from" if source is not None
+        fix = ("point the trainer at the data the cache was extracted from" if n_cache is not None
                else "check the data sources")
         raise DataJoinError(f"no sample left to train on: {n_data} in the data, {len(skips)} skipped{first}. "
                             f"Fix: {fix}")
@@ -661,19 +751,22 @@ def _join(data: Sequence[Sample] | DatasetRead, source: CacheSource | None) -> t
 def make_loader(data: Sequence[Sample] | DatasetRead, student, *, cache=None,
                 config: LoaderConfig | None = None, world_size: int = 1, rank: int = 0,
                 state: SamplerState | None = None, expect_teacher=None,
-                storage_options: dict | None = None) -> TrainLoader:
+                storage_options: dict | None = None, source: TeacherSource | None = None) -> TrainLoader:
     """A :class:`TrainLoader` over ``data`` joined with the teacher ``cache``.
 
     data: the dataset samples (or a :class:`DatasetRead`, whose skipped rows are recorded too);
     student: the student :class:`~genrecal.store.vlm.loading.LoadedVLM` or ``(processor, family)``
     (only the processor travels to the workers); cache: the cache URL, None for stage finetune;
     world_size / rank: this process's place under DDP; state: resume here (default: epoch 0,
-    position 0); expect_teacher: the teacher fingerprint the cache must have.
+    position 0); expect_teacher: the teacher fingerprint the cache must have; source: another
+    :class:`TeacherSource` instead of ``cache`` (online mode: :mod:`genrecal.train.online`).
     """
     config = config or LoaderConfig()
-    source = None if cache is None else CacheSource(
-        cache, dtype=config.dtype, load_question=config.load_question, expect_teacher=expect_teacher,
-        verify=config.verify, storage_options=storage_options)
+    if cache is not None and source is not None:
+        raise ValueError("make_loader: pass the teacher cache or another teacher source, not both")
+    if cache is not None:
+        source = CacheSource(cache, dtype=config.dtype, load_question=config.load_question,
+                             expect_teacher=expect_teacher, verify=config.verify, storage_options=storage_options)
     samples, report = _join(data, source)
     side = StudentSide.of(student, config.max_length)
     dataset = JoinedDataset(samples, side, source, on_error=config.on_error)

@@ -6,9 +6,8 @@ Recalibrator (a training-only module, method.md section 1) never enters it and i
 :meth:`Recalibrator.save` next to it. Both are written into a temporary directory and renamed
 into place, so a killed export never leaves a half-written model behind.
 
-Processors with a video slot (Qwen2-VL, Qwen2.5-VL) cannot ``save_pretrained`` without
-torchvision; as in the tiny-VLM kit (``genrecal.store.vlm.tiny._save_processor``), their
-tokenizer and image processor are saved separately, which is what ``load_vlm`` reassembles.
+The processor is written by :func:`genrecal.store.vlm.saving.save_processor`, in the form
+``load_vlm`` reassembles (video-slot processors as their parts, without torchvision).
 
 ``stage_done.json`` marks a finished stage and tells the next stage where the student (and
 the Recalibrator) to continue from.
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from genrecal.store.vlm.families import Family
+from genrecal.store.vlm.saving import save_processor
 from genrecal.train.errors import StageSetupError
 from genrecal.train.recalibrator import Recalibrator
 
@@ -47,26 +47,6 @@ def _fresh_tmp(final: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-def save_processor(processor: Any, family: Family, directory: str | Path) -> None:
-    """Write the processor files so that ``load_vlm(directory)`` rebuilds the same processor.
-
-    Video-slot families: tokenizer (carrying the processor's chat template) + image processor;
-    others: ``processor.save_pretrained``.
-    """
-    directory = Path(directory)
-    if not family.video_slot:
-        processor.save_pretrained(directory)
-        return
-    tokenizer = processor.tokenizer
-    own_template = tokenizer.chat_template
-    tokenizer.chat_template = processor.chat_template or own_template
-    try:
-        tokenizer.save_pretrained(directory)
-    finally:
-        tokenizer.chat_template = own_template
-    processor.image_processor.save_pretrained(directory)
 
 
 def export_student(model: torch.nn.Module, processor: Any, family: Family, directory: str | Path,

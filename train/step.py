@@ -62,30 +62,10 @@ def _param_ids(*modules: nn.Module) -> set[int]:
     return {id(p) for m in modules for p in m.parameters()}
 
 
-def _vision_and_projector(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(vision encoder incl. projector, projector) of a transformers 5 VLM.
-
-    Qwen2-VL / Qwen2.5-VL: ``model.model.visual`` whose ``merger`` is the projector;
-    LLaVA / Gemma 3: ``model.model.vision_tower`` and ``model.model.multi_modal_projector``.
-    """
-    base = getattr(model, "model", model)
-    visual = getattr(base, "visual", None)
-    if isinstance(visual, nn.Module) and isinstance(getattr(visual, "merger", None), nn.Module):
-        return visual, visual.merger
-    tower = getattr(base, "vision_tower", None)
-    projector = getattr(base, "multi_modal_projector", None)
-    if isinstance(tower, nn.Module) and isinstance(projector, nn.Module):
-        return tower, projector
-    raise StageSetupError(
-        f"cannot find the vision encoder and projector of {type(model).__name__}: expected "
-        "`model.visual` (with `.merger`) or `model.vision_tower` + `model.multi_modal_projector`"
-        " (transformers 5 layout of Qwen2-VL, Qwen2.5-VL, LLaVA, Gemma 3).")
-
-
 def student_part_params(model: nn.Module, family: Family) -> dict[str, set[int]]:
     """Parameter ids of each of :data:`STUDENT_PARTS` (a tied tensor is in two parts)."""
     text = family.text_model(model)
-    vision, projector = _vision_and_projector(model)
+    vision, projector = family.vision_encoder(model), family.projector(model)
     projector_ids = _param_ids(projector)
     return {"vision_encoder": _param_ids(vision) - projector_ids,
             "projector": projector_ids,

@@ -15,6 +15,8 @@ _EXPORTS = {
     "Spans": "spans",
     "get_family": "families", "FAMILIES": "families",
     "build_tiny_vlm": "tiny",
+    "generate_answers": "generate", "Generation": "generate",
+    "save_processor": "saving",
 }
 
 __all__ = sorted(_EXPORTS)

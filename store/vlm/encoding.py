@@ -161,7 +161,7 @@ def _encode(processor, family: Family, conversation: _Conversation) -> Encoded:
     input_ids = batch["input_ids"][0].tolist()
     answers = tuple(_answer_span(processor, family, conversation, t, text, input_ids)
                     for t in conversation.assistant_turns())
-    spans = Spans(images=_image_spans(processor, conversation, input_ids),
+    spans = Spans(images=_image_spans(processor, family, conversation, input_ids),
                   questions=_questions(answers), answers=answers)
     return Encoded(inputs=dict(batch), input_ids=input_ids, spans=spans)
 
@@ -171,19 +171,14 @@ def _questions(answers) -> tuple[tuple[int, int], ...]:
     return tuple((s, a[0]) for s, a in zip(starts, answers))
 
 
-def _image_spans(processor, conversation: _Conversation, input_ids: list[int]):
-    runs = image_runs(input_ids, image_feature_ids(processor))
+def _image_spans(processor, family: Family, conversation: _Conversation, input_ids: list[int]):
+    runs = image_runs(input_ids, family.processor_image_token_ids(processor))
     if len(runs) != len(conversation.images):
         raise SpanError(f"sample '{conversation.sample_id}': found {len(runs)} runs of image tokens "
                         f"for {len(conversation.images)} image references; the chat template "
                         "places images next to each other without a separator, so their spans "
                         "cannot be told apart")
     return tuple(runs)
-
-
-def image_feature_ids(processor) -> tuple[int, ...]:
-    """Ids of the tokens that carry image features once the processor expanded placeholders."""
-    return tuple(int(i) for i in processor.image_token_ids if i is not None)
 
 
 def _answer_span(processor, family, conversation, turn: int, text: str, input_ids):

@@ -42,8 +42,14 @@ class Family:
         end_of_turn: tokens that may close an assistant turn in this family's chat templates,
             in preference order; the template in use decides which one (see spans.py).
         image_token_attr: attribute of the top-level config holding the image-token id.
+        processor_image_token_attr: processor attribute holding the id of the token that carries
+            image features, for a processor whose ``image_token_ids`` also lists delimiters that
+            carry none (InternVL's ``<img>`` / ``</img>``); None: ``image_token_ids`` is exact.
         text_model_path: dotted path from the VLM to its text decoder model.
         lm_head_path: dotted path from the VLM to its output head.
+        vision_encoder_path: dotted path from the VLM to its vision encoder; for families whose
+            projector sits inside the encoder (Qwen2-VL's ``visual.merger``) it includes it.
+        projector_path: dotted path from the VLM to the vision-to-text projector.
         softcap_attr: text-config attribute holding a final-logit soft-cap that the family's
             VLM forward applies (``softcap * tanh(logits / softcap)``); None if it applies none.
         multimodal_rope: rotary embedding takes ``[3, B, N]`` (temporal, height, width)
@@ -59,8 +65,11 @@ class Family:
     video_slot: bool
     end_of_turn: tuple[str, ...]
     image_token_attr: str = "image_token_id"
+    processor_image_token_attr: str | None = None
     text_model_path: str = "model.language_model"
     lm_head_path: str = "lm_head"
+    vision_encoder_path: str = "model.vision_tower"
+    projector_path: str = "model.multi_modal_projector"
     softcap_attr: str | None = None
     multimodal_rope: bool = False
     hidden_state_is_post_norm: bool = True
@@ -74,6 +83,13 @@ class Family:
                 f"{self.title} config has no '{self.image_token_attr}': the checkpoint's config.json is "
                 f"incomplete; re-save it with a transformers 5 {self.model_class}")
         return (int(value),)
+
+    def processor_image_token_ids(self, processor) -> tuple[int, ...]:
+        """The id(s) of the tokens carrying image features once ``processor`` expanded its
+        image placeholders (the model's :meth:`image_token_ids`, seen from the processor)."""
+        if self.processor_image_token_attr is not None:
+            return (int(getattr(processor, self.processor_image_token_attr)),)
+        return tuple(int(i) for i in processor.image_token_ids if i is not None)
 
     # ----- modules ---------------------------------------------------------------------------
     def text_config(self, config):
@@ -97,6 +113,14 @@ class Family:
 
     def lm_head(self, model: torch.nn.Module) -> torch.nn.Linear:
         return _resolve(model, self.lm_head_path, self)
+
+    def vision_encoder(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The vision encoder (including the projector where the family nests it there)."""
+        return _resolve(model, self.vision_encoder_path, self)
+
+    def projector(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module mapping vision features into the decoder's embedding space."""
+        return _resolve(model, self.projector_path, self)
 
     # ----- maths -----------------------------------------------------------------------------
     def logit_transform(self, model: torch.nn.Module) -> LogitTransform:
@@ -136,17 +160,18 @@ def _resolve(model: torch.nn.Module, path: str, family: Family) -> torch.nn.Modu
 
 
 _QWEN_IMAGE_PROCESSORS = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil")
+_QWEN_VISION = {"vision_encoder_path": "model.visual", "projector_path": "model.visual.merger"}
 
 FAMILIES: dict[str, Family] = {
     family.model_type: family
     for family in (
         Family(model_type="qwen2_vl", title="Qwen2-VL", model_class="Qwen2VLForConditionalGeneration",
                processor_class="Qwen2VLProcessor", image_processor_classes=_QWEN_IMAGE_PROCESSORS,
-               video_slot=True, end_of_turn=("<|im_end|>",), multimodal_rope=True),
+               video_slot=True, end_of_turn=("<|im_end|>",), multimodal_rope=True, **_QWEN_VISION),
         Family(model_type="qwen2_5_vl", title="Qwen2.5-VL",
                model_class="Qwen2_5_VLForConditionalGeneration", processor_class="Qwen2_5_VLProcessor",
                image_processor_classes=_QWEN_IMAGE_PROCESSORS, video_slot=True,
-               end_of_turn=("<|im_end|>",), multimodal_rope=True),
+               end_of_turn=("<|im_end|>",), multimodal_rope=True, **_QWEN_VISION),
         Family(model_type="llava", title="LLaVA", model_class="LlavaForConditionalGeneration",
                processor_class="LlavaProcessor",
                image_processor_classes=("CLIPImageProcessor", "CLIPImageProcessorPil",
@@ -161,6 +186,14 @@ FAMILIES: dict[str, Family] = {
                # released Gemma 3 checkpoints set it to null anyway). So no soft-cap here; the
                # tiny Gemma 3 sets one, and the logit test fails if transformers starts using it.
                softcap_attr=None),
+        # InternVLProcessor has a video slot (InternVLVideoProcessor needs torchvision); its
+        # image processor is GOT-OCR2's. Only <IMG_CONTEXT> (processor.image_token_id) carries
+        # features; the <img> / </img> delimiters in processor.image_token_ids do not.
+        Family(model_type="internvl", title="InternVL", model_class="InternVLForConditionalGeneration",
+               processor_class="InternVLProcessor",
+               image_processor_classes=("GotOcr2ImageProcessor", "GotOcr2ImageProcessorPil"),
+               video_slot=True, end_of_turn=("<|im_end|>",),
+               processor_image_token_attr="image_token_id"),
     )
 }
 

@@ -8,8 +8,8 @@ image), saves everything with ``save_pretrained`` and returns the directory, whi
 :func:`genrecal.store.vlm.loading.load_vlm` loads like any checkpoint.
 
 Kinds: ``qwen2_vl`` (teacher default: vocab 2000, hidden 256), ``qwen2_5_vl``, ``llava_qwen2``
-(student default: vocab 500, hidden 64), ``llava_llama`` and ``gemma3`` (with a final-logit
-soft-cap). Same kind + seed + sizes -> byte-identical files.
+(student default: vocab 500, hidden 64), ``llava_llama``, ``gemma3`` (with a final-logit
+soft-cap) and ``internvl`` (InternViT + pixel-shuffle projector + Qwen2 decoder). Same kind + seed + sizes -> byte-identical files.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from typing import Callable
 import torch
 
 from genrecal.store.vlm import tiny_templates as templates
+from genrecal.store.vlm.families import get_family
+from genrecal.store.vlm.loading import assemble_without_video
+from genrecal.store.vlm.saving import save_processor
 from genrecal.store.vlm.tiny_tokenizers import TokenizerStyle, train_tokenizer
 
 QWEN_VL_STYLE = TokenizerStyle(
@@ -47,6 +50,13 @@ GEMMA3_STYLE = TokenizerStyle(
            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
            "image_token": "<image_soft_token>"},
     unk_token="<unk>")
+INTERNVL_STYLE = TokenizerStyle(
+    pre_tokenizer="byte_level", leading=(),
+    trailing=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+              "<video>"),
+    named={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "start_image_token": "<img>",
+           "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+           "video_token": "<video>"})
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ class _Kind:
     defaults: TinySpec
     build_config: Callable[[TinySpec, Callable[[str], int]], object]
     build_image_processor: Callable[[], object]
-    build_processor: Callable[[object, object, str], object] | None  # None: video-slot family
+    build_processor: Callable[[object, object, str], object]
 
 
 # ----- configs ---------------------------------------------------------------------------------
@@ -178,6 +188,20 @@ def _gemma3_config(spec: TinySpec, tid):
                         image_token_index=tid("<image_soft_token>"))
 
 
+INTERNVL_IMAGE_SEQ_LENGTH = 4  # (32 px / 8 px patches)^2 * downsample_ratio^2 tokens per tile
+
+
+def _internvl_config(spec: TinySpec, tid):
+    from transformers import InternVLConfig, Qwen2Config
+
+    text = Qwen2Config(**_text_kwargs(spec), bos_token_id=None, eos_token_id=tid("<|im_end|>"),
+                       pad_token_id=tid("<|endoftext|>"))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=[32, 32], patch_size=[8, 8])
+    return InternVLConfig(text_config=text, vision_config=vision, image_token_id=tid("<IMG_CONTEXT>"),
+                          image_seq_length=INTERNVL_IMAGE_SEQ_LENGTH, downsample_ratio=0.5)
+
+
 # ----- image processors and processors ----------------------------------------------------------
 def _qwen_image_processor():
     from transformers import Qwen2VLImageProcessorPil
@@ -199,6 +223,26 @@ def _gemma3_image_processor():
     return Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
 
 
+def _internvl_image_processor():
+    from transformers import GotOcr2ImageProcessorPil
+
+    # 32 px tiles, at most 2 of them plus a thumbnail: 4 to 12 image tokens per image
+    return GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=2)
+
+
+def _qwen_processor(image_processor, tokenizer, chat_template: str):
+    return assemble_without_video(get_family("qwen2_vl"), image_processor, tokenizer, chat_template)
+
+
+def _qwen2_5_processor(image_processor, tokenizer, chat_template: str):
+    return assemble_without_video(get_family("qwen2_5_vl"), image_processor, tokenizer, chat_template)
+
+
+def _internvl_processor(image_processor, tokenizer, chat_template: str):
+    return assemble_without_video(get_family("internvl"), image_processor, tokenizer, chat_template,
+                                  image_seq_length=INTERNVL_IMAGE_SEQ_LENGTH)
+
+
 def _llava_processor(image_processor, tokenizer, chat_template: str):
     from transformers import LlavaProcessor
 
@@ -216,9 +260,9 @@ def _gemma3_processor(image_processor, tokenizer, chat_template: str):
 
 KINDS: dict[str, _Kind] = {
     "qwen2_vl": _Kind(QWEN_VL_STYLE, templates.QWEN_VL, TinySpec("qwen2_vl", 2000, 256),
-                      _qwen2_vl_config, _qwen_image_processor, None),
+                      _qwen2_vl_config, _qwen_image_processor, _qwen_processor),
     "qwen2_5_vl": _Kind(QWEN_VL_STYLE, templates.QWEN_VL, TinySpec("qwen2_5_vl", 1500, 128),
-                        _qwen2_5_vl_config, _qwen_image_processor, None),
+                        _qwen2_5_vl_config, _qwen_image_processor, _qwen2_5_processor),
     "llava_qwen2": _Kind(LLAVA_QWEN2_STYLE, templates.LLAVA_QWEN2, TinySpec("llava_qwen2", 500, 64),
                          _llava_qwen2_config, _clip_image_processor, _llava_processor),
     "llava_llama": _Kind(LLAVA_LLAMA_STYLE, templates.LLAVA_VICUNA,
@@ -226,6 +270,8 @@ KINDS: dict[str, _Kind] = {
                          _llava_llama_config, _clip_image_processor, _llava_processor),
     "gemma3": _Kind(GEMMA3_STYLE, templates.GEMMA3, TinySpec("gemma3", 800, 64),
                     _gemma3_config, _gemma3_image_processor, _gemma3_processor),
+    "internvl": _Kind(INTERNVL_STYLE, templates.INTERNVL, TinySpec("internvl", 700, 64),
+                      _internvl_config, _internvl_image_processor, _internvl_processor),
 }
 
 
@@ -254,7 +300,8 @@ def build_tiny_vlm(kind: str, out_dir: str | Path, *, seed: int = 0, vocab_size:
     model_spec = replace(spec, vocab_size=max(spec.vocab_size, len(tokenizer)))
     model = _random_model(recipe.build_config(model_spec, _id_lookup(tokenizer)), spec.seed)
     model.save_pretrained(out)
-    _save_processor(recipe, tokenizer, out)
+    processor = recipe.build_processor(recipe.build_image_processor(), tokenizer, recipe.chat_template)
+    save_processor(processor, get_family(model.config), out)
     return out
 
 
@@ -283,12 +330,3 @@ def _random_model(config, seed: int):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)
     return model.eval()
-
-
-def _save_processor(recipe: _Kind, tokenizer, out: Path) -> None:
-    image_processor = recipe.build_image_processor()
-    if recipe.build_processor is None:  # video slot: saved as its parts, assembled on load
-        tokenizer.save_pretrained(out)
-        image_processor.save_pretrained(out)
-        return
-    recipe.build_processor(image_processor, tokenizer, recipe.chat_template).save_pretrained(out)

@@ -4,6 +4,8 @@
   wrapper, turns closed by ``<|im_end|>``);
 - LLaVA + Qwen2: the llava-interleave-qwen style (``<image>`` lines first, then the text);
 - LLaVA + Llama: the Vicuna v1 style of LLaVA-1.5 (``USER: ... ASSISTANT: ...</s>``);
+- InternVL: the InternVL3 ``-hf`` template (ChatML turns, ``<IMG_CONTEXT>`` line per image,
+  which the processor expands to ``<img>`` + context tokens + ``</img>``);
 - Gemma 3: the Gemma 3 template (``<start_of_turn>model``, ``<end_of_turn>``, the system
   prompt folded into the first user turn).
 """
@@ -78,4 +80,15 @@ GEMMA3 = (
     "{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+
+INTERNVL = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
