@@ -2,21 +2,21 @@
 
 A tiny teacher (``teacher.tiny``) is built by the kit at its location when that directory has no
 ``config.json``; synthetic data (``data.synthetic``) is generated into the pipeline's output
-directory when it is missing or was generated with another spec (``synthetic.json`` records it).
+directory when it is missing or was generated with another spec (``synthetic.json`` records it;
+:mod:`genrecal.store.data.pipeline_data`, shared with the trainer and evaluation).
 Under torchrun only rank 0 does either (the pipeline waits on a barrier).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from genrecal.extract.errors import ExtractSetupError
-from genrecal.extract.job import EXTRACT_SPLIT, ExtractJob, ExtractSettings
-from genrecal.store.data import Sample, Skip, read_dataset
-
-SYNTHETIC_SPEC = "synthetic.json"
+from genrecal.extract.job import ExtractJob, ExtractSettings
+from genrecal.store.data import Sample, Skip
+from genrecal.store.data import pipeline_data
+from genrecal.store.errors import DatasetError, DuplicateSampleError
 
 
 @dataclass(frozen=True)
@@ -38,24 +38,14 @@ def ensure_teacher(job: ExtractJob) -> None:
 
 
 def ensure_synthetic(job: ExtractJob) -> None:
-    """Generate the synthetic VQA set into ``job.synthetic_dir`` unless it is there already."""
+    """Generate the synthetic VQA set into ``job.synthetic_dir`` unless it is there already
+    with the same spec (:func:`genrecal.store.data.pipeline_data.ensure_synthetic`)."""
     if job.synthetic is None:
         return
-    root = Path(job.synthetic_dir)
-    spec = job.synthetic.to_dict()
-    marker = root / SYNTHETIC_SPEC
-    if (root / f"{EXTRACT_SPLIT}.jsonl").is_file() and marker.is_file() \
-            and json.loads(marker.read_text()) == spec:
-        return
-    from genrecal.store.data import make_synthetic_vqa
-
     try:
-        make_synthetic_vqa(root, n_train=job.synthetic.n_train, n_test=job.synthetic.n_test,
-                           image_size=job.synthetic.image_size, seed=job.synthetic.seed)
-    except ValueError as exc:
-        raise ExtractSetupError(f"data.synthetic: {exc}; fix the synthetic block of the "
-                                "pipeline") from exc
-    marker.write_text(json.dumps(spec, sort_keys=True))
+        pipeline_data.ensure_synthetic(job.synthetic, job.synthetic_dir)
+    except DatasetError as exc:
+        raise ExtractSetupError(str(exc)) from exc
 
 
 def read_inputs(settings: ExtractSettings, limit: int | None = None) -> InputData:
@@ -63,32 +53,12 @@ def read_inputs(settings: ExtractSettings, limit: int | None = None) -> InputDat
 
     Raises ExtractSetupError when two sources give the same sample id (the cache is keyed by id).
     """
-    samples: list[Sample] = []
-    skips: list[Skip] = []
-    origin: dict[str, str] = {}
-    for source in settings.sources:
-        remaining = None if limit is None else limit - len(samples)
-        if remaining is not None and remaining <= 0:
-            break
-        caps = [x for x in (remaining, source.limit) if x is not None]
-        cap = min(caps) if caps else None
-        read = read_dataset(source.path, format=source.format, image_root=source.image_root,
-                            on_error=settings.read_on_error, limit=cap,
-                            split=source.split if Path(source.path).is_dir() else None,
-                            image_cache=settings.image_cache)
-        _check_unique(read.samples, origin, source.path)
-        samples += read.samples
-        skips += read.skips
-    return InputData(samples=samples, skips=skips)
-
-
-def _check_unique(samples: list[Sample], origin: dict[str, str], path: str) -> None:
-    for sample in samples:
-        if sample.id in origin:
-            raise ExtractSetupError(f"sample id {sample.id!r} occurs in {origin[sample.id]} and in "
-                                    f"{path}; the cache is keyed by sample id: give the rows "
-                                    "distinct ids or drop one source")
-        origin[sample.id] = path
+    try:
+        read = pipeline_data.read_sources(settings.sources, on_error=settings.read_on_error,
+                                          limit=limit, image_cache=settings.image_cache)
+    except DuplicateSampleError as exc:
+        raise ExtractSetupError(str(exc)) from exc
+    return InputData(samples=read.samples, skips=read.skips)
 
 
 def sample_windows(samples: list, window: int) -> list[list]:

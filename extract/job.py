@@ -24,13 +24,12 @@ from pathlib import Path
 from genrecal.config import Codecs, DataSource, Features, Pipeline, SyntheticData, TinySpec
 from genrecal.extract.errors import ExtractSetupError
 from genrecal.store import schema
+from genrecal.store.data import pipeline_data
 
 EXTRACT_SPLIT = "train"
 """The split the teacher pass extracts: the one the training stages read."""
 WINDOW_BATCHES = 16
 """Default plan window, in batches: bucketing sorts ``16 * batch_size`` samples at a time."""
-_SMALL_FEATURE_CODECS = {"bf16": "bf16"}  # config codec -> store codec for the f32/bf16-only features
-
 
 def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
@@ -48,10 +47,11 @@ class TeacherSource:
     family: str
     dtype: str = "bfloat16"
     trust_remote_code: bool = False
+    revision: str | None = None  # hub branch / tag / commit of a hub-id location
 
     def to_dict(self) -> dict:
         return {"location": self.location, "family": self.family, "dtype": self.dtype,
-                "trust_remote_code": self.trust_remote_code}
+                "trust_remote_code": self.trust_remote_code, "revision": self.revision}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TeacherSource":
@@ -136,7 +136,7 @@ def job_from_pipeline(pipe: Pipeline, *, out: str | None = None, limit: int | No
                       resume: bool = False, window: int | None = None,
                       batch_size: int | None = None) -> ExtractJob:
     """The :class:`ExtractJob` of ``pipe`` with the CLI overrides applied."""
-    synthetic_dir = _absolute(f"{pipe.output_dir}/data/synthetic")
+    synthetic_dir = _absolute(str(pipeline_data.synthetic_dir(pipe.output_dir)))
     settings = ExtractSettings(
         teacher=_teacher_source(pipe), sources=_train_sources(pipe, synthetic_dir),
         max_length=pipe.cache.max_length, image_cache=_absolute(f"{pipe.output_dir}/image_cache"),
@@ -158,7 +158,8 @@ def _teacher_source(pipe: Pipeline) -> TeacherSource:
     if pipe.teacher.tiny is not None or Path(location).expanduser().exists():
         location = _absolute(location)
     return TeacherSource(location=location, family=pipe.teacher.family, dtype=pipe.teacher.dtype,
-                         trust_remote_code=pipe.teacher.trust_remote_code)
+                         trust_remote_code=pipe.teacher.trust_remote_code,
+                         revision=pipe.teacher.revision)
 
 
 def _train_sources(pipe: Pipeline, synthetic_dir: str) -> tuple[DataSource, ...]:
@@ -184,18 +185,10 @@ def feature_specs(features: Features, codecs: Codecs, *, hidden_size: int,
         specs.append(schema.question_hidden(hidden_size, codecs.question_hidden,
                                             features.question_hidden))
     if features.visual_gram:
-        specs.append(schema.visual_gram(_small_codec("visual_gram", codecs.visual_gram)))
+        specs.append(schema.visual_gram(codecs.visual_gram))
     if features.logit_stats is not None:
         specs.append(_logit_stats_spec(features, codecs, vocab_size))
     return specs
-
-
-def _small_codec(feature: str, codec: str) -> str:
-    if codec not in _SMALL_FEATURE_CODECS:
-        raise ExtractSetupError(f"cache.codecs.{feature}: {codec!r} is not available for "
-                                f"{feature}; the cache stores it as {schema.FEATURE_CODECS[feature]}"
-                                f": set cache.codecs.{feature}: bf16")
-    return _SMALL_FEATURE_CODECS[codec]
 
 
 def _logit_stats_spec(features: Features, codecs: Codecs, vocab_size: int) -> schema.FeatureSpec:
@@ -203,5 +196,4 @@ def _logit_stats_spec(features: Features, codecs: Codecs, vocab_size: int) -> sc
     if top_k > vocab_size:
         raise ExtractSetupError(f"cache.features.logit_stats.top_k = {top_k} exceeds the teacher's "
                                 f"vocabulary ({vocab_size} tokens); lower top_k")
-    return schema.logit_stats(top_k, features.logit_stats.temperature,
-                              _small_codec("logit_stats", codecs.logit_stats))
+    return schema.logit_stats(top_k, features.logit_stats.temperature, codecs.logit_stats)

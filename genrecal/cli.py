@@ -348,6 +348,46 @@ def extract_command(
     typer.echo(result.summary())
 
 
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise typer.BadParameter(f"{text!r}: give distinct integers >= 0, e.g. 0,1,2")
+    return seeds
+
+
+@app.command("run")
+def run_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Pipeline to run end to end.")] = "demo",
+    seeds: Annotated[str, typer.Option(
+        "--seeds", help="Comma-separated seeds: each seeds the student's init and the stages' "
+                        "data order; results are mean +- std over them.")] = "0,1,2",
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, show_default=False,
+        help="torch CPU threads (default: 1, steadiest for tiny models on a small CPU).")] = None,
+    file: FileOption = None,
+) -> None:
+    """Data, models, teacher fine-tuning, cache, training and evaluation of pipeline NAME, then
+    a results table in <output>/report; a rerun reuses every finished, still-valid phase."""
+    import torch
+
+    from genrecal.report import format_phases, format_table
+    from genrecal.runner import run_pipeline
+
+    from transformers.utils import logging as hf_logging
+
+    pipe = config.get_pipeline(name, pipelines_file(ctx, file))
+    torch.set_num_threads(threads or 1)
+    hf_logging.disable_progress_bar()  # weight loading / saving bars; the phases show their own
+    result = run_pipeline(pipe, _parse_seeds(seeds), echo=typer.echo)
+    typer.echo("\n" + format_table(result.report) + "\n\n" + format_phases(result.report))
+    for path in result.files:
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="genrecal")

@@ -45,13 +45,20 @@ from genrecal.errors import ConfigError
 # --------------------------------------------------------------------------------------------
 
 #: VLM families (transformers ``model_type``) that a teacher or student may declare: those of
-#: genrecal.store.vlm.families (kept torch-free here; tests/test_config.py checks they agree)
-#: plus ``internvl``, the InternVL2.5 teacher of a shipped pipeline (loading support pending).
+#: genrecal.store.vlm.families (kept torch-free here; tests/test_config.py checks they agree).
 FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "gemma3", "internvl")
 #: Kinds of the tiny-VLM kit (genrecal.store.vlm.tiny.KINDS) -> the family each one builds.
 TINY_KINDS: dict[str, str] = {
     "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_qwen2": "llava",
-    "llava_llama": "llava", "gemma3": "gemma3",
+    "llava_llama": "llava", "gemma3": "gemma3", "internvl": "internvl",
+}
+#: Storage codecs the cache accepts per feature: a copy of genrecal.store.schema.FEATURE_CODECS
+#: (the config stays torch-free; tests/test_config.py checks the two agree).
+FEATURE_CODECS: dict[str, tuple[str, ...]] = {
+    "answer_hidden": ("bf16", "fp8_e4m3", "int8"),
+    "question_hidden": ("bf16", "fp8_e4m3", "int8"),
+    "visual_gram": ("f32", "bf16"),
+    "logit_stats": ("f32", "bf16"),
 }
 #: Stage types, in the only order in which they may appear in a pipeline.
 STAGE_ORDER: tuple[str, ...] = ("align", "distill", "finetune", "grace")
@@ -67,7 +74,7 @@ PIPELINES_FILENAME = "pipelines.yaml"
 Family = Literal[FAMILIES]  # type: ignore[valid-type]
 TinyKind = Literal[tuple(TINY_KINDS)]  # type: ignore[valid-type]
 Dtype = Literal["float32", "bfloat16", "float16"]
-Codec = Literal["bf16", "fp8_e4m3", "int8"]
+Codec = Literal["f32", "bf16", "fp8_e4m3", "int8"]  # which ones a feature takes: FEATURE_CODECS
 OnError = Literal["raise", "skip"]
 Precision = Literal["fp32", "bf16"]
 Metric = Literal[METRICS]  # type: ignore[valid-type]
@@ -270,12 +277,17 @@ class Features(ConfigModel):
 
 
 class Codecs(ConfigModel):
-    """Storage codec per cached feature."""
+    """Storage codec per cached feature (each one of :data:`FEATURE_CODECS` for its feature)."""
 
     answer_hidden: Codec = "bf16"
     question_hidden: Codec = "bf16"
     visual_gram: Codec = "bf16"
     logit_stats: Codec = "bf16"
+
+    def _problems(self) -> list[Problem]:
+        return [((feature,), f"{getattr(self, feature)!r} is not a codec of {feature}; the cache "
+                 f"stores it as one of {_choices(allowed)}")
+                for feature, allowed in FEATURE_CODECS.items() if getattr(self, feature) not in allowed]
 
 
 class ShardLimits(ConfigModel):
@@ -525,6 +537,24 @@ class FinetuneStage(_StageBase):
         return problems
 
 
+class TeacherFinetune(FinetuneStage):
+    """Makes a tiny / local teacher competent on the task before its cache is extracted
+    (``genrecal run``, phase 3): the trainer's finetune stage, with the teacher in the student's
+    seat. ``data`` is the teacher's own training data (None: the pipeline's data); giving the
+    teacher more labelled samples than the student sees is how the demo makes its signal matter.
+    ``output`` None: ``<pipeline output>/teacher``."""
+
+    name: Literal["finetune"] = "finetune"
+    data: DataConfig | None = None
+
+    def _problems(self) -> list[Problem]:
+        problems = super()._problems()
+        if self.data is not None and "train" not in self.data.splits():
+            problems.append((("data", "sources"), "the teacher's data gives no 'train' split to "
+                             f"fine-tune on; splits given: {_choices(sorted(self.data.splits()))}"))
+        return problems
+
+
 class GraceStage(_StageBase):
     """GRACE: L = ce*CE + beta*L_GDKD + omega*L_RCKA, optional QAT (method.md section 2)."""
 
@@ -586,13 +616,15 @@ class Pipeline(ConfigModel):
     stages: Annotated[list[Stage], Field(min_length=1)]
     evaluation: EvaluationConfig | None = Field(default_factory=EvaluationConfig)
     output: NonEmptyStr | None = None  # None: runs/<name>
+    teacher_finetune: TeacherFinetune | None = None  # genrecal run only; tiny / local teachers
 
     def _problems(self) -> list[Problem]:
         bad_name = [] if _NAME_RE.fullmatch(self.name) else [
             (("name",), f"invalid pipeline name {self.name!r}: use letters, digits, '.', '_' "
              "and '-', starting with a letter or a digit")]
         return [*bad_name, *_stage_order_problems(self.stages), *_cache_feature_problems(self),
-                *_recalibrator_problems(self), *_grace_problems(self), *_split_problems(self)]
+                *_recalibrator_problems(self), *_grace_problems(self), *_split_problems(self),
+                *_teacher_finetune_problems(self)]
 
     @property
     def output_dir(self) -> str:
@@ -694,6 +726,20 @@ def _grace_problems(pipe: Pipeline) -> list[Problem]:
             problems.append((("cache", "features", "visual_gram"), f"must be true: {where} has "
                              "rcka.omega > 0 (or set rcka.omega: 0)"))
     return problems
+
+
+def _teacher_finetune_problems(pipe: Pipeline) -> list[Problem]:
+    """Only a teacher built here or read from a local directory may be fine-tuned in place."""
+    source = pipe.teacher.source
+    if pipe.teacher_finetune is None or source is None or _is_local_path(source):
+        return []
+    return [(("teacher_finetune",), f"fine-tunes tiny or local teachers only; teacher.source "
+             f"{source!r} is a hub id: give a local directory (./path or /path) or remove "
+             "teacher_finetune")]
+
+
+def _is_local_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or Path(source).is_absolute()
 
 
 def _split_problems(pipe: Pipeline) -> list[Problem]:

@@ -12,3 +12,8 @@ class ConfigError(Exception):
         lines = [f"{source}: {len(problems)} problem(s) in the pipeline configuration:"]
         lines += [f"  - {path}: {msg}" for path, msg in problems]
         super().__init__("\n".join(lines))
+
+
+class RunError(Exception):
+    """``genrecal run`` cannot go on: a phase failed its check, or an output it would write
+    exists but was not made by an earlier ``genrecal run`` of the same pipeline."""

@@ -319,6 +319,30 @@ def test_families_agree_with_the_store_registry():
     assert set(FAMILIES) <= set(config.FAMILIES)
 
 
+def test_feature_codecs_agree_with_the_store_schema():
+    from genrecal.store.schema import FEATURE_CODECS
+
+    assert config.FEATURE_CODECS == FEATURE_CODECS
+    assert set(config.Codec.__args__) == {c for codecs in FEATURE_CODECS.values() for c in codecs}
+
+
+@pytest.mark.parametrize("feature, codec", [
+    (feature, codec) for feature, allowed in config.FEATURE_CODECS.items()
+    for codec in config.Codec.__args__ if codec not in allowed])
+def test_codecs_refuse_what_the_cache_cannot_store(feature, codec):
+    with pytest.raises(ConfigError) as err:
+        config.Codecs.from_dict({feature: codec})
+    found = dict(err.value.problems)
+    assert list(found) == [feature]
+    assert found[feature].startswith(f"{codec!r} is not a codec of {feature}")
+
+
+@pytest.mark.parametrize("feature", sorted(config.FEATURE_CODECS))
+def test_codecs_accept_every_codec_the_cache_stores(feature):
+    for codec in config.FEATURE_CODECS[feature]:
+        assert getattr(config.Codecs.from_dict({feature: codec}), feature) == codec
+
+
 def test_tiny_kinds_agree_with_the_kit():
     from genrecal.store.vlm.tiny import KINDS
 

@@ -15,7 +15,9 @@ import genrecal.store.vlm as vlm
 ORIGINS = {
     "genrecal.store.vlm": {"load_vlm": "loading", "LoadedVLM": "loading", "encode_sample": "encoding",
                            "Encoded": "encoding", "Spans": "spans", "get_family": "families",
-                           "FAMILIES": "families", "build_tiny_vlm": "tiny"},
+                           "FAMILIES": "families", "build_tiny_vlm": "tiny",
+                           "generate_answers": "generate", "Generation": "generate",
+                           "save_processor": "saving"},
     "genrecal.store.data": {"read_dataset": "readers", "iter_dataset": "readers", "DatasetRead": "readers",
                             "Skip": "problems", "make_synthetic_vqa": "synthetic", "Sample": "sample",
                             "Turn": "sample"},

@@ -285,45 +285,24 @@ class EvalSettings:
 # ----- pipelines -------------------------------------------------------------------------------
 def synthetic_root(pipeline: Any) -> Path:
     """Where a pipeline's synthetic VQA set lives: ``<pipeline output>/data/synthetic``."""
-    return Path(pipeline.output_dir) / "data" / "synthetic"
+    from genrecal.store.data import synthetic_dir
 
-
-def _synthetic_split(pipeline: Any, split: str, on_error: str,
-                     limit: int | None) -> DatasetRead | None:
-    from genrecal.store.data import make_synthetic_vqa, read_dataset
-
-    syn = pipeline.data.synthetic
-    if syn is None or split not in ("train", "test") or (split == "test" and not syn.n_test):
-        return None
-    root = synthetic_root(pipeline)
-    if not (root / f"{split}.jsonl").is_file():
-        make_synthetic_vqa(root, n_train=syn.n_train, n_test=syn.n_test,
-                           image_size=syn.image_size, seed=syn.seed)
-    return read_dataset(root, split=split, on_error=on_error, limit=limit)
-
-
-def _cap(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else min(a, b)
+    return synthetic_dir(pipeline.output_dir)
 
 
 def read_pipeline_split(pipeline: Any, split: str, *, limit: int | None = None) -> DatasetRead:
     """Split ``split`` of a pipeline's data: its sources of that split, then the synthetic set
-    (written under :func:`synthetic_root` if missing); at most ``limit`` samples in all."""
-    from genrecal.store.data import read_dataset
+    (generated under :func:`synthetic_root` if missing or stale); at most ``limit`` samples in
+    all (:func:`genrecal.store.data.read_split`)."""
+    from genrecal.store.data import read_split
 
     data = pipeline.data
-    reads = [read_dataset(src.path, format=src.format, image_root=src.image_root,
-                          on_error=data.on_error, limit=_cap(src.limit, limit),
-                          split=None if Path(src.path).is_file() else src.split)
-             for src in data.sources if src.split == split]
-    reads.append(_synthetic_split(pipeline, split, data.on_error, limit))
-    reads = [r for r in reads if r is not None]
-    if not reads:
+    if split not in data.splits():
         raise EvaluationError(f"pipeline '{pipeline.name}' has no data for split '{split}'; its "
                               f"data gives {sorted(data.splits())}. Pick one of those or add a "
                               f"source with split: {split}")
-    samples = [s for r in reads for s in r.samples][:limit]
-    return DatasetRead(samples=samples, skips=[s for r in reads for s in r.skips],
+    read = read_split(data, split, output_dir=pipeline.output_dir, limit=limit)
+    return DatasetRead(samples=read.samples, skips=read.skips,
                        source=f"pipeline {pipeline.name}, split {split}")
 
 
@@ -342,7 +321,8 @@ def load_pipeline_model(pipeline: Any, role: str, *, source: str | Path | None =
     return load_vlm(where, family=spec.family if source is None else None,
                     dtype=dtype or spec.dtype, device=device or spec.device or "cpu",
                     device_map=spec.device_map if device is None else None,
-                    trust_remote_code=spec.trust_remote_code)
+                    trust_remote_code=spec.trust_remote_code,
+                    revision=spec.revision if source is None else None)
 
 
 def _role_of(pipeline: Any, model_dir: Path) -> str:

@@ -14,6 +14,9 @@ step are summed over ranks first, each micro-batch back-propagates
 the gradients over ranks, so the gradient is that of the per-token mean over the whole global
 batch: 2 ranks x batch b give the same update as 1 rank x 2 micro-batches of b.
 
+Teacher features come from the teacher cache, or, with ``LoopOptions(teacher_source="online")``,
+from the teacher run live on every batch (:mod:`genrecal.train.online`).
+
 Resume. A checkpoint holds the trainable weights, the AdamW state, the step (the LR is a pure
 function of it), the counters, every rank's sampler position and RNG states. ``resume=True``
 restores them and continues; on CPU the result is bitwise identical to an uninterrupted run
@@ -32,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -136,7 +139,10 @@ class LoopOptions:
     save_every: optimizer steps between checkpoints (None: only at the end and at stop_after);
     keep_checkpoints: newest checkpoints kept (<= 0: all); stop_after: stop after this global
     step, with a checkpoint (preemption drills, tests); num_workers: data loader worker
-    processes; progress: show a tqdm bar (rank 0).
+    processes; progress: show a tqdm bar (rank 0); teacher_source: where the align / distill
+    stages get teacher features: "cache" (the extracted cache) or "online" (the teacher runs live
+    on the training device, :mod:`genrecal.train.online`); online_round_to: online only, round
+    the live features through this cache codec ("bf16", "fp8_e4m3", "int8") as a cache would.
     """
 
     save_every: int | None = 100
@@ -144,12 +150,19 @@ class LoopOptions:
     stop_after: int | None = None
     num_workers: int = 2
     progress: bool = True
+    teacher_source: Literal["cache", "online"] = "cache"
+    online_round_to: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("save_every", "stop_after"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise StageSetupError(f"LoopOptions.{name}={value!r}: use None or an int >= 1.")
+        if self.teacher_source not in ("cache", "online"):
+            raise StageSetupError(f"LoopOptions.teacher_source={self.teacher_source!r}: use 'cache' "
+                                  "or 'online'.")
+        if self.online_round_to is not None and self.teacher_source != "online":
+            raise StageSetupError("LoopOptions.online_round_to applies to teacher_source='online' only.")
 
 
 class BatchLoader(Protocol):
@@ -534,47 +547,29 @@ def _device(pipeline: Any, dist: Dist) -> torch.device:
     return device
 
 
-def synthetic_root(pipeline: Any) -> Path:
-    """Where a pipeline's synthetic data set lives: ``<pipeline output>/data/synthetic``."""
-    return Path(pipeline.output_dir) / "data" / "synthetic"
+def prepare_inputs(pipeline: Any, dist: Dist, roles: Sequence[str] = ("student",)) -> None:
+    """Build what a tiny / synthetic pipeline generates (the tiny models of ``roles``, the
+    synthetic data set) if missing, once (rank 0) while the other ranks wait."""
+    syn = pipeline.data.synthetic
+    for role in roles:
+        spec, where = getattr(pipeline, role), Path(pipeline.model_location(role))
+        if dist.is_main and spec.tiny is not None and not (where / "config.json").is_file():
+            from genrecal.store.vlm.tiny import build_tiny_vlm
 
+            build_tiny_vlm(spec.tiny.kind, where, **spec.tiny.build_kwargs())
+    if dist.is_main and syn is not None:
+        from genrecal.store.data import ensure_synthetic, synthetic_dir
 
-def prepare_inputs(pipeline: Any, dist: Dist) -> None:
-    """Build what a tiny / synthetic pipeline generates (the tiny student, the synthetic data
-    set) if missing, once (rank 0) while the other ranks wait."""
-    spec, syn = pipeline.student, pipeline.data.synthetic
-    where = Path(pipeline.model_location("student"))
-    if dist.is_main and spec.tiny is not None and not (where / "config.json").is_file():
-        from genrecal.store.vlm.tiny import build_tiny_vlm
-
-        build_tiny_vlm(spec.tiny.kind, where, **spec.tiny.build_kwargs())
-    root = synthetic_root(pipeline)
-    if dist.is_main and syn is not None and not (root / "train.jsonl").is_file():
-        from genrecal.store.data import make_synthetic_vqa
-
-        make_synthetic_vqa(root, n_train=syn.n_train, n_test=syn.n_test,
-                           image_size=syn.image_size, seed=syn.seed)
+        ensure_synthetic(syn, synthetic_dir(pipeline.output_dir))
     dist.barrier()
 
 
 def pipeline_train_data(pipeline: Any) -> Any:
     """The ``train`` split of a pipeline's data as one DatasetRead (sources, then synthetic;
-    the synthetic set must exist, see :func:`prepare_inputs`)."""
-    from genrecal.store.data import read_dataset
-    from genrecal.store.data.readers import DatasetRead
+    :func:`genrecal.store.data.read_split`; run :func:`prepare_inputs` first under torchrun)."""
+    from genrecal.store.data import read_split
 
-    data, samples, skips = pipeline.data, [], []
-    reads = [read_dataset(src.path, format=src.format, image_root=src.image_root,
-                          on_error=data.on_error, limit=src.limit,
-                          split=None if Path(src.path).is_file() else src.split)
-             for src in data.sources if src.split == "train"]
-    if data.synthetic is not None:
-        reads.append(read_dataset(synthetic_root(pipeline), split="train",
-                                  on_error=data.on_error))
-    for read in reads:
-        samples += read.samples
-        skips += read.skips
-    return DatasetRead(samples=samples, skips=skips, source=pipeline.name)
+    return read_split(pipeline.data, "train", output_dir=pipeline.output_dir)
 
 
 def _recalibrator(pipeline: Any, student_model: torch.nn.Module, d_teacher: int,
@@ -596,7 +591,9 @@ def _recalibrator(pipeline: Any, student_model: torch.nn.Module, d_teacher: int,
 
 
 def build_stage_job(pipeline: Any, name: str, dist: Dist, options: LoopOptions) -> StageJob:
-    """Load everything stage ``name`` of ``pipeline`` needs (student, teacher head, loader)."""
+    """Load everything stage ``name`` of ``pipeline`` needs (student, teacher head, loader);
+    with ``options.teacher_source == "online"`` the teacher itself, whose head and live
+    features replace the cache's (:mod:`genrecal.train.online`)."""
     from genrecal.store.artifacts import load_teacher_embeddings, load_teacher_head
     from genrecal.store.vlm.loading import load_vlm
     from genrecal.train.data import LoaderConfig, make_loader
@@ -608,14 +605,21 @@ def build_stage_job(pipeline: Any, name: str, dist: Dist, options: LoopOptions) 
     trains_student = bool(stage.trains.student_parts())
     student = load_vlm(inputs["student"], family=spec.family, device=str(device),
                        dtype="float32" if trains_student else spec.dtype,
-                       trust_remote_code=spec.trust_remote_code)
+                       trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     answer_input = pipeline.recalibrator.answer_input
     loss_spec = LossSpec.for_stage(stage, answer_input)
-    rec = teacher = cache = None
-    if name in GENRECAL_STAGES:
+    rec = teacher = cache = online = None
+    if name in GENRECAL_STAGES and options.teacher_source == "online":
+        from genrecal.train.online import load_online_teacher
+
+        online = load_online_teacher(pipeline, device, question=loss_spec.uses_reg,
+                                     round_to=options.online_round_to)
+        teacher = online.teacher_side(answer_input, device)
+    elif name in GENRECAL_STAGES:
         cache = pipeline.cache.location
         embeddings = load_teacher_embeddings(cache) if answer_input == "embedding" else None
         teacher = TeacherSide.from_artifacts(load_teacher_head(cache), embeddings, device)
+    if teacher is not None:
         rec = _recalibrator(pipeline, student.model, teacher.hidden_size,
                             inputs["recalibrator"], stage.seed)
     model = StageModel(student.model, student.family, loss_spec, rec, teacher)
@@ -623,8 +627,14 @@ def build_stage_job(pipeline: Any, name: str, dist: Dist, options: LoopOptions) 
                           num_workers=options.num_workers, max_length=pipeline.cache.max_length,
                           load_question=loss_spec.uses_reg, on_error=pipeline.data.on_error,
                           pin_memory=device.type == "cuda")
-    loader = make_loader(pipeline_train_data(pipeline), student, cache=cache, config=config,
-                         world_size=dist.world_size, rank=dist.rank)
+    if online is None:
+        loader = make_loader(pipeline_train_data(pipeline), student, cache=cache, config=config,
+                             world_size=dist.world_size, rank=dist.rank)
+    else:
+        from genrecal.train.online import make_online_loader
+
+        loader = make_online_loader(pipeline_train_data(pipeline), student, online, config=config,
+                                    world_size=dist.world_size, rank=dist.rank)
     return StageJob(stage=stage, model=model, loader=loader, out_dir=Path(pipeline.stage_dir(name)),
                     processor=student.processor, device=device, dist=dist, inputs=inputs,
                     export_dtype=getattr(torch, spec.dtype))
@@ -645,7 +655,8 @@ def run_stage(pipeline: Any, name: str, *, resume: bool = False,
         raise StageSetupError(f"{out_dir / CHECKPOINTS} holds checkpoints of an earlier run of "
                               f"stage {name!r}; pass --resume to continue it, or delete the "
                               "directory to start over.")
-    prepare_inputs(pipeline, dist)
+    online = options.teacher_source == "online" and name in GENRECAL_STAGES
+    prepare_inputs(pipeline, dist, ("student", "teacher") if online else ("student",))
     job = build_stage_job(pipeline, name, dist, options)
     try:
         return train_stage(job, options, resume)

@@ -4,9 +4,11 @@ Importing this package is light (no torch, no transformers): readers and the syn
 generator only pull in ``datasets`` / ``pyarrow`` when they actually read or write a dataset.
 """
 
+from genrecal.store.data.pipeline_data import ensure_synthetic, read_split, synthetic_dir
 from genrecal.store.data.problems import Skip
 from genrecal.store.data.readers import DatasetRead, iter_dataset, read_dataset
 from genrecal.store.data.sample import Sample, Turn
 from genrecal.store.data.synthetic import make_synthetic_vqa
 
-__all__ = ["DatasetRead", "Sample", "Skip", "Turn", "iter_dataset", "make_synthetic_vqa", "read_dataset"]
+__all__ = ["DatasetRead", "Sample", "Skip", "Turn", "ensure_synthetic", "iter_dataset",
+           "make_synthetic_vqa", "read_dataset", "read_split", "synthetic_dir"]

@@ -1,0 +1,584 @@
+"""``genrecal run PIPELINE``: the whole method end to end, reusing what a rerun may reuse.
+
+Phases, each a group of steps with done markers (:mod:`genrecal.phases`):
+
+1. **data**: the synthetic VQA sets (the pipeline's; the teacher's own when
+   ``teacher_finetune.data`` declares one), :mod:`genrecal.store.data.pipeline_data`;
+2. **models**: the tiny teacher and one tiny student per seed (the seed is the kit's init seed);
+3. **teacher**: ``teacher_finetune``: the trainer's finetune stage with the teacher in the
+   student's seat, so that the teacher is competent on the task (tiny / local teachers only);
+4. **cache**: the teacher pass over the pipeline's train split into the teacher cache, then
+   ``validate_cache``, which must find no problem;
+5. **train**: per seed, the pipeline's stages (align -> distill -> finetune) and the SFT-only
+   baseline;
+6. **evaluate**: the teacher, and per seed the student before training, after SFT only and
+   after GenRecal; then the report (:mod:`genrecal.report`).
+
+Seeds. Seed k is the tiny student's init seed and every stage's seed (data order, Recalibrator
+init); the teacher, its fine-tuning, the data and the cache are shared by all seeds. Seed k's
+outputs live in ``<output>/seed-<k>/`` (stage directories as in ``genrecal train``, the SFT
+baseline in ``seed-<k>/sft/``); a stage's own ``output`` key is not used by ``genrecal run``.
+
+SFT-only baseline, precisely: ONE finetune stage with the settings of the pipeline's finetune
+stage (LR schedule, warm-up, batch size, accumulation, trainable parts, precision), run for the
+sum of the ``steps`` (or ``epochs``) of every stage that trains student parameters (distill and
+finetune; align trains the Recalibrator alone and leaves the student unchanged), on the same
+train split, from the same initial student, with the same seed. It takes as many student
+optimizer steps as GenRecal's student and, when those stages share one batch size, sees as many
+labelled samples; it never reads the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genrecal.config import Pipeline
+from genrecal.errors import RunError
+from genrecal.phases import MarkerBook, Step, StepOutcome, config_hash, run_step
+
+TRAINER_STAGES = ("align", "distill", "finetune")
+ROWS = ("teacher", "student_init", "student_sft", "student_genrecal")
+ROW_TITLES = {"teacher": "teacher", "student_init": "student before training",
+              "student_sft": "student, SFT only", "student_genrecal": "student, GenRecal"}
+EVAL_DIR = "eval"
+REPORT_DIR = "report"
+
+
+# ==============================================================================================
+# The plan: the pipelines each phase runs, derived from the pipeline
+# ==============================================================================================
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The derived pipelines and paths of one ``genrecal run`` of ``pipeline`` over ``seeds``."""
+
+    pipeline: Pipeline
+    seeds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_runnable(self.pipeline, self.seeds)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.pipeline.output_dir).resolve()
+
+    def _derive(self, suffix: str, **changes: Any) -> Pipeline:
+        data = {**self.pipeline.to_dict(), "teacher_finetune": None, **changes}
+        data["name"] = f"{self.pipeline.name}.{suffix}" if suffix else self.pipeline.name
+        return Pipeline.from_dict(data, source=f"genrecal run {self.pipeline.name} ({suffix or 'cache'})")
+
+    def teacher_pipeline(self) -> Pipeline | None:
+        """The teacher fine-tuning as a one-stage pipeline whose student is the teacher."""
+        tf = self.pipeline.teacher_finetune
+        if tf is None:
+            return None
+        stage = {k: v for k, v in tf.to_dict().items() if k not in ("data", "output")}
+        teacher = _pinned_model(self.pipeline.teacher.to_dict(), self.base_teacher_dir)
+        data = tf.data.to_dict() if tf.data is not None else materialised_data(self.pipeline)
+        return self._derive("teacher", student=teacher, teacher=teacher, data=data,
+                            stages=[stage], evaluation=None,
+                            output=tf.output or str(self.root / "teacher"))
+
+    @property
+    def base_teacher_dir(self) -> str:
+        """The teacher as configured (tiny: where the kit builds it)."""
+        location = self.pipeline.model_location("teacher")
+        return str(Path(location).resolve()) if self.pipeline.teacher.tiny is not None else location
+
+    @property
+    def teacher_dir(self) -> str:
+        """The teacher the cache is extracted from: the fine-tuned one, else as configured."""
+        tp = self.teacher_pipeline()
+        if tp is None:
+            return self.base_teacher_dir
+        from genrecal.train.export import STUDENT_DIR
+
+        return str(Path(tp.stage_dir("finetune")).resolve() / STUDENT_DIR)
+
+    def _teacher_spec(self) -> dict:
+        spec = self.pipeline.teacher.to_dict()
+        if self.pipeline.teacher_finetune is None:
+            return spec
+        spec.pop("revision", None)  # a local checkpoint: no hub revision
+        return {**spec, "tiny": None, "source": self.teacher_dir}
+
+    def cache_pipeline(self) -> Pipeline:
+        """The pipeline with the (fine-tuned) teacher: what the cache is extracted from."""
+        return self._derive("", teacher=self._teacher_spec())
+
+    def student_dir(self, seed: int) -> str:
+        """The initial student of seed ``seed``."""
+        if self.pipeline.student.tiny is None:
+            return self.pipeline.model_location("student")
+        return str(self.root / f"seed-{seed}" / "models" / "student")
+
+    def _seed_changes(self, seed: int) -> dict:
+        student = self.pipeline.student.to_dict()
+        if student.get("tiny") is not None:
+            student["tiny"] = {**student["tiny"], "seed": seed, "path": self.student_dir(seed)}
+        return {"teacher": self._teacher_spec(), "student": student,
+                "data": materialised_data(self.pipeline)}
+
+    def seed_pipeline(self, seed: int) -> Pipeline:
+        """The pipeline's stages for seed ``seed``, under ``<output>/seed-<seed>``."""
+        stages = [{**s.to_dict(), "seed": seed, "output": None} for s in self.pipeline.stages]
+        return self._derive(f"seed-{seed}", **self._seed_changes(seed), stages=stages,
+                            output=str(self.root / f"seed-{seed}"))
+
+    def sft_pipeline(self, seed: int) -> Pipeline:
+        """The SFT-only baseline of seed ``seed`` (module docstring)."""
+        return self._derive(f"seed-{seed}.sft", **self._seed_changes(seed),
+                            stages=[{**sft_stage(self.pipeline), "seed": seed}],
+                            output=str(self.root / f"seed-{seed}" / "sft"))
+
+    def model_dirs(self, seed: int) -> dict[str, str]:
+        """Row -> the model directory evaluated for it (seed ``seed``)."""
+        seed_pipe, last = self.seed_pipeline(seed), self.pipeline.stages[-1].name
+        from genrecal.train.export import STUDENT_DIR
+
+        return {"teacher": self.teacher_dir, "student_init": self.student_dir(seed),
+                "student_sft": str(Path(self.sft_pipeline(seed).stage_dir("finetune")) / STUDENT_DIR),
+                "student_genrecal": str(Path(seed_pipe.stage_dir(last)) / STUDENT_DIR)}
+
+
+def _check_runnable(pipe: Pipeline, seeds: tuple[int, ...]) -> None:
+    problems = [f"stage {s.name!r} is not run by genrecal run (it runs {list(TRAINER_STAGES)})"
+                for s in pipe.stages if s.name not in TRAINER_STAGES]
+    if "finetune" not in [s.name for s in pipe.stages]:
+        problems.append("it needs a finetune stage: its settings define the SFT-only baseline")
+    if pipe.evaluation is None:
+        problems.append("it needs an evaluation block: the run ends with the results table")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        problems.append(f"seeds must be distinct integers >= 0; got {list(seeds)}")
+    if problems:
+        raise RunError(f"pipeline {pipe.name!r} cannot be run end to end: " + "; ".join(problems))
+
+
+def _pinned_model(spec: dict, location: str) -> dict:
+    """A model spec whose tiny model is built at ``location`` (so derived pipelines share it)."""
+    if spec.get("tiny") is None:
+        return spec
+    return {**spec, "tiny": {**spec["tiny"], "path": location}}
+
+
+def materialised_data(pipe: Pipeline) -> dict:
+    """The pipeline's data with its synthetic set given as the files it was generated into, so
+    that derived pipelines (other output directories) read the same files, ids and hashes."""
+    from genrecal.store.data.pipeline_data import split_sources
+
+    data, root = pipe.data, Path(pipe.output_dir).resolve()
+    splits = sorted(data.splits())
+    sources = [_source_dict(s) for split in splits
+               for s in split_sources(data, split, output_dir=root)]
+    return {"sources": sources, "on_error": data.on_error}
+
+
+def _source_dict(source: Any) -> dict:
+    return {"path": str(source.path), "format": source.format, "image_root": source.image_root,
+            "split": source.split, "limit": source.limit}
+
+
+def student_training_stages(pipe: Pipeline) -> list:
+    """The stages that change student parameters (every stage whose trains has a student part)."""
+    return [s for s in pipe.stages if s.trains.student_parts()]
+
+
+def sft_stage(pipe: Pipeline) -> dict:
+    """The SFT-only baseline stage (module docstring) as a config dict."""
+    finetune = pipe.stage("finetune").to_dict()
+    training = student_training_stages(pipe)
+    if all(s.steps is not None for s in training):
+        length = {"steps": sum(s.steps for s in training), "epochs": None}
+    elif all(s.epochs is not None for s in training):
+        length = {"epochs": sum(s.epochs for s in training), "steps": None}
+    else:
+        raise RunError(f"pipeline {pipe.name!r}: the stages that train the student mix 'steps' "
+                       "and 'epochs', so the SFT-only baseline's length is undefined; give them "
+                       "all steps or all epochs")
+    return {**finetune, **length, "output": None}
+
+
+# ==============================================================================================
+# Steps
+# ==============================================================================================
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How steps run: the trainer's loop options and progress bars."""
+
+    progress: bool = True
+    save_every: int | None = None
+
+    def loop_options(self):
+        from genrecal.train.loop import LoopOptions
+
+        return LoopOptions(save_every=self.save_every, num_workers=0, progress=self.progress)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A numbered group of steps shown with one progress bar."""
+
+    name: str
+    title: str
+    steps: tuple[Step, ...]
+
+
+def _dir_check(*dirs: str) -> Callable[[dict], bool]:
+    return lambda _details: all((Path(d) / "config.json").is_file() for d in dirs)
+
+
+class StepBuilder:
+    """Builds the steps of a plan; ``hashes`` maps every step id to its config hash."""
+
+    def __init__(self, plan: RunPlan, options: RunOptions):
+        self.plan, self.options = plan, options
+        self.pipe = plan.pipeline
+        self.hashes: dict[str, str] = {}
+
+    def _step(self, step_id: str, title: str, config: Any, upstream: list[str],
+              outputs: list[str], run, check, adopts: bool = False) -> Step:
+        digest = config_hash(config, [self.hashes[u] for u in upstream])
+        self.hashes[step_id] = digest
+        return Step(step_id, title, digest, tuple(outputs), run, check, adopts)
+
+    # -- phase 1: data ----------------------------------------------------------------------
+    def _synthetic_sets(self) -> list[tuple[Any, Path]]:
+        from genrecal.store.data import synthetic_dir
+
+        sets = []
+        if self.pipe.data.synthetic is not None:
+            sets.append((self.pipe.data.synthetic, synthetic_dir(self.plan.root)))
+        tp = self.plan.teacher_pipeline()
+        if tp is not None and tp.data.synthetic is not None:
+            sets.append((tp.data.synthetic, synthetic_dir(Path(tp.output_dir).resolve())))
+        return sets
+
+    def data_step(self) -> Step:
+        from genrecal.store.data.pipeline_data import ensure_synthetic, synthetic_is_current
+
+        sets = self._synthetic_sets()
+        tp = self.plan.teacher_pipeline()
+        config = {"data": self.pipe.data.to_dict(), "teacher_data": tp.data.to_dict() if tp else None}
+
+        def run(_resume: bool) -> dict:
+            for spec, root in sets:
+                ensure_synthetic(spec, root)
+            return self._data_counts(tp)
+
+        return self._step("data", "synthetic data", config, [], [str(r) for _, r in sets], run,
+                          lambda _d: all(synthetic_is_current(s, r) for s, r in sets), adopts=True)
+
+    def _data_counts(self, tp: Pipeline | None) -> dict:
+        from genrecal.store.data import read_split
+
+        counts = {split: len(read_split(self.pipe.data, split, output_dir=self.plan.root).samples)
+                  for split in sorted(self.pipe.data.splits())}
+        if tp is not None:
+            counts["teacher_train"] = len(read_split(tp.data, "train",
+                                                     output_dir=Path(tp.output_dir).resolve()).samples)
+        return counts
+
+    # -- phase 2: models --------------------------------------------------------------------
+    def model_step(self, step_id: str, spec: Any, location: str, title: str) -> Step:
+        def run(_resume: bool) -> dict:
+            from genrecal.store.vlm.tiny import build_tiny_vlm
+
+            build_tiny_vlm(spec.kind, location, **spec.build_kwargs())
+            return {"path": location}
+
+        config = {"tiny": spec.model_dump(exclude={"path"}), "path": location}
+        return self._step(step_id, title, config, [], [location], run, _dir_check(location))
+
+    def model_steps(self) -> list[Step]:
+        steps = []
+        if self.pipe.teacher.tiny is not None:
+            steps.append(self.model_step("model-teacher", self.pipe.teacher.tiny,
+                                         self.plan.base_teacher_dir, "tiny teacher"))
+        if self.pipe.student.tiny is not None:
+            for seed in self.plan.seeds:
+                spec = self.pipe.student.tiny.model_copy(update={"seed": seed})
+                steps.append(self.model_step(f"model-student-seed-{seed}", spec,
+                                             self.plan.student_dir(seed), f"tiny student, seed {seed}"))
+        return steps
+
+    def _teacher_upstream(self) -> list[str]:
+        return ["model-teacher"] if "model-teacher" in self.hashes else []
+
+    # -- phase 3: teacher fine-tuning ----------------------------------------------------------
+    def teacher_step(self) -> Step | None:
+        tp = self.plan.teacher_pipeline()
+        if tp is None:
+            return None
+        stage_dir = str(Path(tp.stage_dir("finetune")).resolve())
+
+        def run(resume: bool) -> dict:
+            from genrecal.train.loop import run_stages
+
+            result = run_stages(tp, resume=resume, options=self.options.loop_options())[-1]
+            return {"steps": result.step, "stage_dir": stage_dir}
+
+        config = {"teacher": self.pipe.teacher.to_dict(),
+                  "teacher_finetune": self.pipe.teacher_finetune.to_dict()}
+        return self._step("teacher-finetune", "teacher fine-tuning", config,
+                          ["data", *self._teacher_upstream()], [stage_dir], run,
+                          _stage_check(stage_dir))
+
+    # -- phase 4: cache ---------------------------------------------------------------------
+    def cache_step(self) -> Step:
+        pipe = self.plan.cache_pipeline()
+        location = _location(pipe.cache.location)
+        upstream = ["data", *(["teacher-finetune"] if self.pipe.teacher_finetune else []),
+                    *self._teacher_upstream()]
+
+        def run(resume: bool) -> dict:
+            from genrecal.extract.job import job_from_pipeline
+            from genrecal.extract.pipeline import run_extract
+
+            run_extract(job_from_pipeline(pipe, resume=resume))
+            return _validated_cache(location)
+
+        config = {"teacher": self.pipe.teacher.to_dict(), "cache": pipe.cache.to_dict(),
+                  "location": location}
+        return self._step("cache", "teacher cache", config, upstream, [location], run,
+                          lambda d: _cache_unchanged(location, d))
+
+    # -- phase 5: training ------------------------------------------------------------------
+    def _student_upstream(self, seed: int) -> list[str]:
+        return ["data", *([f"model-student-seed-{seed}"] if self.pipe.student.tiny else [])]
+
+    def train_steps(self, seed: int) -> list[Step]:
+        gen, sft = self.plan.seed_pipeline(seed), self.plan.sft_pipeline(seed)
+        gen_dirs = [str(Path(gen.stage_dir(s.name)).resolve()) for s in gen.stages]
+        sft_dir = str(Path(sft.stage_dir("finetune")).resolve())
+        uses_cache = any(s.name in ("align", "distill") for s in gen.stages)
+        return [
+            self._step(f"genrecal-seed-{seed}", f"GenRecal stages, seed {seed}",
+                       {"stages": [s.to_dict() for s in gen.stages], "student": gen.student.to_dict(),
+                        "recalibrator": gen.recalibrator.to_dict()},
+                       [*self._student_upstream(seed), *(["cache"] if uses_cache else [])],
+                       gen_dirs, self._trainer(gen, gen_dirs[-1]), _stage_check(gen_dirs[-1])),
+            self._step(f"sft-seed-{seed}", f"SFT-only baseline, seed {seed}",
+                       {"stages": [s.to_dict() for s in sft.stages], "student": sft.student.to_dict()},
+                       self._student_upstream(seed), [sft_dir], self._trainer(sft, sft_dir),
+                       _stage_check(sft_dir)),
+        ]
+
+    def _trainer(self, pipe: Pipeline, last_dir: str):
+        def run(resume: bool) -> dict:
+            from genrecal.train.loop import run_stages
+
+            results = run_stages(pipe, resume=resume, options=self.options.loop_options())
+            return {"steps": {r.stage: r.step for r in results}, "stage_dir": last_dir}
+
+        return run
+
+    # -- phase 6: evaluation ----------------------------------------------------------------
+    def eval_step(self, row: str, seed: int | None, model_dir: str, pipe: Pipeline,
+                  upstream: list[str]) -> Step:
+        name = row if seed is None else f"{row}-seed-{seed}"
+        out = str(self.plan.root / EVAL_DIR / f"{name}.json")
+
+        def run(_resume: bool) -> dict:
+            return _evaluate(model_dir, pipe, out, progress=self.options.progress)
+
+        config = {"evaluation": pipe.evaluation.to_dict(), "model": model_dir, "row": row}
+        return self._step(f"eval-{name}", f"evaluate {ROW_TITLES[row]}"
+                          + ("" if seed is None else f", seed {seed}"), config,
+                          ["data", *upstream], [out], run, lambda _d: _eval_ok(out))
+
+    def eval_steps(self) -> list[Step]:
+        cache_pipe = self.plan.cache_pipeline()
+        teacher_up = ["teacher-finetune"] if self.pipe.teacher_finetune else self._teacher_upstream()
+        steps = [self.eval_step("teacher", None, self.plan.teacher_dir, cache_pipe, teacher_up)]
+        for seed in self.plan.seeds:
+            dirs, pipe = self.plan.model_dirs(seed), self.plan.seed_pipeline(seed)
+            init_up = self._student_upstream(seed)[1:]
+            steps += [self.eval_step("student_init", seed, dirs["student_init"], pipe, init_up),
+                      self.eval_step("student_sft", seed, dirs["student_sft"], pipe, [f"sft-seed-{seed}"]),
+                      self.eval_step("student_genrecal", seed, dirs["student_genrecal"], pipe,
+                                     [f"genrecal-seed-{seed}"])]
+        return steps
+
+    def phases(self) -> list[Phase]:
+        """Every phase of the run, in order (steps are built upstream first, for the hashes)."""
+        data, models = self.data_step(), tuple(self.model_steps())
+        teacher = self.teacher_step()
+        return [Phase("data", "build the synthetic visual QA data", (data,)),
+                Phase("models", "build the tiny teacher and students", models),
+                Phase("teacher", "fine-tune the teacher on the task", (teacher,) if teacher else ()),
+                Phase("cache", "extract and validate the teacher cache", (self.cache_step(),)),
+                Phase("train", "train: GenRecal stages and the SFT-only baseline",
+                      tuple(s for seed in self.plan.seeds for s in self.train_steps(seed))),
+                Phase("evaluate", "evaluate every model", tuple(self.eval_steps()))]
+
+
+def _location(location: str) -> str:
+    return location if "://" in location or "::" in location else str(Path(location).resolve())
+
+
+def _stage_check(stage_dir: str) -> Callable[[dict], bool]:
+    def check(_details: dict) -> bool:
+        from genrecal.train.errors import StageSetupError
+        from genrecal.train.export import read_done
+
+        try:
+            done = read_done(stage_dir)
+        except StageSetupError:
+            return False
+        return done is not None and (Path(done["student"]) / "config.json").is_file()
+
+    return check
+
+
+def manifest_digest(location: str) -> str | None:
+    """SHA-256 of the cache's manifest.json (None if it has none)."""
+    import hashlib
+
+    from genrecal.store.schema import MANIFEST
+    from genrecal.store.storage import CacheStorage
+
+    storage = CacheStorage(location)
+    if not storage.exists(MANIFEST):
+        return None
+    return hashlib.sha256(storage.read_bytes(MANIFEST)).hexdigest()
+
+
+def _validated_cache(location: str) -> dict:
+    """Validate the cache (RunError listing every problem) and summarise it."""
+    from genrecal.store.inspect import inspect_cache
+    from genrecal.store.validate import validate_cache
+
+    problems = validate_cache(location)
+    if problems:
+        raise RunError(f"the teacher cache {location} has {len(problems)} problem(s) after "
+                       "extraction:\n" + "\n".join(f"  {p}" for p in problems))
+    summary = inspect_cache(location, scan=False)
+    return {"manifest_sha256": manifest_digest(location), "problems": 0,
+            "samples": summary["samples"], "tokens": summary["tokens"],
+            "skipped": summary["skipped"]["count"], "bytes": summary["bytes"],
+            "bytes_per_input_token": summary["bytes_per_input_token"],
+            "features": {k: {f: v.get(f) for f in ("codec", "bytes", "bytes_per_row", "ratio_to_raw")}
+                         for k, v in summary["features"].items()}}
+
+
+def _cache_unchanged(location: str, details: dict) -> bool:
+    """The cache's manifest is the one recorded and the cache validates."""
+    from genrecal.store.validate import validate_cache
+
+    digest = details.get("manifest_sha256")
+    return digest is not None and manifest_digest(location) == digest \
+        and not validate_cache(location)
+
+
+def _evaluate(model_dir: str, pipe: Pipeline, out: str, *, progress: bool) -> dict:
+    from genrecal.train.evaluate import EvalSettings, evaluate_model_dir
+
+    result = evaluate_model_dir(model_dir, pipeline=pipe, progress=progress,
+                                settings=EvalSettings.resolve(pipe.evaluation))
+    _write_json(Path(out), result.to_dict())
+    return {"path": out, "accuracy": result.accuracy, "n": result.n}
+
+
+def _eval_ok(out: str) -> bool:
+    try:
+        data = json.loads(Path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "per_type" in data and "accuracy" in data
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ==============================================================================================
+# Running
+# ==============================================================================================
+
+@dataclass(frozen=True)
+class PhaseOutcome:
+    """A phase's steps' outcomes and the seconds the phase took in this run."""
+
+    name: str
+    title: str
+    seconds: float
+    steps: tuple[StepOutcome, ...]
+
+    @property
+    def compute_seconds(self) -> float:
+        return sum(s.compute_seconds for s in self.steps)
+
+    @property
+    def reused(self) -> bool:
+        return bool(self.steps) and all(s.reused for s in self.steps)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Everything a run produced: the plan, the phases' outcomes, the report's files."""
+
+    plan: RunPlan
+    phases: tuple[PhaseOutcome, ...]
+    seconds: float
+    report: dict = field(repr=False)
+    files: tuple[Path, ...] = ()
+
+
+def run_phases(plan: RunPlan, options: RunOptions = RunOptions(),
+               echo: Callable[[str], None] = print) -> Iterator[PhaseOutcome]:
+    """Run (or reuse) every phase of ``plan`` in order, yielding each phase's outcome."""
+    book = MarkerBook(plan.root)
+    phases = StepBuilder(plan, options).phases()
+    for number, phase in enumerate(phases, 1):
+        echo(f"[{number}/{len(phases)}] {phase.title}")
+        yield _run_phase(book, phase, options, echo)
+
+
+def _run_phase(book: MarkerBook, phase: Phase, options: RunOptions,
+               echo: Callable[[str], None]) -> PhaseOutcome:
+    from tqdm.auto import tqdm
+
+    started, outcomes = time.perf_counter(), []
+    with tqdm(total=len(phase.steps), desc=phase.name, unit="step", disable=not options.progress,
+              dynamic_ncols=True) as bar:
+        for step in phase.steps:
+            bar.set_postfix_str(step.title, refresh=True)
+            outcome = run_step(book, step)
+            outcomes.append(outcome)
+            bar.update(1)
+    for outcome in outcomes:
+        echo(f"    {outcome.title}: {_describe(outcome)}")
+    if not phase.steps:
+        echo("    nothing to do (not configured)")
+    return PhaseOutcome(phase.name, phase.title, time.perf_counter() - started, tuple(outcomes))
+
+
+def _describe(outcome: StepOutcome) -> str:
+    if outcome.reused:
+        return f"reused (computed in {outcome.compute_seconds:.1f} s)"
+    verb = {"run": "done", "redo": "redone (config or outputs changed)", "resume": "resumed"}
+    return f"{verb[outcome.action]} in {outcome.seconds:.1f} s"
+
+
+def run_pipeline(pipe: Pipeline, seeds: tuple[int, ...], options: RunOptions = RunOptions(),
+                 echo: Callable[[str], None] = print) -> RunResult:
+    """``genrecal run``: every phase, then the report under ``<output>/report``."""
+    from genrecal.report import build_report, write_report
+
+    started = time.perf_counter()
+    plan = RunPlan(pipe, tuple(seeds))
+    phases = tuple(run_phases(plan, options, echo))
+    seconds = time.perf_counter() - started
+    report = build_report(plan, phases, seconds)
+    files = write_report(report, plan.root / REPORT_DIR, plan)
+    return RunResult(plan, phases, seconds, report, tuple(files))

@@ -1,0 +1,183 @@
+"""A pipeline's input data: its declared sources and its generated synthetic VQA set.
+
+The ONE implementation that the teacher pass (extract), the trainer, evaluation and the demo use
+to find, generate and read a pipeline's samples, so they all see the same samples with the same
+ids.
+
+* :func:`synthetic_dir` - where a pipeline's synthetic set lives:
+  ``<pipeline output>/data/synthetic``.
+* :func:`ensure_synthetic` - generate it there unless it is already there with the same spec
+  (``synthetic.json`` records the spec it was generated with; another spec regenerates it).
+* :func:`read_sources` - read a list of sources in order into one :class:`DatasetRead`, with a
+  global sample limit, refusing a sample id given by two sources (caches and the trainer's join
+  are keyed by sample id).
+* :func:`read_split` - one split of a pipeline's data: its sources of that split, then the
+  synthetic set (generated if needed).
+
+Config objects are duck-typed so that genrecal.store does not import genrecal.config: a data
+config has ``sources`` (items with ``path``, ``format``, ``image_root``, ``split``, ``limit``),
+``synthetic`` (``n_train``, ``n_test``, ``image_size``, ``seed``; or None) and ``on_error``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genrecal.store.data.problems import Skip
+from genrecal.store.data.readers import DatasetRead, read_dataset
+from genrecal.store.data.sample import Sample
+from genrecal.store.data.synthetic import SyntheticVQA, make_synthetic_vqa
+from genrecal.store.errors import DatasetError, DuplicateSampleError
+
+__all__ = ["SYNTHETIC_SPEC", "SYNTHETIC_SPLITS", "SourceRef", "ensure_synthetic", "read_sources",
+           "read_split", "split_sources", "synthetic_dir", "synthetic_is_current", "synthetic_source",
+           "synthetic_spec"]
+
+SYNTHETIC_SPEC = "synthetic.json"
+SYNTHETIC_SPLITS: tuple[str, ...] = ("train", "test")
+_SPEC_KEYS: tuple[str, ...] = ("n_train", "n_test", "image_size", "seed")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A data source in the duck-typed form :func:`read_sources` reads (the config's
+    ``DataSource`` has the same attributes)."""
+
+    path: str
+    format: str = "auto"
+    image_root: str | None = None
+    split: str = "train"
+    limit: int | None = None
+
+
+# ---------------------------------------------------------------------------- synthetic set
+
+
+def synthetic_dir(output_dir: str | Path) -> Path:
+    """Where the synthetic set of a pipeline with output directory ``output_dir`` lives."""
+    return Path(output_dir) / "data" / "synthetic"
+
+
+def synthetic_spec(spec: Any) -> dict[str, int]:
+    """The generation arguments of a synthetic spec (``n_train``, ``n_test``, ``image_size``,
+    ``seed``), as recorded in ``synthetic.json``."""
+    return {key: int(getattr(spec, key)) for key in _SPEC_KEYS}
+
+
+def _recorded_spec(root: Path) -> dict | None:
+    try:
+        return json.loads((root / SYNTHETIC_SPEC).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def synthetic_is_current(spec: Any, root: str | Path) -> bool:
+    """Whether ``root`` holds the complete synthetic set of ``spec`` (files and record)."""
+    root = Path(root)
+    files = all((root / f"{split}.jsonl").is_file() for split in SYNTHETIC_SPLITS)
+    return files and _recorded_spec(root) == synthetic_spec(spec)
+
+
+def ensure_synthetic(spec: Any, root: str | Path) -> SyntheticVQA:
+    """The synthetic set of ``spec`` under ``root``: generated unless ``root`` already holds it
+    with the same spec (``synthetic.json``); regenerated when the recorded spec differs.
+
+    The record is removed before and rewritten after generation, so an interrupted generation
+    is redone. Raises DatasetError when the spec is unusable (e.g. too small an image).
+    """
+    root, wanted = Path(root), synthetic_spec(spec)
+    if not synthetic_is_current(spec, root):
+        (root / SYNTHETIC_SPEC).unlink(missing_ok=True)
+        try:
+            make_synthetic_vqa(root, **wanted)
+        except ValueError as exc:
+            raise DatasetError(f"data.synthetic: {exc}; fix the synthetic block of the pipeline",
+                               file=str(root)) from exc
+        _write_json(root / SYNTHETIC_SPEC, wanted)
+    return SyntheticVQA(root=root, train=root / "train.jsonl", test=root / "test.jsonl", **wanted)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def synthetic_source(root: str | Path, split: str) -> SourceRef:
+    """The LLaVA file of split ``split`` of the synthetic set under ``root``, as a source."""
+    return SourceRef(path=str(Path(root) / f"{split}.jsonl"), format="llava", split=split)
+
+
+def _has_synthetic_split(spec: Any, split: str) -> bool:
+    return spec is not None and split in SYNTHETIC_SPLITS and (split == "train" or spec.n_test > 0)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_sources(sources: Any, *, on_error: str = "raise", limit: int | None = None,
+                 image_cache: str | Path | None = None) -> DatasetRead:
+    """Read ``sources`` in order; at most ``limit`` samples in all (each source also stops at
+    its own ``limit``). A folder source is read at its ``split``; a file is its own split.
+
+    Raises DuplicateSampleError when two sources give the same sample id.
+    """
+    samples: list[Sample] = []
+    skips: list[Skip] = []
+    origin: dict[str, str] = {}
+    read_paths: list[str] = []
+    for source in sources:
+        remaining = None if limit is None else limit - len(samples)
+        if remaining is not None and remaining <= 0:
+            break
+        caps = [x for x in (remaining, source.limit) if x is not None]
+        read = read_dataset(source.path, format=source.format, image_root=source.image_root,
+                            on_error=on_error, limit=min(caps) if caps else None,
+                            split=source.split if Path(source.path).is_dir() else None,
+                            image_cache=image_cache)
+        _check_unique(read.samples, origin, str(source.path))
+        read_paths.append(str(source.path))
+        samples += read.samples
+        skips += read.skips
+    return DatasetRead(samples=samples, skips=skips, source=", ".join(read_paths))
+
+
+def _check_unique(samples: list[Sample], origin: dict[str, str], path: str) -> None:
+    for sample in samples:
+        if sample.id in origin:
+            raise DuplicateSampleError(
+                f"sample id {sample.id!r} occurs in {origin[sample.id]} and in {path}; caches and "
+                "the trainer are keyed by sample id: give the rows distinct ids or drop one source",
+                sample_id=sample.id, file=path)
+        origin[sample.id] = path
+
+
+def split_sources(data: Any, split: str, *, output_dir: str | Path) -> list[Any]:
+    """The sources of split ``split`` of data config ``data``: its declared sources of that
+    split, then the synthetic set's file (not generated here)."""
+    sources = [s for s in data.sources if s.split == split]
+    if _has_synthetic_split(data.synthetic, split):
+        sources.append(synthetic_source(synthetic_dir(output_dir), split))
+    return sources
+
+
+def read_split(data: Any, split: str, *, output_dir: str | Path, on_error: str | None = None,
+               limit: int | None = None, image_cache: str | Path | None = None) -> DatasetRead:
+    """Split ``split`` of a pipeline's data (see :func:`split_sources`), generating the synthetic
+    set under :func:`synthetic_dir` first if it is missing or stale; at most ``limit`` samples.
+
+    ``on_error`` defaults to the data config's. Raises DatasetError when nothing gives the split.
+    """
+    sources = split_sources(data, split, output_dir=output_dir)
+    if not sources:
+        raise DatasetError(f"no data source gives the split {split!r} (output {output_dir}); "
+                           f"add a source with split: {split}, or a synthetic block")
+    if _has_synthetic_split(data.synthetic, split):
+        ensure_synthetic(data.synthetic, synthetic_dir(output_dir))
+    read = read_sources(sources, on_error=on_error or data.on_error, limit=limit,
+                        image_cache=image_cache)
+    return DatasetRead(samples=read.samples, skips=read.skips, source=f"split {split}: {read.source}")

@@ -1,0 +1,90 @@
+"""`genrecal run` end to end through the CLI on a shrunken copy of the shipped demo pipeline:
+every phase runs, the report holds the 4 rows, a rerun reuses every phase without touching the
+cache, and a changed stage redoes only what depends on it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from genrecal import cli, config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_TITLES = ["teacher", "student before training", "student, SFT only", "student, GenRecal"]
+
+
+def shrunken_demo(tmp_path: Path, finetune_steps: int = 2) -> Path:
+    """The shipped demo with tiny sizes and a few steps, writing under ``tmp_path``."""
+    demo = config.get_pipeline("demo", REPO / "pipelines.yaml").to_dict()
+    demo.pop("name")
+    demo["teacher"]["tiny"].update(hidden_size=64, vocab_size=700)
+    demo["student"]["tiny"].update(hidden_size=32, vocab_size=500)
+    demo["teacher_finetune"].update(steps=3, warmup=0, batch_size=4)
+    demo["teacher_finetune"]["data"]["synthetic"].update(n_train=8, n_test=0)
+    demo["data"]["synthetic"].update(n_train=6, n_test=4)
+    demo["cache"]["location"] = str(tmp_path / "out" / "cache")
+    for stage in demo["stages"]:
+        stage.update(steps=finetune_steps if stage["name"] == "finetune" else 2, warmup=0,
+                     batch_size=3)
+    demo["evaluation"].update(max_new_tokens=3, batch_size=8)
+    demo["output"] = str(tmp_path / "out")
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump({"pipelines": {"demo": demo}}, sort_keys=False))
+    return path
+
+
+def run(path: Path) -> tuple[str, float]:
+    started = time.perf_counter()
+    result = CliRunner().invoke(cli.app, ["--file", str(path), "run", "demo", "--seeds", "0,1"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output, time.perf_counter() - started
+
+
+def manifest_state(tmp_path: Path) -> tuple[int, bytes]:
+    manifest = tmp_path / "out" / "cache" / "manifest.json"
+    return manifest.stat().st_mtime_ns, manifest.read_bytes()
+
+
+def test_demo_runs_end_to_end_and_reuses_its_phases(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = shrunken_demo(tmp_path)
+    output, first = run(path)
+    report = tmp_path / "out" / "report"
+    for name in ("results.md", "results.json", "loss_curves.png", "accuracy.png"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    results = json.loads((report / "results.json").read_text())
+    assert [row["title"] for row in results["rows"]] == ROW_TITLES
+    assert results["seeds"] == [0, 1] and results["cache"]["problems"] == 0
+    assert results["cache"]["samples"] == 6 and results["cache"]["bytes_per_input_token"] > 0
+    for row in results["rows"][1:]:
+        assert len(row["all"]["values"]) == 2 and row["all"]["std"] is not None
+        assert 0.0 <= row["all"]["mean"] <= 1.0
+    table = [line for line in output.splitlines() if line.startswith("| student") or
+             line.startswith("| teacher")]
+    assert [line.split(" | ")[0][2:] for line in table] == ROW_TITLES
+    assert "| " + ROW_TITLES[0] in (report / "results.md").read_text()
+    steps = {s["step"]: s["action"] for p in results["phases"] for s in p["steps"]}
+    assert set(steps.values()) == {"run"} and "teacher-finetune" in steps
+
+    cache_before = manifest_state(tmp_path)
+    output, second = run(path)
+    again = json.loads((report / "results.json").read_text())
+    assert all(p["reused"] for p in again["phases"] if p["steps"])
+    assert manifest_state(tmp_path) == cache_before  # the cache was not recomputed
+    assert second < first / 3, (first, second)
+    assert again["rows"] == results["rows"]
+
+    output, _ = run(shrunken_demo(tmp_path, finetune_steps=3))  # a changed finetune stage
+    changed = json.loads((report / "results.json").read_text())
+    actions = {s["step"]: s["action"] for p in changed["phases"] for s in p["steps"]}
+    redone = {step for step, action in actions.items() if action != "reuse"}
+    assert redone == {f"{kind}-seed-{seed}" for seed in (0, 1) for kind in
+                      ("genrecal", "sft", "eval-student_genrecal", "eval-student_sft")}
+    assert manifest_state(tmp_path) == cache_before
