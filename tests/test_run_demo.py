@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -38,6 +39,14 @@ def shrunken_demo(tmp_path: Path, finetune_steps: int = 2) -> Path:
     path = tmp_path / "pipelines.yaml"
     path.write_text(yaml.safe_dump({"pipelines": {"demo": demo}}, sort_keys=False))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """`genrecal run` sets the process's torch thread count; keep it from leaking into other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def run(path: Path) -> tuple[str, float]:

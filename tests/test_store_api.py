@@ -20,7 +20,8 @@ ORIGINS = {
                            "save_processor": "saving"},
     "genrecal.store.data": {"read_dataset": "readers", "iter_dataset": "readers", "DatasetRead": "readers",
                             "Skip": "problems", "make_synthetic_vqa": "synthetic", "Sample": "sample",
-                            "Turn": "sample"},
+                            "Turn": "sample", "ensure_synthetic": "pipeline_data",
+                            "read_split": "pipeline_data", "synthetic_dir": "pipeline_data"},
 }
 
 

@@ -103,6 +103,8 @@ import genrecal.train.loop as loop
 from test_train_loop import DISTILL, make_job, QUIET
 from train_batches import encode, make_samples
 from genrecal.store.vlm.loading import load_vlm
+import torch
+torch.set_num_threads({threads})  # float reductions depend on the thread count: match the parent
 
 original = loop.save_checkpoint
 def save_then_die(root, step, data, **kw):
@@ -122,7 +124,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tiny_student_dir, encoded, tm
     """Killed right after the checkpoint of step 2, the end of epoch 0."""
     out, images = tmp_path / "killed", tmp_path / "child-images"
     script = _KILLED_CHILD.format(tests=str(TESTS), student=str(tiny_student_dir),
-                                  images=str(images), out=str(out))
+                                  images=str(images), out=str(out), threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(TESTS)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
