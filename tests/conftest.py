@@ -31,6 +31,21 @@ def tiny_vlm_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_vlm_dir):
+    """``loaded(kind)``: the tiny VLM of ``kind`` through load_vlm, loaded once per test module."""
+    from genrecal.store.vlm.loading import load_vlm
+
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = load_vlm(tiny_vlm_dir(kind))
+        return cache[kind]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tiny_vlm_dir) -> Path:
     return tiny_vlm_dir("qwen2_vl")

@@ -9,21 +9,8 @@ from genrecal.store.errors import GenerationError, SpanError
 from genrecal.store.vlm.encoding import encode_sample
 from genrecal.store.vlm.generate import (Generation, _answer_text, answers_match, build_prompts,
                                          generate_answers, normalise_answer, stop_token_ids)
-from genrecal.store.vlm.loading import load_vlm
 
 KINDS = ("qwen2_vl", "llava_qwen2")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_vlm_dir):
-    cache = {}
-
-    def get(kind: str):
-        if kind not in cache:
-            cache[kind] = load_vlm(tiny_vlm_dir(kind))
-        return cache[kind]
-
-    return get
 
 
 @pytest.fixture

@@ -19,17 +19,6 @@ KIND_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_qwen2"
                "llava_llama": "llava", "gemma3": "gemma3", "internvl": "internvl"}
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_vlm_dir):
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = load_vlm(tiny_vlm_dir(kind))
-        return cache[kind]
-    return get
-
-
 def _two_image_sample(make_sample):
     return make_sample(("user", (0, "How many circles are there?")), ("assistant", ("Two.",)),
                        ("user", ("And in this one?", 1)), ("assistant", ("3",)),

@@ -35,17 +35,6 @@ def expected_image_tokens(kind: str, size: tuple[int, int]) -> int:
     return {"llava_qwen2": 16, "llava_llama": 16, "gemma3": 4}[kind]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_vlm_dir):
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = load_vlm(tiny_vlm_dir(kind))
-        return cache[kind]
-    return get
-
-
 def check_spans(kind, vlm, sample, encoded):
     """Independent checks: decoded answers, image-token runs, question text, tiling."""
     tok, ids, spans = vlm.tokenizer, encoded.input_ids, encoded.spans
