@@ -79,10 +79,11 @@ def prepare(root: Path, args) -> dict:
     """Build the models and data, extract the cache; the parameter counts."""
     from genrecal.extract.job import job_from_pipeline
     from genrecal.extract.pipeline import run_extract
-    from genrecal.train.loop import Dist, prepare_inputs
+    from genrecal.store.distributed import RankInfo
+    from genrecal.train.loop import prepare_inputs
 
     pipe = pipeline(root, args)
-    prepare_inputs(pipe, Dist(), ("student", "teacher"))
+    prepare_inputs(pipe, RankInfo(), ("student", "teacher"))
     started = time.perf_counter()
     run_extract(dataclasses.replace(job_from_pipeline(pipe), progress=False))
     return {"teacher_params": n_params(root / "teacher"), "student_params": n_params(root / "student"),
@@ -154,10 +155,11 @@ def _peaks(device: str, base_mib: float) -> dict:
 def run_mode(root: Path, mode: str, args) -> dict:
     """Train the distill stage in ``mode``; timings of the steps after the first, memory peaks."""
     base_mib = _libraries_rss_mib()
-    from genrecal.train.loop import Dist, LoopOptions, build_stage_job, train_stage
+    from genrecal.store.distributed import RankInfo
+    from genrecal.train.loop import LoopOptions, build_stage_job, train_stage
 
     options = LoopOptions(save_every=None, num_workers=args.workers, progress=False, teacher_source=mode)
-    job = build_stage_job(pipeline(root, args), "distill", Dist(), options)
+    job = build_stage_job(pipeline(root, args), "distill", RankInfo(), options)
     job = dataclasses.replace(job, out_dir=root / f"run-{mode}")
     loader = getattr(job.loader, "loader", job.loader)  # the TrainLoader (online: inside OnlineLoader)
     loader.wait = _recording_wait()

@@ -41,7 +41,8 @@ class SampleError(ExtractError):
 
 
 class DistributedError(ExtractError):
-    """The torchrun environment (RANK / WORLD_SIZE / LOCAL_RANK) is inconsistent."""
+    """The torchrun environment cannot start a process group (WORLD_SIZE > 1, no MASTER_ADDR);
+    malformed RANK / WORLD_SIZE / LOCAL_RANK raise store.errors.DistributedEnvError."""
 
 
 class FidelityError(ExtractError):

@@ -1,9 +1,10 @@
 """The teacher pass's inputs: the teacher checkpoint, the synthetic data, the samples.
 
-A tiny teacher (``teacher.tiny``) is built by the kit at its location when that directory has no
-``config.json``; synthetic data (``data.synthetic``) is generated into the pipeline's output
-directory when it is missing or was generated with another spec (``synthetic.json`` records it;
-:mod:`genrecal.store.data.pipeline_data`, shared with the trainer and evaluation).
+A tiny teacher (``teacher.tiny``) is built by the kit at its location when that directory lacks a
+complete model built with the same spec (``ensure_tiny_vlm``); synthetic data (``data.synthetic``)
+is generated into the pipeline's output directory when it is missing or was generated with another
+spec (``synthetic.json`` records it; :mod:`genrecal.store.data.pipeline_data`, shared with the
+trainer and evaluation).
 Under torchrun only rank 0 does either (the pipeline waits on a barrier).
 """
 
@@ -28,13 +29,13 @@ class InputData:
 
 
 def ensure_teacher(job: ExtractJob) -> None:
-    """Build the tiny teacher at its location if the directory holds no checkpoint yet."""
-    location = Path(job.settings.teacher.location)
-    if job.tiny is None or (location / "config.json").is_file():
+    """Build the tiny teacher at its location unless a complete one with the same spec is there
+    (:func:`genrecal.store.vlm.tiny.ensure_tiny_vlm`)."""
+    if job.tiny is None:
         return
-    from genrecal.store.vlm.tiny import build_tiny_vlm
+    from genrecal.store.vlm.tiny import ensure_tiny_vlm
 
-    build_tiny_vlm(job.tiny.kind, location, **job.tiny.build_kwargs())
+    ensure_tiny_vlm(job.tiny.kind, Path(job.settings.teacher.location), **job.tiny.build_kwargs())
 
 
 def ensure_synthetic(job: ExtractJob) -> None:

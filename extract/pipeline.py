@@ -39,7 +39,7 @@ import torch
 
 from genrecal.extract.background import BackgroundWriter, WriterStats
 from genrecal.extract.batching import pad_batch, pad_offsets, plan_batches
-from genrecal.extract.distributed import RankInfo, barrier, owned, process_group, rank_info
+from genrecal.extract.distributed import owned, process_group
 from genrecal.extract.errors import CacheExistsError, SampleError
 from genrecal.extract.features import SampleFeatures, batch_features
 from genrecal.extract.inputs import ensure_synthetic, ensure_teacher, read_inputs, sample_windows
@@ -47,6 +47,7 @@ from genrecal.extract.job import ExtractJob, feature_specs
 from genrecal.extract.teacher import (Teacher, fingerprint, forward_hidden, load_teacher,
                                       processor_files, resolve_device, to_device, write_artifacts)
 from genrecal.store.data import Sample
+from genrecal.store.distributed import RankInfo
 from genrecal.store.errors import CacheWriteError, DatasetError, FeatureInputError, StoreError
 from genrecal.store.schema import MANIFEST, RANKS_DIR, SHARDS_DIR, Manifest
 from genrecal.store.storage import CacheStorage
@@ -119,13 +120,13 @@ class ExtractResult:
 
 def run_extract(job: ExtractJob, *, info: RankInfo | None = None) -> ExtractResult:
     """Run this rank's share of ``job`` (see the module docstring)."""
-    info = info or rank_info()
+    info = info or RankInfo.from_env()
     with process_group(info):
         if info.is_main:
             ensure_teacher(job)
             ensure_synthetic(job)
         check_output(job)
-        barrier(info)
+        info.barrier()
         return _run_rank(job, info)
 
 
@@ -159,9 +160,9 @@ def _run_rank(job: ExtractJob, info: RankInfo) -> ExtractResult:
         read_skips = inputs.skips if info.is_main else []
         counters, stats = _extract(job, teacher, writer, windows, done, read_skips, info)
     loop_seconds = time.perf_counter() - loop_start
-    barrier(info)
+    info.barrier()
     manifest = finalise(job, teacher, files) if info.is_main else None
-    barrier(info)
+    info.barrier()
     return ExtractResult(out=job.out, rank=info.rank, world=info.world, written=counters.written,
                          skipped=counters.skipped, already=counters.already,
                          tokens=counters.tokens, seconds=time.perf_counter() - start,

@@ -288,9 +288,9 @@ class StepBuilder:
     # -- phase 2: models --------------------------------------------------------------------
     def model_step(self, step_id: str, spec: Any, location: str, title: str) -> Step:
         def run(_resume: bool) -> dict:
-            from genrecal.store.vlm.tiny import build_tiny_vlm
+            from genrecal.store.vlm.tiny import ensure_tiny_vlm
 
-            build_tiny_vlm(spec.kind, location, **spec.build_kwargs())
+            ensure_tiny_vlm(spec.kind, location, **spec.build_kwargs())
             return {"path": location}
 
         config = {"tiny": spec.model_dump(exclude={"path"}), "path": location}

@@ -9,11 +9,12 @@ import pytest
 
 from extract_support import make_pipeline, pipeline_dict
 from genrecal.config import Codecs, Features
-from genrecal.extract.distributed import RankInfo, owned, rank_info
-from genrecal.extract.errors import DistributedError, ExtractSetupError
+from genrecal.extract.distributed import owned
+from genrecal.extract.errors import ExtractSetupError
 from genrecal.extract.inputs import ensure_synthetic, read_inputs, sample_windows
 from genrecal.extract.job import ExtractSettings, feature_specs, job_from_pipeline
 from genrecal.extract.pipeline import prefetched
+from genrecal.store.distributed import RankInfo
 
 
 def _pipe(tmp_path, **kw):
@@ -58,16 +59,6 @@ def test_feature_specs_follow_the_config_and_reject_impossible_ones():
     f32 = {s.name: s.codec for s in feature_specs(features, Codecs(visual_gram="f32", logit_stats="f32"),
                                                   hidden_size=32, vocab_size=10)}
     assert (f32["visual_gram"], f32["logit_stats"]) == ("f32", "f32")
-
-
-def test_rank_info_from_the_torchrun_environment():
-    assert rank_info({}) == RankInfo(0, 1, 0)
-    info = rank_info({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
-    assert (info.rank, info.world, info.local_rank, info.is_main, info.distributed) == (3, 4, 1, False, True)
-    with pytest.raises(DistributedError, match="RANK='x'"):
-        rank_info({"RANK": "x"})
-    with pytest.raises(DistributedError, match="RANK < WORLD_SIZE"):
-        rank_info({"RANK": "2", "WORLD_SIZE": "2"})
 
 
 def test_windows_are_dealt_to_ranks_disjointly_and_completely():

@@ -94,3 +94,45 @@ def test_metaspace_tokenizers_cover_the_vqa_vocabulary(kind, tiny_vlm_dir):
     assert tok.unk_token_id not in ids
     assert tok.decode(ids) == text
 
+
+
+def test_ensure_tiny_vlm_builds_once_reuses_and_rebuilds_on_a_changed_spec(tmp_path):
+    from genrecal.store.vlm.tiny import SPEC_FILE, ensure_tiny_vlm
+
+    out = tmp_path / "models" / "student"
+    assert ensure_tiny_vlm("llava_qwen2", out, seed=1, hidden_size=32) == out
+    weights = out / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns, weights.stat().st_ino
+    ensure_tiny_vlm("llava_qwen2", out, seed=1, hidden_size=32)  # same spec: kept as is
+    assert (weights.stat().st_mtime_ns, weights.stat().st_ino) == stamp
+    before = load_file(weights)
+    ensure_tiny_vlm("llava_qwen2", out, seed=2, hidden_size=32)  # another seed: rebuilt
+    assert json.loads((out / SPEC_FILE).read_text())["seed"] == 2
+    after = load_file(weights)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["student"]  # no temp dirs left
+
+
+def test_ensure_tiny_vlm_rebuilds_an_incomplete_directory(tmp_path):
+    from genrecal.store.vlm.tiny import ensure_tiny_vlm
+
+    out = ensure_tiny_vlm("llava_qwen2", tmp_path / "m", hidden_size=32)
+    (out / "tokenizer.json").unlink()
+    ensure_tiny_vlm("llava_qwen2", out, hidden_size=32)
+    assert (out / "tokenizer.json").is_file()
+    assert load_vlm(out).family.model_type == "llava"
+
+
+def test_model_dir_for_passes_sources_through_and_ensures_tiny_models(tmp_path):
+    from types import SimpleNamespace
+
+    from genrecal.store.vlm.tiny import model_dir_for, tiny_vlm_is_complete
+
+    hub = SimpleNamespace(tiny=None, source="org/model")
+    assert str(model_dir_for(hub, "org/model")) == "org/model"
+    assert not (tmp_path / "org").exists()
+    kwargs = {"seed": 4, "hidden_size": 32}
+    tiny = SimpleNamespace(tiny=SimpleNamespace(kind="llava_qwen2", build_kwargs=lambda: kwargs))
+    where = model_dir_for(tiny, tmp_path / "t")
+    assert tiny_vlm_is_complete(where, tiny_spec("llava_qwen2", seed=4, hidden_size=32))
+    assert not tiny_vlm_is_complete(where, tiny_spec("llava_qwen2", seed=5, hidden_size=32))

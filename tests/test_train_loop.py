@@ -33,7 +33,7 @@ DISTILL = DistillStage(name="distill", steps=4, grad_accum=2, batch_size=2, prec
 
 def make_job(student_dir, encoded, out_dir, stage, world_size=1, rank=0, dist=None):
     """A fresh job (new student, new Recalibrator) over the hand-built loader."""
-    from genrecal.train.loop import Dist
+    from genrecal.store.distributed import RankInfo
 
     vlm = load_vlm(student_dir)
     rec = teacher = None
@@ -46,7 +46,7 @@ def make_job(student_dir, encoded, out_dir, stage, world_size=1, rank=0, dist=No
                         seed=stage.seed, world_size=world_size, rank=rank,
                         teacher=stage.name != "finetune")
     return StageJob(stage=stage, model=model, loader=loader, out_dir=Path(out_dir),
-                    processor=vlm.processor, dist=dist or Dist(),
+                    processor=vlm.processor, dist=dist or RankInfo(),
                     inputs={"student": str(student_dir)})
 
 
@@ -165,14 +165,14 @@ DDP_STAGE = AlignStage(name="align", steps=3, batch_size=2, grad_accum=1, precis
 def _ddp_worker(rank: int, world: int, student_dir: str, images: str, out: str, init: str):
     import torch.distributed as dist
 
-    from genrecal.train.loop import Dist
+    from genrecal.store.distributed import RankInfo
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         encoded = encode(load_vlm(student_dir), make_samples(8, Path(images)))
         job = make_job(student_dir, encoded, out, DDP_STAGE, world_size=world, rank=rank,
-                       dist=Dist(rank, world, rank))
+                       dist=RankInfo(rank, world, rank))
         train_stage(job, LoopOptions(save_every=None, **QUIET))
         if rank == 0:
             save_file(state_of(job), str(Path(out) / "final.safetensors"))

@@ -311,13 +311,10 @@ def load_pipeline_model(pipeline: Any, role: str, *, source: str | Path | None =
     """Load the pipeline's ``role`` model (or the checkpoint ``source``) with that role's
     dtype / device / device_map; a tiny model of the pipeline is built first if missing."""
     from genrecal.store.vlm.loading import load_vlm
+    from genrecal.store.vlm.tiny import model_dir_for
 
     spec = pipeline.teacher if role == "teacher" else pipeline.student
-    where = str(source) if source is not None else pipeline.model_location(role)
-    if source is None and spec.tiny is not None and not (Path(where) / "config.json").is_file():
-        from genrecal.store.vlm.tiny import build_tiny_vlm
-
-        build_tiny_vlm(spec.tiny.kind, where, **spec.tiny.build_kwargs())
+    where = source if source is not None else model_dir_for(spec, pipeline.model_location(role))
     return load_vlm(where, family=spec.family if source is None else None,
                     dtype=dtype or spec.dtype, device=device or spec.device or "cpu",
                     device_map=spec.device_map if device is None else None,

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from genrecal.store.distributed import RankInfo
 from genrecal.train.checkpoint import (CheckpointData, RngState, latest_checkpoint,
                                        load_checkpoint, prune_checkpoints, restore_weights,
                                        save_checkpoint)
@@ -62,49 +62,27 @@ LOSS_PLOT = "loss.png"
 # Distributed
 # ==============================================================================================
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a (possibly 1-process) run; collectives are no-ops alone."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def current(cls) -> Dist:
-        """From the initialised default process group (or a single process)."""
-        if not (torch_dist.is_available() and torch_dist.is_initialized()):
-            return cls()
-        local = int(os.environ.get("LOCAL_RANK", torch_dist.get_rank()))
-        return cls(torch_dist.get_rank(), torch_dist.get_world_size(), local)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch_dist.barrier()
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of ``t`` over ranks (a new tensor on t's device)."""
-        if self.world_size == 1:
-            return t
-        comm = torch.device("cuda", self.local_rank) \
-            if torch_dist.get_backend() == "nccl" else torch.device("cpu")
-        out = t.to(comm).clone()
-        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
-        return out.to(t.device)
+def all_reduce_sum(dist: RankInfo, t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` (any shape and dtype) over the ranks of ``dist``: a new tensor on t's device
+    (``t`` itself for a single process). NCCL reduces on this rank's GPU, gloo on the CPU."""
+    if not dist.distributed:
+        return t
+    comm = torch.device("cuda", dist.local_rank) \
+        if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+    out = t.to(comm).clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
-def init_distributed() -> Dist:
+def init_distributed() -> RankInfo:
     """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_dist.is_initialized():
+    env = RankInfo.from_env()
+    if env.distributed and not torch_dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(env.local_rank)
         torch_dist.init_process_group(backend=backend)
-    return Dist.current()
+    return RankInfo.current()
 
 
 # ==============================================================================================
@@ -217,7 +195,7 @@ class StageJob:
     processor: Any
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     export_dtype: torch.dtype | None = None
-    dist: Dist = field(default_factory=Dist)
+    dist: RankInfo = field(default_factory=RankInfo)
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -292,10 +270,10 @@ class _Trainer:
     def _total_micro_batches(self) -> int:
         stage, loader = self.stage, self.job.loader
         plan = getattr(loader, "plan", None)
-        if self.dist.world_size > 1 and getattr(plan, "uneven", False):
+        if self.dist.distributed and getattr(plan, "uneven", False):
             raise StageSetupError(
                 f"stage {stage.name}: batch_size 1 with a sample count not divisible by the "
-                f"{self.dist.world_size} processes gives the ranks different step counts; use "
+                f"{self.dist.world} processes gives the ranks different step counts; use "
                 "batch_size >= 2 or a world size that divides the number of samples.")
         if stage.steps is not None:
             return stage.steps * stage.grad_accum
@@ -311,7 +289,7 @@ class _Trainer:
             _enable_checkpointing(model.student)
 
     def _wrap(self) -> torch.nn.Module:
-        if self.dist.world_size == 1:
+        if not self.dist.distributed:
             return self.job.model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -323,14 +301,14 @@ class _Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"stage": self.stage.name, "stage_config": _json_roundtrip(self.stage.to_dict()),
                 "step": self.step, "total_steps": self.total_steps,
-                "schedule": dataclasses.asdict(self.schedule), "world_size": self.dist.world_size,
+                "schedule": dataclasses.asdict(self.schedule), "world_size": self.dist.world,
                 "counters": dict(self.counters)}
 
     def _load_checkpoint(self) -> CheckpointData | None:
         where = latest_checkpoint(self.job.out_dir / CHECKPOINTS)
         if where is None:
             return None
-        saved = load_checkpoint(where, rank=self.dist.rank, world_size=self.dist.world_size)
+        saved = load_checkpoint(where, rank=self.dist.rank, world_size=self.dist.world)
         mine, theirs = self._trainer_state(), saved.trainer
         for key in ("stage", "stage_config", "total_steps", "schedule"):
             if mine[key] != theirs.get(key):
@@ -391,7 +369,7 @@ class _Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums = self.dist.all_reduce_sum(sums).cpu()
+        sums = all_reduce_sum(self.dist, sums).cpu()
         self.step += 1
         record = self._record(sums[:n_terms], counts, int(sums[n_terms]), lr, grad_norm, wait,
                               time.perf_counter() - started)
@@ -399,18 +377,18 @@ class _Trainer:
 
     def _global_counts(self, batches: Sequence[Any]) -> TokenCounts:
         local = sum((TokenCounts.of_batch(b) for b in batches), TokenCounts())
-        return TokenCounts.from_tensor(self.dist.all_reduce_sum(local.to_tensor()))
+        return TokenCounts.from_tensor(all_reduce_sum(self.dist, local.to_tensor()))
 
     def _micro_step(self, batch: Any, counts: TokenCounts, last: bool) -> torch.Tensor:
         """Forward + backward of one micro-batch; its per-term loss sums, float64 [len(TERMS)]
         on the device (no host sync)."""
         batch = batch_to(batch, self.job.device, self._input_dtype())
-        sync = contextlib.nullcontext() if last or self.dist.world_size == 1 \
+        sync = contextlib.nullcontext() if last or not self.dist.distributed \
             else self.module.no_sync()
         with sync:
             with self._autocast():
                 out = run_step(self.module, batch, counts)
-            (out.total * self.dist.world_size).backward()
+            (out.total * self.dist.world).backward()
         zero = torch.zeros((), device=self.job.device)
         return torch.stack([out.sums.get(t, zero) for t in TERMS]).double()
 
@@ -453,7 +431,7 @@ class _Trainer:
                               sampler=self.job.loader.state.to_dict(), rng=RngState.capture())
         root = self.job.out_dir / CHECKPOINTS
         save_checkpoint(root, self.step, data, rank=self.dist.rank,
-                        world_size=self.dist.world_size, barrier=self.dist.barrier)
+                        world_size=self.dist.world, barrier=self.dist.barrier)
         if self.dist.is_main and self.options.keep_checkpoints > 0:
             prune_checkpoints(root, self.options.keep_checkpoints)
 
@@ -534,7 +512,7 @@ def _previous_outputs(pipeline: Any, name: str) -> dict[str, Any]:
     return {"student": done["student"], "recalibrator": done.get("recalibrator")}
 
 
-def _device(pipeline: Any, dist: Dist) -> torch.device:
+def _device(pipeline: Any, dist: RankInfo) -> torch.device:
     spec = pipeline.student
     if spec.device_map is not None:
         raise StageSetupError("student.device_map is not supported for training (one device per "
@@ -542,21 +520,20 @@ def _device(pipeline: Any, dist: Dist) -> torch.device:
                               "several GPUs.")
     name = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and dist.world_size > 1:
+    if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
     return device
 
 
-def prepare_inputs(pipeline: Any, dist: Dist, roles: Sequence[str] = ("student",)) -> None:
+def prepare_inputs(pipeline: Any, dist: RankInfo, roles: Sequence[str] = ("student",)) -> None:
     """Build what a tiny / synthetic pipeline generates (the tiny models of ``roles``, the
     synthetic data set) if missing, once (rank 0) while the other ranks wait."""
     syn = pipeline.data.synthetic
     for role in roles:
-        spec, where = getattr(pipeline, role), Path(pipeline.model_location(role))
-        if dist.is_main and spec.tiny is not None and not (where / "config.json").is_file():
-            from genrecal.store.vlm.tiny import build_tiny_vlm
+        if dist.is_main:
+            from genrecal.store.vlm.tiny import model_dir_for
 
-            build_tiny_vlm(spec.tiny.kind, where, **spec.tiny.build_kwargs())
+            model_dir_for(getattr(pipeline, role), pipeline.model_location(role))
     if dist.is_main and syn is not None:
         from genrecal.store.data import ensure_synthetic, synthetic_dir
 
@@ -590,7 +567,7 @@ def _recalibrator(pipeline: Any, student_model: torch.nn.Module, d_teacher: int,
                                      seed=seed)
 
 
-def build_stage_job(pipeline: Any, name: str, dist: Dist, options: LoopOptions) -> StageJob:
+def build_stage_job(pipeline: Any, name: str, dist: RankInfo, options: LoopOptions) -> StageJob:
     """Load everything stage ``name`` of ``pipeline`` needs (student, teacher head, loader);
     with ``options.teacher_source == "online"`` the teacher itself, whose head and live
     features replace the cache's (:mod:`genrecal.train.online`)."""
@@ -629,21 +606,21 @@ def build_stage_job(pipeline: Any, name: str, dist: Dist, options: LoopOptions) 
                           pin_memory=device.type == "cuda")
     if online is None:
         loader = make_loader(pipeline_train_data(pipeline), student, cache=cache, config=config,
-                             world_size=dist.world_size, rank=dist.rank)
+                             world_size=dist.world, rank=dist.rank)
     else:
         from genrecal.train.online import make_online_loader
 
         loader = make_online_loader(pipeline_train_data(pipeline), student, online, config=config,
-                                    world_size=dist.world_size, rank=dist.rank)
+                                    world_size=dist.world, rank=dist.rank)
     return StageJob(stage=stage, model=model, loader=loader, out_dir=Path(pipeline.stage_dir(name)),
                     processor=student.processor, device=device, dist=dist, inputs=inputs,
                     export_dtype=getattr(torch, spec.dtype))
 
 
 def run_stage(pipeline: Any, name: str, *, resume: bool = False,
-              options: LoopOptions | None = None, dist: Dist | None = None) -> StageResult:
+              options: LoopOptions | None = None, dist: RankInfo | None = None) -> StageResult:
     """Run (or, with ``resume``, continue or skip when finished) one stage of ``pipeline``."""
-    options, dist = options or LoopOptions(), dist or Dist.current()
+    options, dist = options or LoopOptions(), dist or RankInfo.current()
     out_dir = Path(pipeline.stage_dir(name))
     if read_done(out_dir) is not None:
         if resume:

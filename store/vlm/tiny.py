@@ -10,13 +10,21 @@ image), saves everything with ``save_pretrained`` and returns the directory, whi
 Kinds: ``qwen2_vl`` (teacher default: vocab 2000, hidden 256), ``qwen2_5_vl``, ``llava_qwen2``
 (student default: vocab 500, hidden 64), ``llava_llama``, ``gemma3`` (with a final-logit
 soft-cap) and ``internvl`` (InternViT + pixel-shuffle projector + Qwen2 decoder). Same kind + seed + sizes -> byte-identical files.
+
+The build records its resolved :class:`TinySpec` in ``tiny_spec.json``; :func:`ensure_tiny_vlm`
+(and :func:`model_dir_for`, for a pipeline's model spec) builds only when a directory lacks a
+complete model with that record, replacing a stale one atomically (temp dir + rename).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -275,6 +283,9 @@ KINDS: dict[str, _Kind] = {
 }
 
 
+SPEC_FILE = "tiny_spec.json"  # the resolved TinySpec a directory was built from
+
+
 # ----- build -----------------------------------------------------------------------------------
 def tiny_spec(kind: str, *, seed: int = 0, **sizes) -> TinySpec:
     """The kind's default :class:`TinySpec` with ``sizes`` (those not None) and ``seed`` applied."""
@@ -302,6 +313,7 @@ def build_tiny_vlm(kind: str, out_dir: str | Path, *, seed: int = 0, vocab_size:
     model.save_pretrained(out)
     processor = recipe.build_processor(recipe.build_image_processor(), tokenizer, recipe.chat_template)
     save_processor(processor, get_family(model.config), out)
+    (out / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -330,3 +342,65 @@ def _random_model(config, seed: int):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)
     return model.eval()
+
+
+# ----- build once ------------------------------------------------------------------------------
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tiny_vlm_is_complete(out_dir: str | Path, spec: TinySpec) -> bool:
+    """Whether ``out_dir`` holds a whole tiny model (config, weights, tokenizer) built from
+    ``spec`` (as recorded in its ``tiny_spec.json``)."""
+    out = Path(out_dir)
+    whole = ((out / "config.json").is_file() and any((out / f).is_file() for f in _WEIGHT_FILES)
+             and all((out / f).is_file() for f in _TOKENIZER_FILES))
+    return whole and _recorded_spec(out) == asdict(spec)
+
+
+def _recorded_spec(out: Path) -> dict | None:
+    try:
+        return json.loads((out / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_tiny_vlm(kind: str, out_dir: str | Path, **kwargs: Any) -> Path:
+    """``out_dir`` holding a tiny ``kind`` VLM built with ``kwargs`` (those of
+    :func:`build_tiny_vlm`): kept when already complete with the same spec, else (re)built in
+    a sibling temporary directory that then replaces ``out_dir``, so readers never see half a
+    model."""
+    out = Path(out_dir).expanduser()
+    if tiny_vlm_is_complete(out, tiny_spec(kind, **kwargs)):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the model directory's mode
+    try:
+        build_tiny_vlm(kind, tmp, **kwargs)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``, replacing a previous ``out`` (moved aside, then deleted)."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_dir_for(spec: Any, location: str | Path) -> Path:
+    """Where a model spec's checkpoint is: ``location`` itself for a ``source`` model, the
+    ensured tiny model at ``location`` (:func:`ensure_tiny_vlm`) for a ``tiny`` one.
+
+    ``spec`` is duck-typed: ``.tiny`` is None or has ``.kind`` and ``.build_kwargs()``
+    (``genrecal.config.ModelSpec``); ``location`` is ``Pipeline.model_location(role)``."""
+    if spec.tiny is None:
+        return Path(location)
+    return ensure_tiny_vlm(spec.tiny.kind, location, **spec.tiny.build_kwargs())
