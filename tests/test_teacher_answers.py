@@ -133,7 +133,8 @@ def test_bad_outputs_are_refused(teacher, dataset, tmp_path, make_sample):
 def test_answers_command_writes_a_readable_source(tmp_path, tiny_teacher_dir, monkeypatch):
     demo = config.get_pipeline("demo", REPO / "pipelines.yaml").to_dict()
     demo["output"] = str(tmp_path / "run")
-    demo["teacher"]["tiny"]["path"] = str(tiny_teacher_dir)
+    # The fixture's own spec (kit defaults): another spec would rebuild the shared fixture dir.
+    demo["teacher"]["tiny"] = {"kind": "qwen2_vl", "path": str(tiny_teacher_dir)}
     demo["data"]["synthetic"] = {"n_train": 4, "n_test": 2, "image_size": 32, "seed": 0}
     demo["cache"]["generate_answers"] = {"max_new_tokens": 2, "replace": "always"}
     path = tmp_path / "pipelines.yaml"
