@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from genrecal.extract.errors import AnswersError
+from genrecal.store.atomic import write_text_atomic
 from genrecal.store.data.readers import DatasetRead
 from genrecal.store.data.sample import Sample, Turn
 from genrecal.store.vlm.generate import Generation, answers_match, generate_answers
@@ -144,11 +145,7 @@ def _check_out_path(out_path: Path) -> None:
 
 def _write_rows(rows: list[dict], out_path: Path) -> None:
     """Write ``rows`` as JSONL atomically (temporary file + rename)."""
-    tmp = out_path.with_name(out_path.name + ".part")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
+    write_text_atomic(out_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ----- entry point -----------------------------------------------------------------------------

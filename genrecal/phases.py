@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from genrecal.errors import RunError
+from genrecal.store.atomic import write_text_atomic
 
 #: Version of the marker format and of the run's step semantics; bumping it redoes every step.
 RUN_FORMAT = 1
@@ -100,13 +101,8 @@ class MarkerBook:
 
     def write(self, marker: Marker) -> Path:
         """Write atomically (a killed write leaves the previous marker)."""
-        path = self.path(marker.step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(marker.to_dict(), indent=1, sort_keys=True) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(self.path(marker.step),
+                                 json.dumps(marker.to_dict(), indent=1, sort_keys=True) + "\n")
 
 
 def decide(marker: Marker | None, wanted_hash: str, check: Callable[[dict], bool]) -> Action:

@@ -31,7 +31,6 @@ labelled samples; it never reads the teacher.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any
 from genrecal.config import Pipeline
 from genrecal.errors import RunError
 from genrecal.phases import MarkerBook, Step, StepOutcome, config_hash, run_step
+from genrecal.store.atomic import write_text_atomic
 
 TRAINER_STAGES = ("align", "distill", "finetune")
 ROWS = ("teacher", "student_init", "student_sft", "student_genrecal")
@@ -495,10 +495,7 @@ def _eval_ok(out: str) -> bool:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 # ==============================================================================================

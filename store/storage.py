@@ -19,6 +19,7 @@ import fsspec
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
+from genrecal.store.atomic import fsync_path
 from genrecal.store.schema import check_relpath
 
 _READ_BLOCK = 1 << 22
@@ -111,7 +112,7 @@ class CacheStorage:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path))
+        fsync_path(os.path.dirname(path))
 
     def write_tree(self, rel: str, files: dict[str, bytes]) -> None:
         """Write every ``files[key]`` to ``rel/key`` (not atomic as a whole)."""
@@ -122,7 +123,7 @@ class CacheStorage:
         """Rename directory ``src`` to ``dst`` (atomic on a local filesystem)."""
         if self.local:
             os.rename(self.path(src), self.path(dst))
-            _fsync_dir(os.path.dirname(self.path(dst)))
+            fsync_path(os.path.dirname(self.path(dst)))
         else:
             self.fs.mv(self.path(src), self.path(dst), recursive=True)
 
@@ -138,9 +139,3 @@ class CacheStorage:
             self.fs.rm(path, recursive=True)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

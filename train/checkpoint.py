@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from genrecal.store.atomic import fsync_path, replace_dir, write_text_atomic
 from genrecal.train.errors import CheckpointError
 
 FORMAT = "genrecal.train.checkpoint"
@@ -195,21 +196,13 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_shared(tmp: Path, data: CheckpointData) -> None:
     weights = {k: v.detach().contiguous().cpu() for k, v in data.weights.items()}
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
     opt_tensors, opt_meta = flatten_optimizer(data.optimizer, data.names)
     save_file(opt_tensors, str(tmp / OPTIMIZER), metadata={"format": FORMAT})
     for name in (WEIGHTS, OPTIMIZER):
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
     _write_json(tmp / TRAINER, {"format": FORMAT, "version": VERSION, "names": data.names,
                                 "optimizer": opt_meta, "trainer": data.trainer})
 
@@ -217,27 +210,13 @@ def _write_shared(tmp: Path, data: CheckpointData) -> None:
 def _write_rank(tmp: Path, data: CheckpointData, rank: int) -> None:
     json_name, tensor_name = _rank_files(rank)
     save_file(data.rng.tensors(), str(tmp / tensor_name), metadata={"format": FORMAT})
-    _fsync(tmp / tensor_name)
+    fsync_path(tmp / tensor_name)
     _write_json(tmp / json_name, {"sampler": data.sampler, "rng": data.rng.meta()})
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final`` atomically; an existing ``final`` (same step) is replaced."""
-    if final.exists():
-        old = final.with_name(f"{_TMP_PREFIX}old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f"{_TMP_PREFIX}{LATEST}"
-    tmp.write_text(name + "\n", encoding="utf-8")
-    os.replace(tmp, root / LATEST)
-    _fsync(root)
+    write_text_atomic(root / LATEST, name + "\n")
+    fsync_path(root)
 
 
 def save_checkpoint(root: str | Path, step: int, data: CheckpointData, *, rank: int = 0,
@@ -261,7 +240,7 @@ def save_checkpoint(root: str | Path, step: int, data: CheckpointData, *, rank: 
     barrier()
     if rank == 0:
         _check_complete(tmp, world_size)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final, prefix=f"{_TMP_PREFIX}old-{final.name}-")
         _write_latest(root, final.name)
     barrier()
     return final

@@ -16,13 +16,13 @@ the Recalibrator) to continue from.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from genrecal.store.atomic import replace_dir, write_json_atomic
 from genrecal.store.vlm.families import Family
 from genrecal.store.vlm.saving import save_processor
 from genrecal.train.errors import StageSetupError
@@ -31,15 +31,6 @@ from genrecal.train.recalibrator import Recalibrator
 DONE = "stage_done.json"
 STUDENT_DIR = "student"
 RECALIBRATOR_DIR = "recalibrator"
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fresh_tmp(final: Path) -> Path:
@@ -61,7 +52,7 @@ def export_student(model: torch.nn.Module, processor: Any, family: Family, direc
         model.to(dtype=dtype)
     model.save_pretrained(tmp)
     save_processor(processor, family, tmp)
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     return final
 
 
@@ -69,7 +60,7 @@ def export_recalibrator(recalibrator: Recalibrator, directory: str | Path) -> Pa
     """Recalibrator.save into ``directory`` atomically."""
     final = Path(directory)
     recalibrator.save(_fresh_tmp(final))
-    _replace_dir(final.with_name(f".tmp-{final.name}"), final)
+    replace_dir(final.with_name(f".tmp-{final.name}"), final)
     return final
 
 
@@ -77,10 +68,7 @@ def write_done(stage_dir: str | Path, record: dict[str, Any]) -> Path:
     """Mark a stage finished; ``record`` holds at least ``student`` (a model directory) and
     ``recalibrator`` (a directory or None)."""
     path = Path(stage_dir) / DONE
-    tmp = path.with_name(DONE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, record, indent=1, sort_keys=True)
 
 
 def read_done(stage_dir: str | Path) -> dict[str, Any] | None:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from genrecal.store.atomic import write_text_atomic
 
 #: Record fields that depend on wall-clock time (everything else is reproducible).
 TIMING_FIELDS = ("samples_per_s", "data_wait_s", "step_time_s")
@@ -59,9 +60,7 @@ class MetricsLog:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -22,11 +22,11 @@ config has ``sources`` (items with ``path``, ``format``, ``image_root``, ``split
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from genrecal.store.atomic import write_json_atomic
 from genrecal.store.data.problems import Skip
 from genrecal.store.data.readers import DatasetRead, read_dataset
 from genrecal.store.data.sample import Sample
@@ -97,14 +97,8 @@ def ensure_synthetic(spec: Any, root: str | Path) -> SyntheticVQA:
         except ValueError as exc:
             raise DatasetError(f"data.synthetic: {exc}; fix the synthetic block of the pipeline",
                                file=str(root)) from exc
-        _write_json(root / SYNTHETIC_SPEC, wanted)
+        write_json_atomic(root / SYNTHETIC_SPEC, wanted, sort_keys=True)
     return SyntheticVQA(root=root, train=root / "train.jsonl", test=root / "test.jsonl", **wanted)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def synthetic_source(root: str | Path, split: str) -> SourceRef:

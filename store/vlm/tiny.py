@@ -19,7 +19,6 @@ complete model with that record, replacing a stale one atomically (temp dir + re
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from genrecal.store.atomic import replace_dir
 from genrecal.store.vlm import tiny_templates as templates
 from genrecal.store.vlm.families import get_family
 from genrecal.store.vlm.loading import assemble_without_video
@@ -378,21 +378,10 @@ def ensure_tiny_vlm(kind: str, out_dir: str | Path, **kwargs: Any) -> Path:
     tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the model directory's mode
     try:
         build_tiny_vlm(kind, tmp, **kwargs)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``, replacing a previous ``out`` (moved aside, then deleted)."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_dir_for(spec: Any, location: str | Path) -> Path:
