@@ -20,7 +20,11 @@ takes, and the share of the loop during which the forward waited on the backgrou
 Repeats alternate bare and extraction runs; the median is reported.
 
     python benchmarks/bench_extract.py [--samples 96] [--batch-size 8] [--hidden 256] [--repeats 3]
-                                       [--window 16] [--threads 1] [--device cpu|cuda] [--json]
+                                       [--window 16] [--threads 1] [--device cpu|cuda]
+                                       [--smoke] [--json [PATH]]
+
+``--smoke`` runs the same code paths at the smallest sizes (seconds), for CI; ``--json`` prints
+the results as JSON after the table, ``--json PATH`` writes them to PATH instead.
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ import torch
 
 from genrecal.config import Pipeline
 from genrecal.extract.background import BackgroundWriter
-from genrecal.extract.batching import pad_batch
 from genrecal.extract.inputs import ensure_synthetic, ensure_teacher, read_inputs, sample_windows
 from genrecal.extract.job import feature_specs, job_from_pipeline
 from genrecal.extract.pipeline import (BatchRunner, RunCounters, encode_window, run_extract,
                                        window_batches, write_item)
 from genrecal.extract.teacher import (bare_forward, fingerprint, load_teacher, processor_files,
                                       to_device)
+from genrecal.store.vlm.padding import pad_batch
 from genrecal.store.writer import CacheWriter
 
 
@@ -123,10 +127,10 @@ def measure(args) -> dict:
             inner.append(_time_features_and_writes(teacher, job, batches, f"{tmp}/inner-{r}")[0])
             runs.append(run_extract(replace(job, out=f"{tmp}/cache-{r}")))
         loop = statistics.median(run.loop_seconds for run in runs)
-        return {"inner_s": statistics.median(inner),"samples": runs[0].written, "batches": len(batches), "tokens": tokens,
+        return {"samples": runs[0].written, "batches": len(batches), "tokens": tokens,
                 "hidden": teacher.hidden_size, "vocab": teacher.vocab_size,
                 "device": str(teacher.device), "threads": torch.get_num_threads(),
-                "bare_s": statistics.median(bare), "loop_s": loop,
+                "bare_s": statistics.median(bare), "inner_s": statistics.median(inner), "loop_s": loop,
                 "end_to_end_s": statistics.median(run.seconds for run in runs),
                 "encode_s": encode_s, "ratio": loop / statistics.median(bare),
                 "writer_wait": statistics.median(run.writer.wait_fraction for run in runs),
@@ -151,7 +155,12 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+# --smoke: the same code paths (several windows and batches, bare / inner / extraction runs) at
+# the smallest sizes
+SMOKE = {"samples": 8, "batch_size": 2, "hidden": 64, "window": 4, "repeats": 1}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=96, help="synthetic samples (default 96)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
@@ -166,13 +175,24 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch CPU threads (default 1: leaves a core to the encoding and "
                              "writer threads; on small shared machines more threads made the "
                              "tiny forward erratically 20x slower)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
-    args = parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest sizes ({SMOKE}) unless given explicitly: seconds, for CI")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="print the results as JSON too; with PATH, write them to PATH instead")
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(**SMOKE)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     result = measure(args)
     print(format_table(result))
-    if args.json:
+    if args.json == "-":
         print(json.dumps(result, indent=2))
+    elif args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

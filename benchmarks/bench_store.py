@@ -10,7 +10,11 @@ so treat absolute ratios as indicative; the comparison between codecs is the poi
 Side by side, in the same run: the baseline of speculative-decoding hidden-state caches, one
 bfloat16 safetensors file per sample. Runs in well under a minute with the defaults:
 
-    python benchmarks/bench_store.py [--tokens 16384] [--hidden 1024] [--samples 24]
+    python benchmarks/bench_store.py [--tokens 16384] [--hidden 1024] [--samples 24] [--threads N]
+                                     [--smoke] [--json [PATH]]
+
+``--smoke`` runs the same code paths at the smallest sizes (a few seconds), for CI; ``--json``
+prints the results as JSON after the table, ``--json PATH`` writes them to PATH instead.
 """
 
 from __future__ import annotations
@@ -118,9 +122,11 @@ def bench_cache(states: list[torch.Tensor], codec: str, root: Path) -> dict:
     features = [schema.answer_hidden(d, codec)]
     t0 = time.perf_counter()
     with CacheWriter(url, teacher=synthetic_fingerprint(), features=features, settings={}) as writer:
-        for i, x in enumerate(states):  # the whole sequence is one answer window: spans [1, L)
+        for i, x in enumerate(states):
+            # the whole sequence is one turn: question [0, 1), answer [1, L), whose answer
+            # window [0, L) covers all L rows
             writer.add(f"s{i:05d}", content_hash="x", input_ids=torch.zeros(len(x), dtype=torch.long),
-                       spans={"answers": [[1, len(x)]]}, answer_hidden=x)
+                       spans={"questions": [[0, 1]], "answers": [[1, len(x)]]}, answer_hidden=x)
     write_s = time.perf_counter() - t0
     reader = CacheReader(url, verify=False)
     t0 = time.perf_counter()
@@ -189,14 +195,35 @@ def table(results: dict[str, dict], tokens: int, raw_mb: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+SMOKE = {"tokens": 256, "hidden": 64, "samples": 4}  # --smoke: same code paths, smallest sizes
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=16384, help="total hidden-state rows (default 16384)")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
     parser.add_argument("--samples", type=int, default=24, help="number of sequences (default 24)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                        help="torch CPU threads (default: the CPU count, at most 4)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest sizes ({SMOKE}) unless given explicitly: a few seconds, for CI")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="print the results as JSON too; with PATH, write them to PATH instead")
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(**SMOKE)
+    return parser.parse_args(argv)
+
+
+def write_json(summary: dict, target: str | None) -> None:
+    if target == "-":
+        print(json.dumps(summary, indent=1))
+    elif target:
+        Path(target).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -216,9 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"with blocksize = chunk, {blocks['default']:.3f} with the default blocksize")
     print("B/token counts every file of the layout (cache: records, metadata, manifest, index). "
           "MB/s are raw bf16 MiB per second; 'get ms' is one random-access read.")
-    summary = {"source": source, "tokens": tokens, "hidden": args.hidden, "results": results, "blosc": blocks}
-    if args.json:
-        print(json.dumps(summary, indent=1))
+    summary = {"source": source, "tokens": tokens, "hidden": args.hidden, "threads": args.threads,
+               "forward_s": forward_s, "results": results, "blosc": blocks}
+    write_json(summary, args.json)
     return summary
 
 

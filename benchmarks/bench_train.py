@@ -23,7 +23,11 @@ worker processes (``ru_maxrss`` of the children: forked, they count the pages th
 
     python benchmarks/bench_train.py [--samples 16] [--steps 8] [--batch-size 2] [--workers 1]
                                      [--teacher-hidden 512] [--teacher-layers 4] [--threads 1]
-                                     [--device cpu|cuda] [--json]
+                                     [--device cpu|cuda] [--smoke] [--json [PATH]]
+
+``--smoke`` runs the same code paths (both modes, each in its subprocess) at the smallest sizes,
+for CI; ``--json`` prints the results as JSON after the table, ``--json PATH`` writes them to
+PATH instead.
 """
 
 from __future__ import annotations
@@ -223,6 +227,11 @@ def measure(args, argv: list[str]) -> tuple[dict, dict]:
         return setup, rows
 
 
+# --smoke: the same code paths at the smallest sizes (the teacher keeps 2 layers and is still
+# larger than the student)
+SMOKE = {"samples": 4, "steps": 2, "batch_size": 2, "teacher_hidden": 128, "teacher_layers": 2}
+
+
 def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=16, help="synthetic samples (default 16)")
@@ -233,9 +242,14 @@ def parse(argv: list[str] | None):
     parser.add_argument("--teacher-layers", type=int, default=4, help="teacher decoder layers (default 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest sizes ({SMOKE}) unless given explicitly: seconds, for CI")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="print the results as JSON too; with PATH, write them to PATH instead")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(**SMOKE)
     return parser.parse_args(argv)
 
 
@@ -251,8 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(setup, rows, args))
     print(f"(total {time.perf_counter() - started:.0f} s, extraction {setup['extract_s']:.1f} s)")
     result = {"setup": setup, **rows}
-    if args.json:
+    if args.json == "-":
         print(json.dumps(result, indent=2))
+    elif args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

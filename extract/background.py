@@ -30,7 +30,8 @@ class WriterStats:
 
     submitted: items accepted by submit(); written: items sink_fn returned from;
     wait_seconds: producer time blocked in submit(); busy_seconds: worker time inside sink_fn;
-    elapsed_seconds: from construction to the end of close() (or to now while open).
+    elapsed_seconds: from construction to the end of close() (or to now while open);
+    waited: submits that found the queue full and blocked (back-pressure events).
     """
 
     submitted: int
@@ -38,6 +39,7 @@ class WriterStats:
     wait_seconds: float
     busy_seconds: float
     elapsed_seconds: float
+    waited: int = 0
 
     @property
     def wait_fraction(self) -> float:
@@ -73,7 +75,7 @@ class BackgroundWriter:
         self._failed_index = -1
         self._error_reported = False
         self._closed = False
-        self._submitted = self._written = 0
+        self._submitted = self._written = self._waited = 0
         self._wait = self._busy = 0.0
         self._start = time.perf_counter()
         self._end: float | None = None
@@ -96,7 +98,11 @@ class BackgroundWriter:
             raise WriterError("BackgroundWriter.submit() called after close(); submit every "
                               "item inside the `with BackgroundWriter(...)` block")
         t0 = time.perf_counter()
-        self._queue.put(item)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._waited += 1
+            self._queue.put(item)
         self._wait += time.perf_counter() - t0
         self._submitted += 1
         self._raise_if_failed(again=True)
@@ -117,7 +123,7 @@ class BackgroundWriter:
         end = time.perf_counter() if self._end is None else self._end
         return WriterStats(submitted=self._submitted, written=self._written,
                            wait_seconds=self._wait, busy_seconds=self._busy,
-                           elapsed_seconds=end - self._start)
+                           elapsed_seconds=end - self._start, waited=self._waited)
 
     @property
     def failed(self) -> bool:

@@ -40,6 +40,15 @@ class SampleError(ExtractError):
         self.reason = reason or message
 
 
+class NothingExtractedError(ExtractError):
+    """No sample could be cached: every one was skipped (``skipped``: their skip records, from
+    every rank) or the data gave none. Nothing is committed."""
+
+    def __init__(self, message: str, *, skipped: list | None = None):
+        super().__init__(message)
+        self.skipped = list(skipped or [])
+
+
 class DistributedError(ExtractError):
     """The torchrun environment cannot start a process group (WORLD_SIZE > 1, no MASTER_ADDR);
     malformed RANK / WORLD_SIZE / LOCAL_RANK raise store.errors.DistributedEnvError."""

@@ -2,10 +2,10 @@
 
 Positions follow method.md ("Positions, precisely") through :mod:`genrecal.store.schema`:
 
-* ``answer_hidden``: ``z`` at :func:`answer_window_positions` (the last token before each answer
-  through its last token);
-* ``question_hidden``: ``z`` at :func:`question_positions` (``all``: image tokens included,
-  ``text``: without them);
+* ``answer_hidden`` and ``question_hidden``: ``z`` at :func:`answer_window_positions` (the last
+  token before each answer through its last token) and :func:`question_positions` (``all``:
+  image tokens included, ``text``: without them), taken by
+  :func:`~genrecal.store.vlm.teacher_forward.hidden_rows`, which online training calls too;
 * ``visual_gram``: per image span, ``K = V V^T`` of the row-normalised penultimate-layer states
   (:func:`genrecal.store.gram.visual_gram`), as the symmetric matrix the writer takes;
 * ``logit_stats``: at :func:`answer_target_positions`, with next-token targets, computed for the
@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from genrecal.extract.teacher import HiddenStates, Teacher
+from genrecal.extract.teacher import Teacher
 from genrecal.store.gram import gram_from_upper, require_finite, visual_gram
 from genrecal.store.logit_stats import LogitStats, logit_statistics
-from genrecal.store.schema import (FeatureSpec, answer_target_positions, answer_window_positions,
-                                   question_positions)
+from genrecal.store.schema import FeatureSpec, answer_target_positions
 from genrecal.store.vlm.encoding import Encoded
 from genrecal.store.vlm.spans import Spans
+from genrecal.store.vlm.teacher_forward import TeacherStates, hidden_rows
 
 
 @dataclass(frozen=True)
@@ -44,21 +44,22 @@ class SampleFeatures:
     source: str = ""  # the dataset file the sample came from
 
 
-def batch_features(teacher: Teacher, encoded: Sequence[Encoded], states: HiddenStates,
-                   specs: Mapping[str, FeatureSpec], offsets: Sequence[int]) -> list[dict]:
+def batch_features(teacher: Teacher, encoded: Sequence[Encoded], states: TeacherStates,
+                   specs: Mapping[str, FeatureSpec]) -> list[dict]:
     """Per sample of the batch, ``{feature name: value}`` for every spec (CPU tensors).
 
-    encoded: the batch's samples in batch order; states: their teacher states [B, N, d];
-    offsets: index of each sample's first token in the padded batch (:func:`pad_offsets`).
+    encoded: the batch's samples in batch order; states: their teacher states [B, N, d] from
+    :func:`~genrecal.store.vlm.teacher_forward.teacher_forward` (with each sample's offset).
     """
+    offsets = states.offsets
+    select = specs["question_hidden"].select if "question_hidden" in specs else None
     out = [dict() for _ in encoded]
     for i, (enc, off) in enumerate(zip(encoded, offsets)):
-        final = states.final[i]
+        answer, question = hidden_rows(states.final[i], enc.spans, off, question=select)
         if "answer_hidden" in specs:
-            out[i]["answer_hidden"] = _rows(final, answer_window_positions(enc.spans), off)
-        if "question_hidden" in specs:
-            select = specs["question_hidden"].select
-            out[i]["question_hidden"] = _rows(final, question_positions(enc.spans, select), off)
+            out[i]["answer_hidden"] = answer.cpu()
+        if question is not None:
+            out[i]["question_hidden"] = question.cpu()
     if "visual_gram" in specs:
         for values, grams in zip(out, batch_grams(states.penultimate, encoded, offsets)):
             values["visual_gram"] = grams
@@ -67,12 +68,6 @@ def batch_features(teacher: Teacher, encoded: Sequence[Encoded], states: HiddenS
                                                         specs["logit_stats"])):
             values["logit_stats"] = stats
     return out
-
-
-def _rows(states: torch.Tensor, positions: list[int], offset: int) -> torch.Tensor:
-    """states [N, d] -> [len(positions), d] at ``offset + positions``, on the CPU."""
-    index = torch.tensor(positions, dtype=torch.long, device=states.device) + offset
-    return states.index_select(0, index).cpu()
 
 
 def batch_grams(penultimate: torch.Tensor, encoded: Sequence[Encoded],

@@ -14,7 +14,9 @@ Per rank (:func:`run_extract`; one process, or one per GPU under torchrun):
    whole (so that its numbers equal an uninterrupted run's), padded on the right, in one
    forward under ``torch.inference_mode``; the features of its new samples go to a
    :class:`BackgroundWriter` thread, which encodes and writes shards while the next batch runs;
-5. a barrier; rank 0 writes the teacher artifacts and commits the manifest.
+5. a barrier; if no rank cached a single sample (all skipped, or no data) the run fails
+   without committing anything (:func:`check_something_cached`); otherwise rank 0 writes the
+   teacher artifacts and commits the manifest.
 
 SIGKILL at any point loses at most the samples buffered since the rank's last committed shard;
 a rerun with ``resume`` extracts exactly those. Bad samples (unreadable image, empty or
@@ -28,33 +30,37 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
+from pathlib import Path
 
 import torch
 
 from genrecal.extract.background import BackgroundWriter, WriterStats
-from genrecal.extract.batching import pad_batch, pad_offsets, plan_batches
+from genrecal.extract.batching import plan_batches
 from genrecal.extract.distributed import owned, process_group
-from genrecal.extract.errors import CacheExistsError, SampleError
+from genrecal.extract.errors import (CacheExistsError, ExtractSetupError, NothingExtractedError,
+                                     SampleError)
 from genrecal.extract.features import SampleFeatures, batch_features
 from genrecal.extract.inputs import ensure_synthetic, ensure_teacher, read_inputs, sample_windows
 from genrecal.extract.job import ExtractJob, feature_specs
-from genrecal.extract.teacher import (Teacher, fingerprint, forward_hidden, load_teacher,
-                                      processor_files, resolve_device, to_device, write_artifacts)
+from genrecal.extract.teacher import (Teacher, fingerprint, load_teacher, processor_files,
+                                      resolve_device, write_artifacts)
 from genrecal.store.data import Sample
 from genrecal.store.distributed import RankInfo
 from genrecal.store.errors import CacheWriteError, DatasetError, FeatureInputError, StoreError
 from genrecal.store.schema import MANIFEST, RANKS_DIR, SHARDS_DIR, Manifest
 from genrecal.store.storage import CacheStorage
 from genrecal.store.vlm.encoding import Encoded, encode_sample
+from genrecal.store.vlm.teacher_forward import teacher_forward
 from genrecal.store.writer import CacheWriter, commit_cache, read_rank_logs
 
 _NO_LIMIT = sys.maxsize
+_SHOW_SKIPS = 3  # skipped samples named in the error of a run that cached none
 # Per-sample failures that are the data's fault: span/format problems (StoreError), unreadable or
 # vanished images (OSError, PIL's UnidentifiedImageError), images the processor rejects (ValueError).
 SAMPLE_ERRORS = (StoreError, OSError, ValueError)
@@ -122,23 +128,40 @@ def run_extract(job: ExtractJob, *, info: RankInfo | None = None) -> ExtractResu
     """Run this rank's share of ``job`` (see the module docstring)."""
     info = info or RankInfo.from_env()
     with process_group(info):
+        check_output(job)
         if info.is_main:
             ensure_teacher(job)
             ensure_synthetic(job)
-        check_output(job)
         info.barrier()
         return _run_rank(job, info)
 
 
 def check_output(job: ExtractJob) -> None:
-    """Refuse an output cache that already holds data unless ``job.resume``."""
+    """Refuse an output location that cannot be a cache directory (a file, or under one), and
+    one that already holds data unless ``job.resume``."""
+    storage = CacheStorage(job.out)
+    _check_directory(storage, job.out)
     if job.resume:
         return
-    storage = CacheStorage(job.out)
     if storage.exists(MANIFEST) or storage.list_dir(RANKS_DIR) or storage.list_dir(SHARDS_DIR):
         raise CacheExistsError(
             f"{job.out} already holds a teacher cache (or part of one); pass --resume to extract "
             "only the samples it is missing (same teacher and settings), or choose another --out")
+
+
+def _check_directory(storage: CacheStorage, out: str) -> None:
+    """ExtractSetupError if the cache root, or (locally) a folder above it, is not a folder."""
+    if storage.local:
+        path = Path(storage.root)
+        blocker = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+        bad = blocker is not None and not blocker.is_dir()
+    else:
+        blocker, bad = storage.root, storage.fs.isfile(storage.root)
+    if bad:
+        where = "is a file" if str(blocker) == str(storage.root) else f"is under {blocker}, a file"
+        raise ExtractSetupError(
+            f"output cache {out} {where}; a teacher cache is a directory. Fix: pass --out (or "
+            "set cache.location to) a new or existing directory, not a file")
 
 
 def _run_rank(job: ExtractJob, info: RankInfo) -> ExtractResult:
@@ -161,12 +184,46 @@ def _run_rank(job: ExtractJob, info: RankInfo) -> ExtractResult:
         counters, stats = _extract(job, teacher, writer, windows, done, read_skips, info)
     loop_seconds = time.perf_counter() - loop_start
     info.barrier()
+    check_something_cached(job, info)
     manifest = finalise(job, teacher, files) if info.is_main else None
     info.barrier()
     return ExtractResult(out=job.out, rank=info.rank, world=info.world, written=counters.written,
                          skipped=counters.skipped, already=counters.already,
                          tokens=counters.tokens, seconds=time.perf_counter() - start,
                          loop_seconds=loop_seconds, writer=stats, manifest=manifest)
+
+
+def check_something_cached(job: ExtractJob, info: RankInfo) -> None:
+    """Raise NothingExtractedError, committing nothing, when no rank cached a single sample.
+
+    Called by every rank once all are done (they read the same rank shard lists, so they agree).
+    A cache of 0 samples is of no use, and its skip records would mark every sample done for a
+    ``--resume`` after the data is fixed: the rank shard lists are removed (the skips are in the
+    error) and the output is left as if never extracted.
+    """
+    storage = CacheStorage(job.out)
+    logs = read_rank_logs(storage)
+    if any(log.shards for log in logs.values()):
+        return
+    skipped = [s for rank in sorted(logs) for s in logs[rank].skipped]
+    info.barrier()  # every rank has read the lists before rank 0 removes them
+    if info.is_main:
+        storage.remove(RANKS_DIR)
+    raise NothingExtractedError(_nothing_message(job.out, skipped), skipped=skipped)
+
+
+def _nothing_message(out: str, skipped: list) -> str:
+    if not skipped:
+        return (f"no sample was extracted into {out}: the data gave no sample (check the pipeline's "
+                "data sources, their split and limit, and --limit); nothing was committed")
+    reasons = Counter(s.reason for s in skipped)
+    shown = "; ".join(f"{s.sample_id!r} ({s.file or 'unknown file'}): {s.reason}"
+                      for s in skipped[:_SHOW_SKIPS])
+    common = ", ".join(f"{n} x {reason!r}" for reason, n in reasons.most_common(3))
+    return (f"no sample was extracted into {out}: all {len(skipped)} sample(s) were skipped "
+            f"(most common reasons: {common}; first: {shown}). Nothing was committed. Fix: "
+            "correct or replace the data (see the reasons), or the settings they name "
+            "(max_length...), then run the extraction again")
 
 
 def finalise(job: ExtractJob, teacher: Teacher, files: dict[str, bytes]) -> Manifest:
@@ -277,12 +334,10 @@ def batch_sample_features(teacher: Teacher, specs, batch: list[tuple[Sample, Enc
                           ) -> list[SampleFeatures]:
     """Pad ``batch`` (right), run the teacher once and compute every sample's features."""
     encoded = [enc for _, enc in batch]
-    padded = pad_batch([enc.inputs for enc in encoded], teacher.pad_id, "right")
-    offsets = pad_offsets([len(enc.input_ids) for enc in encoded], "right")
+    states = teacher_forward(teacher.model, teacher.family, [enc.inputs for enc in encoded],
+                             teacher.pad_id, penultimate="visual_gram" in specs)
     with torch.inference_mode():
-        states = forward_hidden(teacher, to_device(teacher, padded),
-                                penultimate="visual_gram" in specs)
-        values = batch_features(teacher, encoded, states, specs, offsets)
+        values = batch_features(teacher, encoded, states, specs)
     return [SampleFeatures(sample_id=sample.id, content_hash=sample.content_hash,
                            input_ids=enc.input_ids, spans=enc.spans,
                            status="truncated" if enc.dropped_turns else "ok", values=v,

@@ -1,18 +1,9 @@
 """The teacher side of the teacher pass: loading, one forward per batch, identity, artifacts.
 
 One forward pass gives everything the cache needs (method.md, "What this puts in the cache"):
-
-* ``z``, the post-norm last hidden state (:meth:`Family.final_hidden`), from
-  ``hidden_states[-1]``;
-* the penultimate-layer states for the visual Grams (GRACE RCKA: "output of block L-2"). The
-  decoder's ``hidden_states`` tuple has ``L + 1`` entries: the embeddings, then the output of
-  each block (transformers 5 replaces the last one by the final norm's output), so the output
-  of block ``L-2`` (0-based blocks) is ``hidden_states[-2]``.
-
-Only those two are kept (``output_hidden_states=[-2, -1]``: transformers drops the other
-layers' states as it goes), and the lm_head runs on the last position only
-(``logits_to_keep=1``): the logit statistics are computed from ``z`` and the head weight,
-chunked over the vocabulary.
+the post-norm ``z`` and the output of block L-2, read by
+:func:`genrecal.store.vlm.teacher_forward.teacher_forward`, the forward that online training
+runs too.
 
 Teacher artifacts (:func:`write_artifacts`): config, the processor's files (tokenizer, chat
 template, image processor), lm_head weight + bias + LogitTransform, and the input-embedding
@@ -32,13 +23,12 @@ import torch
 from genrecal.extract.errors import ExtractSetupError
 from genrecal.extract.job import TeacherSource
 from genrecal.store.artifacts import write_teacher_artifacts
-from genrecal.store.fingerprint import (teacher_fingerprint, weights_identity_files,
+from genrecal.store.fingerprint import (teacher_fingerprint, weight_files, weights_identity_files,
                                         weights_identity_tensors)
 from genrecal.store.schema import TeacherFingerprint
 from genrecal.store.vlm.loading import LoadedVLM, load_vlm
 from genrecal.store.vlm.logits import LogitTransform
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+from genrecal.store.vlm.teacher_forward import to_model
 
 
 @dataclass(frozen=True)
@@ -78,14 +68,6 @@ class Teacher:
         return int(pad or 0)
 
 
-@dataclass(frozen=True)
-class HiddenStates:
-    """One batch's teacher states: final (post-norm z) and penultimate, each [B, N, d] or None."""
-
-    final: torch.Tensor
-    penultimate: torch.Tensor | None
-
-
 def resolve_device(requested: str | None, device_map, local_rank: int, world: int) -> str | None:
     """The device for the teacher's inputs: None with a device_map, ``cuda:<local rank>`` under
     torchrun when ``cuda`` is requested (or available and nothing is requested), else as given."""
@@ -115,23 +97,7 @@ def load_teacher(source: TeacherSource, *, device: str | None = "cpu", device_ma
 
 def to_device(teacher: Teacher, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Move a padded batch to the teacher's device; float inputs (pixels) take its dtype."""
-    dtype = teacher.model.dtype
-    return {k: v.to(teacher.device, dtype=dtype if v.is_floating_point() else v.dtype,
-                    non_blocking=True) for k, v in batch.items()}
-
-
-def forward_hidden(teacher: Teacher, batch: dict[str, torch.Tensor], *,
-                   penultimate: bool) -> HiddenStates:
-    """One teacher forward over a padded batch (already on the device; see :func:`to_device`).
-
-    Call under ``torch.inference_mode()``. Returns post-norm ``z`` [B, N, d] and, if asked, the
-    output of block L-2 [B, N, d], both in the model dtype.
-    """
-    wanted = [-2, -1] if penultimate else [-1]
-    out = teacher.model(**batch, output_hidden_states=wanted, logits_to_keep=1, use_cache=False)
-    states = out.hidden_states
-    return HiddenStates(final=teacher.family.final_hidden(teacher.model, states),
-                        penultimate=states[-2] if penultimate else None)
+    return to_model(teacher.model, batch)
 
 
 def bare_forward(teacher: Teacher, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -160,22 +126,9 @@ def processor_files(teacher: Teacher) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
-def weight_files(location: str) -> list[Path]:
-    """The checkpoint's weight files (a local directory, or a hub id already downloaded)."""
-    root = Path(location)
-    if not root.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            root = Path(snapshot_download(location, local_files_only=True))
-        except Exception:  # noqa: BLE001 -- not in the local hub cache: no files to hash
-            return []
-    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-
-
 def fingerprint(teacher: Teacher, files: dict[str, bytes]) -> TeacherFingerprint:
     """The teacher fingerprint: config dict, weight files (or the tensors), processor files."""
-    paths = weight_files(teacher.source.location)
+    paths = weight_files(teacher.source.location, teacher.source.revision)
     weights = (weights_identity_files(paths) if paths
                else weights_identity_tensors(teacher.model.state_dict()))
     return teacher_fingerprint(teacher.model.config.to_dict(), weights, files)

@@ -223,6 +223,9 @@ def train_command(
     online: Annotated[bool, typer.Option(
         "--online", help="Run the teacher live on the training device instead of reading the "
                          "teacher cache (align / distill; needs room for both models).")] = False,
+    allow_teacher_mismatch: Annotated[bool, typer.Option(
+        "--allow-teacher-mismatch", help="Train on a cache written by another teacher than the "
+                                         "pipeline's (refused by default).")] = False,
     file: FileOption = None,
 ) -> None:
     """Train the align / distill / finetune stages of pipeline NAME (torchrun for DDP)."""
@@ -230,7 +233,8 @@ def train_command(
 
     pipeline = config.get_pipeline(name, pipelines_file(ctx, file))
     options = LoopOptions(save_every=save_every, num_workers=workers,
-                          teacher_source="online" if online else "cache")
+                          teacher_source="online" if online else "cache",
+                          allow_teacher_mismatch=allow_teacher_mismatch)
     for result in run_stages(pipeline, stage, resume=resume, options=options):
         state = "already finished" if result.skipped else f"{result.step} steps"
         typer.echo(f"{result.stage}: {state} -> {result.out_dir}")

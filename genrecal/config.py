@@ -374,13 +374,28 @@ class TrainSwitches(ConfigModel):
 
 
 class Losses(ConfigModel):
-    """GenRecal loss weights (0 turns a loss off) and the KL temperature (method.md s1)."""
+    """GenRecal loss weights (0 turns a loss off) and the KL temperature (method.md s1).
+
+    ``reg`` weighs L_reg; ``reg_terms`` picks its terms: ``ce+kl`` (the paper's choice),
+    ``ce`` or ``kl`` alone (the paper's regulariser ablation).
+    """
 
     ar: NonNegFloat = 1.0
     kl: NonNegFloat = 1.0
     reg: NonNegFloat = 1.0
+    reg_terms: Literal["ce+kl", "ce", "kl"] = "ce+kl"
     ce_student: NonNegFloat = 0.0
     temperature: PosFloat = 1.0
+
+    @property
+    def reg_ce(self) -> float:
+        """Weight of CE(head_l(r'_al), teacher answer ids), the CE term of L_reg."""
+        return self.reg if "ce" in self.reg_terms else 0.0
+
+    @property
+    def reg_kl(self) -> float:
+        """Weight of KL(head_l(z_al) || head_l(r'_al)), the KL term of L_reg."""
+        return self.reg if "kl" in self.reg_terms else 0.0
 
 
 class GdkdConfig(ConfigModel):

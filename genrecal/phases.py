@@ -14,8 +14,10 @@ it reads from, so a change anywhere upstream invalidates every step downstream o
 What a step does on a (re)run (:func:`decide`):
 
 * no marker: ``run``. Outputs that exist already were not made by a run of this pipeline: the
-  run stops and names them (nothing is deleted that genrecal run did not make), unless the step
-  ``adopts`` existing outputs because its own ``run`` verifies them (the synthetic data);
+  run stops, names them and says how to go on (nothing is deleted that genrecal run did not
+  make), unless the step ``adopts`` them: always, because its own ``run`` verifies them (the
+  synthetic data), or when a predicate proves them to be what the step would write (a tiny
+  model that ``genrecal extract`` built from the same spec);
 * a marker with another config hash: ``redo``: the old outputs are deleted, the step runs anew;
 * a ``running`` marker with the same hash (an interrupted run): ``resume`` (the trainer and the
   teacher pass continue from what they committed);
@@ -123,7 +125,8 @@ class Step:
     outputs: paths or fsspec URLs the step writes (deleted before a redo); run(resume) does
     the work and returns the details to record; check(details) tells whether the recorded
     outputs are still complete and valid; adopts: existing outputs without a marker are left
-    to ``run`` (which must verify them) instead of stopping the run.
+    to ``run`` instead of stopping the run: True (``run`` verifies them) or a predicate that
+    tells whether they are exactly what the step would write.
     """
 
     id: str
@@ -132,7 +135,10 @@ class Step:
     outputs: tuple[str, ...]
     run: Callable[[bool], dict[str, Any]]
     check: Callable[[dict[str, Any]], bool]
-    adopts: bool = False
+    adopts: bool | Callable[[], bool] = False
+
+    def adopts_existing(self) -> bool:
+        return self.adopts() if callable(self.adopts) else bool(self.adopts)
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,7 @@ def run_step(book: MarkerBook, step: Step) -> StepOutcome:
                            marker.seconds, marker.details)
     if action == "redo":
         remove_outputs(step.outputs)
-    elif action == "run" and not step.adopts:
+    elif action == "run" and not step.adopts_existing():
         _refuse_foreign(step)
     book.write(Marker(step.id, step.config_hash, "running"))
     details = step.run(action == "resume")
@@ -177,9 +183,14 @@ def run_step(book: MarkerBook, step: Step) -> StepOutcome:
 def _refuse_foreign(step: Step) -> None:
     found = [out for out in step.outputs if output_exists(out)]
     if found:
+        commands = "; ".join(f"rm -r {out}" for out in found if "://" not in out and "::" not in out)
         raise RunError(f"step {step.id!r} ({step.title}) would write {found}, which already "
                        "exist(s) but were not made by `genrecal run` of this pipeline (no marker "
-                       "in the phases/ directory); delete or move them, or set another output")
+                       "in its phases/ directory), e.g. by `genrecal extract` or `genrecal train` "
+                       "of the same pipeline, and are not provably what this step would write. "
+                       "genrecal run deletes nothing it did not make. To go on, remove them"
+                       f"{f' ({commands})' if commands else ''} and rerun, or point the pipeline's "
+                       "`output` (and cache.location) at another directory")
 
 
 def output_exists(location: str) -> bool:

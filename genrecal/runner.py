@@ -243,7 +243,7 @@ class StepBuilder:
         self.hashes: dict[str, str] = {}
 
     def _step(self, step_id: str, title: str, config: Any, upstream: list[str],
-              outputs: list[str], run, check, adopts: bool = False) -> Step:
+              outputs: list[str], run, check, adopts: bool | Callable[[], bool] = False) -> Step:
         digest = config_hash(config, [self.hashes[u] for u in upstream])
         self.hashes[step_id] = digest
         return Step(step_id, title, digest, tuple(outputs), run, check, adopts)
@@ -293,8 +293,14 @@ class StepBuilder:
             ensure_tiny_vlm(spec.kind, location, **spec.build_kwargs())
             return {"path": location}
 
+        def same_model() -> bool:  # e.g. built by `genrecal extract` from this very spec
+            from genrecal.store.vlm.tiny import tiny_spec, tiny_vlm_is_complete
+
+            return tiny_vlm_is_complete(location, tiny_spec(spec.kind, **spec.build_kwargs()))
+
         config = {"tiny": spec.model_dump(exclude={"path"}), "path": location}
-        return self._step(step_id, title, config, [], [location], run, _dir_check(location))
+        return self._step(step_id, title, config, [], [location], run, lambda _d: same_model(),
+                          adopts=same_model)
 
     def model_steps(self) -> list[Step]:
         steps = []

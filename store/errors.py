@@ -54,6 +54,10 @@ class FeatureInputError(StoreError, ValueError):
     """Tensors handed to a feature function (logit statistics, visual Gram) are malformed."""
 
 
+class PaddingError(StoreError, ValueError):
+    """Per-sample model inputs cannot be padded into one batch (missing or mismatched keys)."""
+
+
 class GenerationError(StoreError):
     """A VLM cannot generate answers for a sample (no question to answer, bad turn selection,
     control tokens in the text, a tokenizer without a padding token)."""

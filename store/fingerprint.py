@@ -22,6 +22,8 @@ import torch
 from genrecal.store.schema import TeacherFingerprint, canonical_json
 
 VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version", "_commit_hash"})
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+"""Files whose identity is the weights component of the fingerprint."""
 _SAMPLE_BLOCKS = 16
 _BLOCK = 1 << 16
 
@@ -77,6 +79,23 @@ def weights_identity_files(paths: list[str | os.PathLike]) -> str:
     for path in sorted(Path(p) for p in paths):
         _file_identity(h, path)
     return h.hexdigest()
+
+
+def weight_files(location: str | os.PathLike, revision: str | None = None) -> list[Path]:
+    """A checkpoint's weight files: a local directory, or a hub id already in the local hub cache.
+
+    Empty when the checkpoint is not on this machine (e.g. a training node that never held the
+    teacher): the weights identity cannot be taken from files there.
+    """
+    root = Path(location)
+    if not root.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(str(location), revision=revision, local_files_only=True))
+        except Exception:  # noqa: BLE001 -- not in the local hub cache: no files to hash
+            return []
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
 def weights_identity_tensors(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from genrecal.store.errors import CacheIntegrityError
 from genrecal.store.schema import INDEX_DIR, RECORDS_FILE, FileEntry, ShardEntry
 from genrecal.store.storage import CacheStorage
 
@@ -69,7 +70,21 @@ class SampleIndex:
     """Lazy lookups in an index file: ``index[sample_id] -> (shard, row)``."""
 
     def __init__(self, storage: CacheStorage, entry: FileEntry, cache_batches: int = 4):
-        self._reader = pa.ipc.open_file(storage.open_arrow(entry.path))
+        where = storage.where(entry.path)
+        fix = (f"Run `genrecal validate {storage.url}` for a full report; re-run commit_cache on the cache "
+               f"(genrecal.store.writer.commit_cache({storage.url!r})) to rebuild the index from the shard "
+               f"records, or re-extract the cache.")
+        if not storage.exists(entry.path):
+            raise CacheIntegrityError(f"the sample-id index of cache {storage.url} is missing ({where}, named by "
+                                      f"its manifest, does not exist). {fix}")
+        try:
+            self._reader = pa.ipc.open_file(storage.open_arrow(entry.path))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise CacheIntegrityError(f"the sample-id index of cache {storage.url} cannot be read ({where}: {exc}). "
+                                      f"{fix}") from exc
+        if not self._reader.schema.equals(INDEX_SCHEMA, check_metadata=False):
+            raise CacheIntegrityError(f"the sample-id index of cache {storage.url} has columns "
+                                      f"{self._reader.schema.names} ({where}), expected {INDEX_SCHEMA.names}. {fix}")
         self._batches: OrderedDict[int, pa.RecordBatch] = OrderedDict()
         self._keep = cache_batches
 

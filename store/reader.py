@@ -20,7 +20,7 @@ from genrecal.store.errors import CacheFormatError, CacheIntegrityError, Fingerp
 from genrecal.store.fingerprint import fingerprint_mismatches
 from genrecal.store.index import SampleIndex
 from genrecal.store.schema import FORMAT_VERSION, MANIFEST, RANKS_DIR, FeatureSpec, Manifest, TeacherFingerprint
-from genrecal.store.shard import CachedSample, ShardReader
+from genrecal.store.shard import CachedSample, ShardReader, file_problems
 from genrecal.store.storage import CacheStorage
 
 __all__ = ["CacheReader", "CachedSample", "load_manifest", "open_cache"]
@@ -153,15 +153,34 @@ class CacheReader:
 
     @property
     def index(self) -> SampleIndex:
+        """The sample-id index (its checksum checked first when ``verify``)."""
         if self._index is None:
-            if self.manifest.index is None:
+            entry = self.manifest.index
+            if entry is None:
                 raise KeyError(f"cache {self.url} holds no samples")
-            self._index = SampleIndex(self.storage, self.manifest.index)
+            self.storage.check_no_escape(entry.path)
+            bad = file_problems(self.storage, [entry]) if self.verify else []
+            if bad:
+                lines = "\n".join(f"  - {self.storage.where(path)}: {msg}" for _, path, msg in bad)
+                raise CacheIntegrityError(
+                    f"the sample-id index of cache {self.url} is damaged:\n{lines}\nRun `genrecal validate "
+                    f"{self.url}` for a full report; re-run commit_cache on the cache "
+                    f"(genrecal.store.writer.commit_cache({self.url!r})) to rebuild the index from the shard "
+                    f"records, or re-extract the cache.")
+            self._index = SampleIndex(self.storage, entry)
         return self._index
+
+    def _has_index(self) -> bool:
+        """Whether the manifest names an index; raises if it has samples but names none."""
+        if self.manifest.index is None and len(self):
+            raise CacheIntegrityError(f"{self.storage.where(MANIFEST)} counts {len(self)} samples but names no "
+                                      f"sample-id index; re-run commit_cache on the cache to rebuild it, or run "
+                                      f"`genrecal validate {self.url}`")
+        return self.manifest.index is not None
 
     def locate(self, sample_id: str) -> tuple[int, int] | None:
         """``(shard, row)`` of a sample id, or None."""
-        return None if self.manifest.index is None else self.index.lookup(sample_id)
+        return self.index.lookup(sample_id) if self._has_index() else None
 
     def __contains__(self, sample_id: str) -> bool:
         return self.locate(sample_id) is not None
@@ -172,19 +191,23 @@ class CacheReader:
         if where is None:
             raise KeyError(f"sample {sample_id!r} is not in cache {self.url} "
                            f"({len(self)} samples; skipped ones are listed by `genrecal inspect`)")
+        if not 0 <= where[0] < len(self.manifest.shards) or not 0 <= where[1] < self.manifest.shards[where[0]].samples:
+            raise CacheIntegrityError(f"cache {self.url}: the index points {sample_id!r} to shard #{where[0]} row "
+                                      f"{where[1]}, which does not exist ({len(self.manifest.shards)} shards); re-run "
+                                      f"commit_cache to rebuild the index, or `genrecal validate {self.url}`")
         shard = self.shard(where[0])
-        sample = shard.sample(where[1], dtype or self.dtype, self._features(features))
-        if sample.sample_id != sample_id:
+        found = shard.records.column("sample_id")[where[1]].as_py()
+        if found != sample_id:
             raise CacheIntegrityError(f"cache {self.url}: the index points {sample_id!r} to shard "
-                                      f"{shard.entry.name} row {where[1]}, which holds {sample.sample_id!r}; "
+                                      f"{shard.entry.name} row {where[1]}, which holds {found!r}; "
                                       f"re-run commit_cache to rebuild the index")
-        return sample
+        return shard.sample(where[1], dtype or self.dtype, self._features(features))
 
     __getitem__ = get
 
     def sample_ids(self) -> Iterator[str]:
         """Every sample id in sorted order (streamed from the index)."""
-        if self.manifest.index is not None:
+        if self._has_index():
             for sample_id, _, _ in self.index:
                 yield sample_id
 

@@ -3,7 +3,9 @@
 :class:`ShardBuffer` accumulates encoded samples in memory and :func:`write_shard` writes them
 under a temporary name, then renames the directory into place (local filesystems); the caller
 records the returned :class:`ShardEntry` in its rank's shard list, which is the commit point.
-:class:`ShardReader` reads a committed shard back, by row or sequentially.
+:class:`ShardReader` reads a committed shard back, by row or sequentially; it refuses a shard
+whose directory holds a symlink out of the cache root, and checks every record it returns
+(:func:`record_row_problem`): valid spans, rows inside the arrays, as many rows as the spans need.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from zarr.storage import MemoryStore
 
 from genrecal.store.codecs import array_layout, decode_feature, feature_parts, raw_bytes
 from genrecal.store.errors import CacheIntegrityError
+from genrecal.store.gram import upper_triangle_size
 from genrecal.store.logit_stats import LogitStats
 from genrecal.store.schema import (
     FORMAT_VERSION, RECORDS_FILE, SHARDS_DIR, TENSORS_DIR, TMP_PREFIX, FeatureSpec, FileEntry,
-    ShardEntry, answer_target_positions, answer_window_positions, records_schema,
-    spans_from_record,
+    ShardEntry, answer_target_positions, answer_window_positions, question_positions, record_span_problems,
+    records_schema, spans_from_record,
 )
 from genrecal.store.storage import CacheStorage
 from genrecal.store.vlm.spans import Spans
@@ -161,9 +164,15 @@ def _feature_bytes(files: dict[str, bytes], features: dict[str, FeatureSpec]) ->
 
 
 def file_problems(storage: CacheStorage, files) -> list[tuple[str, str, str]]:
-    """``(code, path, message)`` for every file missing, of the wrong size or checksum."""
+    """``(code, path, message)`` for every file leaving the root through a symlink (not read),
+    missing, or of the wrong size or checksum."""
     out = []
     for entry in files:
+        real = storage.resolves_outside(entry.path)
+        if real is not None:
+            out.append(("path.symlink", entry.path, f"resolves through a symlink to {real}, outside the cache "
+                                                    f"root {storage.real_root} (not read)"))
+            continue
         if not storage.exists(entry.path):
             out.append(("file.missing", entry.path, "file is missing"))
             continue
@@ -175,17 +184,65 @@ def file_problems(storage: CacheStorage, files) -> list[tuple[str, str, str]]:
     return out
 
 
+def expected_rows(spec: FeatureSpec, rec: dict, spans: Spans | None = None) -> int:
+    """Rows of feature ``spec`` that record ``rec`` calls for (its spans must be valid)."""
+    spans = spans if spans is not None else spans_from_record(rec)
+    if spec.name == "answer_hidden":
+        return len(answer_window_positions(spans))
+    if spec.name == "question_hidden":
+        return len(question_positions(spans, spec.select))
+    if spec.name == "logit_stats":
+        return len(answer_target_positions(spans))
+    return sum(upper_triangle_size(n) for n in rec["visual_gram_n"])
+
+
+def record_row_problem(spec: FeatureSpec, rec: dict, array_rows: int, spans: Spans | None = None) -> str | None:
+    """Why record ``rec``'s rows of ``spec`` cannot be read as its value, or None if they can.
+
+    Its rows ``[start, start + length)`` must lie inside the ``array_rows`` rows of the feature's
+    arrays and number what its spans call for; its question positions / image sizes must match
+    its spans. The record's spans must be valid (:func:`record_span_problems`); ``spans``: them,
+    if already built.
+    """
+    name = spec.name
+    start, length = rec[f"{name}_start"], rec[f"{name}_length"]
+    if start < 0 or length < 0:
+        return f"negative offsets (start {start}, length {length})"
+    if start + length > array_rows:
+        return (f"its rows {start}..{start + length - 1} run past the end of the {name} arrays "
+                f"({array_rows} rows)")
+    spans = spans if spans is not None else spans_from_record(rec)
+    if name == "visual_gram":
+        sizes = list(rec["visual_gram_n"])
+        if len(sizes) != len(spans.images) or any(n <= 0 for n in sizes):
+            return f"its image sizes visual_gram_n={sizes} do not match its {len(spans.images)} image span(s)"
+    need = expected_rows(spec, rec, spans)
+    if length != need:
+        return f"{length} {name} rows stored, its spans need {need}"
+    if name == "question_hidden" and list(rec["question_hidden_positions"]) != question_positions(spans, spec.select):
+        return "its recorded question positions do not match its spans"
+    return None
+
+
 class ShardReader:
-    """Read access to one committed shard; files are checked on first use when ``verify``."""
+    """Read access to one committed shard; files are checked on first use when ``verify``.
+
+    Always (``verify`` or not): a shard directory holding a symlink out of the cache root is
+    refused (:class:`~genrecal.store.errors.CacheFormatError`), the arrays must have the shape
+    and dtype the manifest and feature specs call for, and each record read must pass
+    :func:`record_row_problem` (:class:`CacheIntegrityError` naming the sample otherwise).
+    """
 
     def __init__(self, storage: CacheStorage, entry: ShardEntry, features: dict[str, FeatureSpec],
                  verify: bool = True):
         self.storage, self.entry, self.features = storage, entry, features
+        storage.check_no_escape(entry.dir)
         if verify:
             self.verify()
         self.records = self._open_records()
         self.group = self._open_group()
         self._arrays: dict[str, zarr.Array] = {}
+        self._rows: dict[str, int] = {}
 
     def verify(self) -> None:
         """Raise :class:`CacheIntegrityError` naming every bad file of this shard."""
@@ -237,14 +294,49 @@ class ShardReader:
                                           f"run `genrecal validate {self.storage.url}`") from None
         return self._arrays[key]
 
+    def rows(self, feature: str) -> int:
+        """Rows of every array of ``feature``, checked once against the manifest and the spec."""
+        if feature not in self._rows:
+            want = self.entry.feature_rows.get(feature)
+            for part in feature_parts(self.features[feature]):
+                arr = self.array(feature, part.name)
+                shape = (want, part.width) if part.width else (want,)
+                if tuple(arr.shape) != shape or np.dtype(arr.dtype) != part.dtype:
+                    raise CacheIntegrityError(
+                        f"{self.storage.where(self.entry.dir)}: tensor array {feature}/{part.name} is "
+                        f"{tuple(arr.shape)} {np.dtype(arr.dtype)}, the manifest and feature spec need {shape} "
+                        f"{part.dtype}. Run `genrecal validate {self.storage.url}` for a full report; re-extract "
+                        f"the affected samples into a new cache.")
+            self._rows[feature] = want
+        return self._rows[feature]
+
+    def check_record(self, row: int, rec: dict, features) -> None:
+        """Raise :class:`CacheIntegrityError` unless record ``rec`` (number ``row``) has valid spans
+        and readable rows of every feature in ``features`` (see :func:`record_row_problem`)."""
+        bad = record_span_problems(rec)
+        problem = f"invalid spans ({'; '.join(bad)})" if bad else None
+        spans = None if problem else spans_from_record(rec)
+        for name in () if problem else features:
+            problem = record_row_problem(self.features[name], rec, self.rows(name), spans)
+            if problem:
+                problem = f"feature {name}: {problem}"
+                break
+        if problem:
+            raise CacheIntegrityError(
+                f"{self.storage.where(self.entry.dir)}: sample {rec['sample_id']!r} (record {row} of shard "
+                f"{self.entry.name}): {problem}; the shard's records and tensors disagree. Run `genrecal validate "
+                f"{self.storage.url}` for a full report; re-extract the affected samples into a new cache.")
+
     def read_part(self, feature: str, part: str, start: int, length: int) -> np.ndarray:
         return self.array(feature, part)[start:start + length]
 
     def sample(self, row: int, dtype: torch.dtype, features=None) -> CachedSample:
         """The sample in record ``row``; ``features``: names to load (default: all declared)."""
         rec = self.record(row)
+        names = list(features if features is not None else self.features)
+        self.check_record(row, rec, names)
         values = {}
-        for name in features if features is not None else self.features:
+        for name in names:
             start, length = rec[f"{name}_start"], rec[f"{name}_length"]
             parts = {p.name: self.read_part(name, p.name, start, length) for p in feature_parts(self.features[name])}
             values[name] = decode_feature(self.features[name], parts, dtype, rec.get("visual_gram_n"))
@@ -253,8 +345,11 @@ class ShardReader:
     def iter_samples(self, dtype: torch.dtype, features=None) -> Iterator[CachedSample]:
         """Every sample in record order, reading each tensor array once."""
         names = list(features if features is not None else self.features)
+        for name in names:
+            self.rows(name)  # shapes and dtypes checked before anything is read
         arrays = {n: {p.name: self.array(n, p.name)[...] for p in feature_parts(self.features[n])} for n in names}
-        for rec in self.records.to_pylist():
+        for row, rec in enumerate(self.records.to_pylist()):
+            self.check_record(row, rec, names)
             values = {}
             for name in names:
                 start, stop = rec[f"{name}_start"], rec[f"{name}_start"] + rec[f"{name}_length"]

@@ -2,9 +2,16 @@
 
 Every path handed to :class:`CacheStorage` is relative to the cache root and checked by
 :func:`genrecal.store.schema.check_relpath`, so nothing read from a manifest can reach outside
-the root. Local writes of single files are atomic (temporary file, fsync, ``os.replace``); on
-fsspec filesystems a single-object write is taken as atomic (object stores replace whole
-objects), and multi-file steps rely on the per-rank shard list as their commit point.
+the root. On a local filesystem each path is also resolved (symlinks followed, as the OS would)
+and refused (:class:`~genrecal.store.errors.CacheFormatError`) if its real path leaves the real
+root; a symlink that stays inside the root is allowed. :meth:`CacheStorage.escaping_links` finds
+every symlink under a directory that leaves the root, so that a zarr group (whose files zarr
+opens itself) is checked before it is opened. fsspec filesystems other than the local one have
+no symlinks and are not resolved.
+
+Local writes of single files are atomic (temporary file, fsync, ``os.replace``); on fsspec
+filesystems a single-object write is taken as atomic (object stores replace whole objects), and
+multi-file steps rely on the per-rank shard list as their commit point.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from genrecal.store.atomic import fsync_path
+from genrecal.store.errors import CacheFormatError
 from genrecal.store.schema import check_relpath
 
 _READ_BLOCK = 1 << 22
@@ -34,13 +42,75 @@ class CacheStorage:
         self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = root.rstrip("/") or "/"
+        self.real_root = os.path.realpath(self.root) if self.local else self.root
 
     def __repr__(self) -> str:
         return f"CacheStorage({self.url!r})"
 
     def path(self, rel: str) -> str:
-        """The filesystem path of ``rel`` (checked to stay inside the root)."""
-        return f"{self.root}/{check_relpath(rel)}"
+        """The filesystem path of ``rel`` (checked to stay inside the root, symlinks resolved)."""
+        path = f"{self.root}/{check_relpath(rel)}"
+        if self.local:
+            real = os.path.realpath(path)
+            if not self._inside(real):
+                raise CacheFormatError(self._escape_message([(rel, real)]))
+        return path
+
+    def _inside(self, real: str) -> bool:
+        root = self.real_root
+        return real == root or real.startswith(root if root.endswith(os.sep) else root + os.sep)
+
+    def resolves_outside(self, rel: str) -> str | None:
+        """The real path of ``rel`` if it leaves the cache root through a symlink, else None."""
+        if not self.local:
+            return None
+        real = os.path.realpath(f"{self.root}/{check_relpath(rel)}")
+        return None if self._inside(real) else real
+
+    def escaping_links(self, rel: str = "") -> list[tuple[str, str]]:
+        """``(path, real target)`` of every symlink at or under directory ``rel`` ("" = the whole
+        cache) whose target is outside the cache root; paths are relative to the root.
+
+        Symlinks to directories inside the root are followed (once each), so that nothing a
+        reader could reach from ``rel`` is missed. Always [] for non-local filesystems.
+        """
+        if not self.local:
+            return []
+        if rel:
+            real = self.resolves_outside(rel)
+            if real is not None:
+                return [(rel, real)]
+        top = os.path.realpath(f"{self.root}/{check_relpath(rel)}" if rel else self.root)
+        found: dict[str, str] = {}
+        stack, walked = [top], set()
+        while stack:
+            base = stack.pop()
+            if base in walked or not os.path.isdir(base):
+                continue
+            walked.add(base)
+            for dirpath, dirnames, filenames in os.walk(base):  # never descends into symlinks
+                for name in dirnames + filenames:
+                    link = os.path.join(dirpath, name)
+                    if not os.path.islink(link):
+                        continue
+                    target = os.path.realpath(link)
+                    if not self._inside(target):
+                        found[os.path.relpath(link, self.real_root).replace(os.sep, "/")] = target
+                    elif os.path.isdir(target):
+                        stack.append(target)
+        return sorted(found.items())
+
+    def check_no_escape(self, rel: str = "") -> None:
+        """Raise :class:`CacheFormatError` if any symlink at or under ``rel`` leaves the root."""
+        links = self.escaping_links(rel)
+        if links:
+            raise CacheFormatError(self._escape_message(links))
+
+    def _escape_message(self, links: list[tuple[str, str]]) -> str:
+        lines = "\n".join(f"  - {self.where(rel)} -> {target}" for rel, target in links)
+        return (f"cache {self.url}: refusing to follow symlinks out of the cache root {self.real_root}:\n{lines}\n"
+                f"A cache must hold its own files: replace each symlink by a copy of its target inside the "
+                f"cache (or re-extract the cache); `genrecal validate {self.url}` lists every such path.")
 
     def where(self, rel: str) -> str:
         """A human-readable location of ``rel`` for messages."""
@@ -88,10 +158,15 @@ class CacheStorage:
         return pa.PythonFile(self.fs.open(self.path(rel), "rb"), mode="r")
 
     def zarr_store(self, rel: str):
-        """A read-only zarr store of directory ``rel`` (LocalStore or FsspecStore)."""
+        """A read-only zarr store of directory ``rel`` (LocalStore or FsspecStore).
+
+        Locally, zarr opens the files under ``rel`` itself: the directory is first checked to hold
+        no symlink leaving the cache root (:class:`CacheFormatError` otherwise).
+        """
         from zarr.storage import FsspecStore, LocalStore
 
         if self.local:
+            self.check_no_escape(rel)
             return LocalStore(self.path(rel), read_only=True)
         return FsspecStore.from_url(self.fs.unstrip_protocol(self.path(rel)),
                                     storage_options=self.options or None, read_only=True)

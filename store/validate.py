@@ -1,10 +1,11 @@
 """``genrecal validate CACHE``: every problem of a cache, not just the first.
 
-Checks: the manifest (present, JSON, format version, schema, digest, no path escaping the
+Checks: no symlink anywhere in the cache leading out of its root (such paths are reported, never
+followed); the manifest (present, JSON, format version, schema, digest, no path escaping the
 root); every listed file present with its size and sha256 (shards, index, teacher artifacts);
-each shard's records (schema, spans, status) against its tensors (offsets contiguous, lengths
-matching the spans, array shapes, no NaN/Inf); counts per shard and in total against the
-manifest; no duplicate sample id; the sample-id index equal to the records.
+each shard's records (schema, spans, status) against its tensors (offsets contiguous and inside
+the arrays, lengths matching the spans, array shapes, no NaN/Inf); counts per shard and in total
+against the manifest; no duplicate sample id; the sample-id index equal to the records.
 """
 
 from __future__ import annotations
@@ -25,12 +26,9 @@ from genrecal.store.fingerprint import fingerprint_mismatches
 from genrecal.store.index import INDEX_SCHEMA, SampleIndex
 from genrecal.store.schema import (
     FORMAT_VERSION, MANIFEST, RECORDS_FILE, STATUSES, TENSORS_DIR, FeatureSpec, Manifest, ShardEntry,
-    TeacherFingerprint,
-    answer_target_positions, answer_window_positions, question_positions, record_span_problems,
-    records_schema, spans_from_record,
+    TeacherFingerprint, question_positions, record_span_problems, records_schema, spans_from_record,
 )
-from genrecal.store.gram import upper_triangle_size
-from genrecal.store.shard import file_problems
+from genrecal.store.shard import expected_rows, file_problems
 from genrecal.store.storage import CacheStorage
 
 _SHOW = 5  # sample ids quoted per aggregated problem
@@ -54,6 +52,8 @@ class Problem:
 
 _FIX_REEXTRACT = "re-extract the affected samples into a new cache (or restore the files from a copy)"
 _FIX_RECOMMIT = "re-run commit_cache on the cache to rebuild manifest.json from the rank shard lists"
+_FIX_SYMLINK = ("replace the symlink by a copy of its target inside the cache (a cache must hold its own files), "
+                "or re-extract the cache")
 
 
 def validate_cache(url, storage_options: dict | None = None, check_values: bool = True,
@@ -64,7 +64,9 @@ def validate_cache(url, storage_options: dict | None = None, check_values: bool 
     ``expect_teacher``: also report a teacher fingerprint other than this one.
     """
     storage = CacheStorage(url, storage_options)
-    problems: list[Problem] = []
+    links = storage.escaping_links()
+    problems = [Problem("path.symlink", rel, f"symlink to {target}, outside the cache root {storage.real_root} "
+                        f"(not followed)", _FIX_SYMLINK) for rel, target in links]
     manifest = _check_manifest(storage, problems)
     if manifest is None:
         return problems
@@ -73,10 +75,13 @@ def validate_cache(url, storage_options: dict | None = None, check_values: bool 
                              "use the cache extracted with the expected teacher, or re-extract")
                      for k, found, want in fingerprint_mismatches(manifest.teacher, expect_teacher)]
     bad_paths = {p for _, p, _ in manifest.unsafe_paths()}
+    bad_paths |= {f.path for _, f in manifest.file_entries() if _under_any(f.path, links)}  # reported above
     problems += [Problem("path.escape", f"{MANIFEST}:{w}", f"path {p!r} escapes the cache root", _FIX_RECOMMIT)
                  for w, p, _ in manifest.unsafe_paths()]
     ids: list[pa.Table] = []
     for i, entry in enumerate(manifest.shards):
+        if any(_under_any(rel, [(entry.dir, "")]) or _under_any(entry.dir, [(rel, "")]) for rel, _ in links):
+            continue  # not read: a symlink under the shard leaves the root (reported above)
         table = _check_shard(storage, manifest, i, entry, bad_paths, check_values, problems)
         if table is not None:
             ids.append(table)
@@ -89,7 +94,18 @@ def validate_cache(url, storage_options: dict | None = None, check_values: bool 
 # ----------------------------------------------------------------------------- manifest
 
 
+def _under_any(path: str, links: list[tuple[str, str]]) -> bool:
+    """Whether ``path`` is one of the ``links``' paths or lies under one of them."""
+    return any(path == rel or path.startswith(f"{rel}/") for rel, _ in links)
+
+
 def _check_manifest(storage: CacheStorage, problems: list[Problem]) -> Manifest | None:
+    real = storage.resolves_outside(MANIFEST)
+    if real is not None:
+        if not any(p.code == "path.symlink" and p.where == MANIFEST for p in problems):
+            problems.append(Problem("path.symlink", MANIFEST, f"resolves to {real}, outside the cache root "
+                                    f"{storage.real_root} (not followed)", _FIX_SYMLINK))
+        return None
     if not storage.exists(MANIFEST):
         problems.append(Problem("manifest.missing", storage.where(MANIFEST), "no manifest.json",
                                 "commit the cache (commit_cache) or point at the cache root"))
@@ -120,7 +136,8 @@ def _check_manifest(storage: CacheStorage, problems: list[Problem]) -> Manifest 
 
 def _file_problems(storage: CacheStorage, files, bad_paths: set[str]) -> list[Problem]:
     safe = [f for f in files if f.path not in bad_paths]
-    return [Problem(code, path, msg, _FIX_REEXTRACT) for code, path, msg in file_problems(storage, safe)]
+    return [Problem(code, path, msg, _FIX_SYMLINK if code == "path.symlink" else _FIX_REEXTRACT)
+            for code, path, msg in file_problems(storage, safe)]
 
 
 def _check_artifacts(storage: CacheStorage, manifest: Manifest, bad_paths: set[str]) -> list[Problem]:
@@ -211,14 +228,7 @@ def _expected_length(spec: FeatureSpec, rec: dict) -> int | None:
     """Rows the record's spans call for; None if its spans are malformed (reported as record.spans)."""
     if record_span_problems(rec):
         return None
-    spans = spans_from_record(rec)
-    if spec.name == "answer_hidden":
-        return len(answer_window_positions(spans))
-    if spec.name == "question_hidden":
-        return len(question_positions(spans, spec.select))
-    if spec.name == "logit_stats":
-        return len(answer_target_positions(spans))
-    return sum(upper_triangle_size(n) for n in rec["visual_gram_n"])
+    return expected_rows(spec, rec)
 
 
 def _record_problems(spec: FeatureSpec, rec: dict) -> bool:
@@ -261,13 +271,23 @@ def _check_feature(where: str, entry: ShardEntry, spec: FeatureSpec, rows: list[
 def _check_arrays(fwhere: str, spec: FeatureSpec, rows: list[dict], group, total: int, check_values) -> list[Problem]:
     out = []
     starts = np.array([r[f"{spec.name}_start"] for r in rows], dtype=np.int64)
+    lengths = np.array([r[f"{spec.name}_length"] for r in rows], dtype=np.int64)
+    arrays = {}
     for part in feature_parts(spec):
-        key = f"{spec.name}/{part.name}"
         try:
-            arr = group[key]
+            arrays[part.name] = group[f"{spec.name}/{part.name}"]
         except KeyError:
             out.append(Problem("tensor.missing", f"{fwhere}/{part.name}", "array is missing", _FIX_REEXTRACT))
+    if arrays:  # what a reader would slice: each record's rows must lie inside every array
+        n_rows = min(a.shape[0] if a.shape else 0 for a in arrays.values())
+        bad = np.nonzero((starts < 0) | (lengths < 0) | (starts + lengths > n_rows))[0]
+        outside = [rows[j]["sample_id"] for j in bad]
+        out += _aggregate("offsets.bounds", fwhere, f"have rows outside the arrays' {n_rows} rows (a reader would get "
+                          f"fewer rows than recorded)", outside, _FIX_REEXTRACT)
+    for part in feature_parts(spec):
+        if part.name not in arrays:
             continue
+        arr = arrays[part.name]
         shape = (total, part.width) if part.width else (total,)
         if tuple(arr.shape) != shape or np.dtype(arr.dtype) != part.dtype:
             out.append(Problem("tensor.shape", f"{fwhere}/{part.name}", f"array {tuple(arr.shape)} {arr.dtype}, records "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import fsspec
 import pyarrow as pa
@@ -234,11 +235,13 @@ def test_inconsistent_offsets_and_duplicates(cache):
         for s in manifest.shards)}).sealed()
     fs.pipe_file(f"{root}/manifest.json", new.model_dump_json().encode())
     found = codes(url)
-    assert found == ["count.feature_rows", "index.mismatch", "offsets.length", "offsets.order", "sample.duplicate",
-                     "tensor.shape"]
+    assert found == ["count.feature_rows", "index.mismatch", "offsets.bounds", "offsets.length", "offsets.order",
+                     "sample.duplicate", "tensor.shape"]
     reader = CacheReader(url)
     with pytest.raises(CacheIntegrityError, match="index points"):
         reader[manifest_last_id(manifest)]
+    with pytest.raises(CacheIntegrityError, match=f"sample {sample_id(manifest.shards[0].samples)!r} .*answer_hidden"):
+        list(reader)
 
 
 def test_malformed_record_spans_are_reported_not_raised(cache):
@@ -266,3 +269,102 @@ def test_checksums_of_shard_files_are_sha256(cache):
     url, fs, root, manifest = cache
     for f in manifest.shards[0].files:
         assert hashlib.sha256(fs.cat_file(f"{root}/{f.path}")).hexdigest() == f.sha256
+
+
+# ----------------------------------------------------------------------------- offsets and index
+# Records edited and checksums recomputed (reseal): the reader must refuse what the trainer would
+# choke on (too few rows, rows past the end of an array) with the sample named, not slice silently.
+
+
+def shard_ids(manifest: Manifest, shard: int) -> list[str]:
+    first = sum(s.samples for s in manifest.shards[:shard])
+    return [sample_id(first + j) for j in range(manifest.shards[shard].samples)]
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+def test_offsets_past_the_end_of_the_arrays(cache, verify):
+    url, fs, root, manifest = cache
+    last = shard_ids(manifest, 1)[-1]
+
+    def edit(rows):
+        rows[-1]["answer_hidden_start"] += 3  # same length, last 3 rows beyond the array
+
+    rewrite_records(url, manifest, 1, edit)
+    reseal(url)
+    bounds = [p for p in validate_cache(url) if p.code == "offsets.bounds"]
+    assert len(bounds) == 1 and bounds[0].where == f"{manifest.shards[1].dir}/tensors.zarr/answer_hidden"
+    assert "1 sample(s) have rows outside the arrays" in bounds[0].message and repr(last) in bounds[0].message
+    assert bounds[0].fix.startswith("re-extract")
+    reader = CacheReader(url, verify=verify)
+    reader[shard_ids(manifest, 1)[0]]  # the other records of the shard are intact
+    pattern = (f"(?s)r00000-00001: sample {last!r} .*answer_hidden: its rows .* run past the end .*"
+               f"genrecal validate .*re-extract")
+    with pytest.raises(CacheIntegrityError, match=pattern):
+        reader[last]
+    with pytest.raises(CacheIntegrityError, match=pattern):
+        list(reader)
+
+
+def test_fewer_rows_than_the_spans_need(cache):
+    url, fs, root, manifest = cache
+    last = shard_ids(manifest, 1)[-1]
+
+    def edit(rows):
+        rows[-1]["logit_stats_length"] -= 2  # contiguous offsets, but 2 target rows short
+
+    rewrite_records(url, manifest, 1, edit)
+    reseal(url)
+    assert {"offsets.length", "count.feature_rows"} <= set(codes(url))
+    reader = CacheReader(url)
+    with pytest.raises(CacheIntegrityError, match=f"sample {last!r} .*logit_stats: (\\d+) logit_stats rows stored, "
+                                                  f"its spans need (\\d+).*genrecal validate"):
+        reader.get(last, features=["logit_stats"])
+
+
+def test_array_shorter_than_the_manifest_says(cache):
+    url, fs, root, manifest = cache
+    entry = manifest.shards[1]
+    # a faulty writer left the question_hidden arrays one row short; records and manifest unchanged
+    import zarr
+
+    store = CacheStorage(url).zarr_store(f"{entry.dir}/tensors.zarr").with_read_only(False)
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
+    group["question_hidden/data"].resize((entry.feature_rows["question_hidden"] - 1, 16))
+    reseal(url)
+    assert {"offsets.bounds", "tensor.shape"} <= set(codes(url))
+    with pytest.raises(CacheIntegrityError, match=r"tensor array question_hidden/data is \(\d+, 16\) uint16, the "
+                                                  r"manifest and feature spec need \(\d+, 16\) uint16.*genrecal validate"):
+        list(CacheReader(url, verify=False))
+
+
+def test_missing_index_directory(cache):
+    url, fs, root, manifest = cache
+    fs.rm(f"{root}/index", recursive=True)
+    assert codes(url) == ["file.missing"]
+    for verify in (True, False):
+        reader = CacheReader(url, verify=verify)
+        assert len(read_all(url, verify=verify)) == 8  # sequential reading needs no index
+        pattern = (f"(?s)sample-id index of cache {re.escape(url)} is (damaged|missing).*index/sample-ids-.*"
+                   f"(file is missing|does not exist).*genrecal validate.*commit_cache")
+        with pytest.raises(CacheIntegrityError, match=pattern):
+            reader[sample_id(0)]
+        with pytest.raises(CacheIntegrityError, match=pattern):
+            list(reader.sample_ids())
+
+
+def test_index_pointing_past_the_shards(cache):
+    url, fs, root, manifest = cache
+    from genrecal.store.index import INDEX_SCHEMA
+
+    table = pa.table({"sample_id": ["s000000"], "shard": pa.array([99], pa.int32()), "row": pa.array([0], pa.int32())},
+                     schema=INDEX_SCHEMA)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, INDEX_SCHEMA) as w:
+        w.write_table(table)
+    data = sink.getvalue().to_pybytes()
+    fs.pipe_file(f"{root}/{manifest.index.path}", data)
+    edit_manifest(fs, root, lambda raw: raw["index"].update(size=len(data), sha256=hashlib.sha256(data).hexdigest()),
+                  reseal=True)
+    assert "index.mismatch" in codes(url)
+    with pytest.raises(CacheIntegrityError, match="index points 's000000' to shard #99 row 0, which does not exist"):
+        CacheReader(url)[sample_id(0)]

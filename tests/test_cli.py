@@ -170,37 +170,38 @@ def make(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_make_bootstraps_a_fresh_venv_with_cpu_torch_first(tmp_path):
+def test_make_bootstraps_a_fresh_venv_from_the_lock(tmp_path):
     venv = tmp_path / "venv"
     for target in ("test", "test-fast", "demo"):
         done = make("-n", target, f"VENV={venv}")
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         steps = [next(i for i, line in enumerate(lines) if needle in line) for needle in (
-            "-m venv", "install --only-binary=:all: 'torch==2.13.0+cpu'", "install -e '.[test]'")]
+            "-m venv", "install --only-binary=:all: -r requirements/lock.txt", "install --no-deps -e .",
+            "pip check")]
         assert steps == sorted(steps)
+    lock = (REPO / "requirements" / "lock.txt").read_text().splitlines()
+    assert "torch==2.13.0+cpu" in lock  # the CPU build: no CUDA wheel satisfies the pin
     assert "-m pytest --timeout=" in make("-n", "test", f"VENV={venv}").stdout
     assert '-m "not slow"' in make("-n", "test-fast", f"VENV={venv}").stdout
     assert "genrecal run demo" in make("-n", "demo", f"VENV={venv}").stdout
 
 
-def test_make_reinstalls_only_when_pyproject_changes(tmp_path):
+def test_make_reinstalls_only_when_the_lock_or_pyproject_changes(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").touch()
-    for stamp in (".torch-installed", ".genrecal-installed"):
-        (venv / stamp).touch()
+    (venv / ".genrecal-installed").touch()
     fresh = make("-n", "test", f"VENV={venv}").stdout
     assert "pip install" not in fresh and "-m pytest" in fresh
-    os.utime(venv / ".genrecal-installed", (0, 0))  # older than pyproject.toml
+    os.utime(venv / ".genrecal-installed", (0, 0))  # older than pyproject.toml and the lock
     stale = make("-n", "test", f"VENV={venv}").stdout
-    assert "install -e '.[test]'" in stale and "torch" not in stale
+    assert "-r requirements/lock.txt" in stale and "install --no-deps -e ." in stale
 
 
 def test_no_tests_collected_fails_make_test(tmp_path):
     (tmp_path / "test_nothing.py").write_text("def test_one():\n    pass\n")
     done = make("test", f"VENV={VENV}", f"-o{VENV}/.genrecal-installed",
-                f"-o{VENV}/.torch-installed",
                 f"PYTEST_ARGS={tmp_path / 'test_nothing.py'} -k no_such_test -p no:cacheprovider")
     assert "1 deselected" in done.stdout
     assert done.returncode != 0 and "Error 5" in done.stderr

@@ -309,8 +309,47 @@ def test_bad_row_is_recorded_as_skip(root, name):
     read = read_dataset(path, on_error="skip")
     assert [s.id for s in read.samples] == ["good-1", "good-2"]
     (skip,) = read.skips
-    assert isinstance(skip, Skip) and (skip.sample_id, skip.file) == (bad_id, str(path))
+    # the later row of a duplicated id is recorded under its own name, never the sample's id
+    skip_id = "good-1#row1" if name == "duplicate id" else bad_id
+    assert isinstance(skip, Skip) and (skip.sample_id, skip.file) == (skip_id, str(path))
     assert reason in skip.reason
+
+
+def test_skipped_rows_never_take_the_id_of_another_row(root):
+    rows = [row("x"), row("x", image="img/blue.png"), row("x", image="img/nope.png"),
+            row("x#row1"), row(1.5), row("d:4"), row("y", image="img/nope.png"), row("y")]
+    read = read_dataset(write_jsonl(root / "d.jsonl", rows), on_error="skip")
+    assert [s.id for s in read.samples] == ["x"]
+    assert read.samples[0].images == ((root / "img" / "red.png").resolve(),)
+    skips = {s.sample_id: s.reason for s in read.skips}
+    assert list(skips) == ["x#row1", "x#row2", "x#row1#row3", "d:4", "d:4#row5", "y", "y#row7"]
+    assert "duplicate id 'x' (row 1; row 0 has the same id)" in skips["x#row1"]
+    # a skip's name is taken: a later row using it is a duplicate too (recorded, not lost)
+    assert "duplicate id 'x#row1' (row 3; row 1 has the same id)" in skips["x#row1#row3"]
+    assert "id 1.5" in skips["d:4"] and "duplicate id 'd:4' (row 5" in skips["d:4#row5"]
+    assert "not found" in skips["y"] and "duplicate id 'y'" in skips["y#row7"]
+    ids = [s.id for s in read.samples] + list(skips)
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_skipped_row_cannot_reuse_an_id_of_another_source(root):
+    from genrecal.store.data.pipeline_data import SourceRef, read_sources
+    from genrecal.store.errors import DuplicateSampleError
+
+    first = write_jsonl(root / "one.jsonl", [row("x")])
+    second = write_jsonl(root / "two.jsonl", [row("x", image="img/nope.png")])
+    with pytest.raises(DuplicateSampleError, match=f"'x' occurs in {first} and in {second}"):
+        read_sources([SourceRef(str(first)), SourceRef(str(second))], on_error="skip")
+
+
+def test_undecodable_image_error_names_the_file(root):
+    path = write_jsonl(root / "d.jsonl", [row("bad", image=_corrupt(root))])
+    with pytest.raises(DatasetError) as info:
+        read_dataset(path)
+    message = str(info.value)
+    assert "BytesIO" not in message and "'bad'" in message and str(path) in message
+    assert "'img/bad.png'" in message and str((root / "img" / "bad.png").resolve()) in message
+    assert "cannot be decoded" in message and "Fix:" in message
 
 
 def test_symlink_inside_root_is_fine(root):
@@ -318,6 +357,44 @@ def test_symlink_inside_root_is_fine(root):
     path = write_jsonl(root / "d.jsonl", [row("x", image="img/alias.png")])
     (sample,) = read_dataset(path).samples
     assert sample.images == ((root / "img" / "red.png").resolve(),)
+
+
+def test_symlinked_image_root_and_dataset_folder_are_fine(root, tmp_path_factory):
+    path = write_jsonl(root / "d.jsonl", [row("x"), row("y", image=str(root / "img" / "blue.png"))])
+    links = tmp_path_factory.mktemp("links")
+    (links / "data").symlink_to(root, target_is_directory=True)
+    (links / "images").symlink_to(root / "img", target_is_directory=True)
+    red = (root / "img" / "red.png").resolve()
+    for dataset, image_root in [(links / "data" / "d.jsonl", None), (path, links / "data"),
+                                (links / "data" / "d.jsonl", links / "data")]:
+        assert read_dataset(dataset, image_root=image_root).samples[0].images == (red,)
+    flat = write_jsonl(root / "flat.jsonl", [row("x", image="red.png"),
+                                             row("y", image=str(links / "images" / "blue.png"))])
+    got = read_dataset(flat, image_root=links / "images").samples
+    assert [s.images for s in got] == [(red,), ((root / "img" / "blue.png").resolve(),)]
+
+
+def test_images_folder_linked_from_elsewhere_is_fine(root, tmp_path_factory):
+    dataset = tmp_path_factory.mktemp("dataset")
+    (dataset / "images").symlink_to(root / "img", target_is_directory=True)
+    path = write_jsonl(dataset / "d.jsonl", [
+        row("x", image="images/red.png"), row("y", image=str(dataset / "images" / "green.png")),
+        row("up", image="images/../../escape.png"), row("z", image="images/../images/blue.png")])
+    read = read_dataset(path, on_error="skip")
+    assert [s.images for s in read.samples] == [
+        ((root / "img" / "red.png").resolve(),), ((root / "img" / "green.png").resolve(),),
+        ((root / "img" / "blue.png").resolve(),)]
+    (skip,) = read.skips
+    assert skip.sample_id == "up" and "outside the image root" in skip.reason
+
+
+def test_symlinked_image_file_escaping_a_linked_root_is_refused(root, tmp_path_factory):
+    links = tmp_path_factory.mktemp("links")
+    (links / "data").symlink_to(root, target_is_directory=True)
+    path = write_jsonl(root / "d.jsonl", [row("x", image=_symlink(root))])
+    for image_root in (None, links / "data"):
+        with pytest.raises(DatasetError, match="symbolic link to .*outside the image root"):
+            read_dataset(path, image_root=image_root)
 
 
 def test_absolute_path_inside_root_is_fine(root):

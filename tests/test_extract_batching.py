@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genrecal.extract.background import BackgroundWriter
-from genrecal.extract.batching import pad_batch, pad_offsets, padding_fraction, plan_batches
+from genrecal.extract.batching import padding_fraction, plan_batches
 from genrecal.extract.errors import BatchingError, ExtractError, WriterError
+from genrecal.store.errors import PaddingError
+from genrecal.store.vlm.padding import pad_batch, pad_offsets
 
 
 def _skewed_lengths(n=2000, seed=0):
@@ -186,7 +188,7 @@ def test_pad_batch_custom_pad_values():
     ([_sample([1], scalar=torch.tensor(2.0))], "right", "key 'scalar' must be a tensor"),
 ])
 def test_pad_batch_bad_inputs(samples, side, pattern):
-    with pytest.raises(BatchingError, match=pattern):
+    with pytest.raises(PaddingError, match=pattern):
         pad_batch(samples, pad_id=0, side=side)
 
 
@@ -208,34 +210,39 @@ def test_writer_keeps_order_and_drains_on_close():
     assert stats.submitted == stats.written == 100
 
 
-def test_writer_back_pressure_blocks_producer_and_is_timed():
+def test_writer_back_pressure_blocks_producer_and_is_counted():
+    """The producer blocks exactly when the queue is full; counted, not timed (no wall-clock bound)."""
     started, release = threading.Event(), threading.Event()
     written = []
 
     def sink(item):
         started.set()
-        release.wait(5)
+        release.wait(30)
         written.append(item)
 
     writer = BackgroundWriter(sink, max_queue=2)
     writer.submit(0)
-    assert started.wait(5)  # the worker holds item 0; the queue is empty
-    t0 = time.perf_counter()
+    assert started.wait(30)  # the worker holds item 0; the queue is empty
     writer.submit(1)
-    writer.submit(2)  # queue full now
-    assert time.perf_counter() - t0 < 0.1
-    timer = threading.Timer(0.3, release.set)
-    timer.start()
-    t0 = time.perf_counter()
-    writer.submit(3)  # blocks until the worker takes item 1
-    blocked = time.perf_counter() - t0
+    writer.submit(2)  # queue full now; neither submit blocked
+    assert writer.stats().waited == 0 and writer.stats().submitted == 3
+    producer = threading.Thread(target=writer.submit, args=(3,))
+    producer.start()  # blocks until the worker takes item 1
+    for _ in range(3000):  # the producer counts the wait before it blocks
+        if writer.stats().waited == 1:
+            break
+        time.sleep(0.01)
+    assert writer.stats().waited == 1 and producer.is_alive() and writer.stats().submitted == 3
+    release.set()
+    producer.join(30)
     writer.close()
-    assert blocked >= 0.25 and written == [0, 1, 2, 3]
+    assert not producer.is_alive() and written == [0, 1, 2, 3]
     stats = writer.stats()
-    assert blocked - 0.01 <= stats.wait_seconds <= stats.elapsed_seconds
-    assert 0.25 <= stats.busy_seconds <= stats.elapsed_seconds
+    assert stats.submitted == stats.written == 4 and stats.waited == 1
+    assert 0 < stats.wait_seconds <= stats.elapsed_seconds
+    assert 0 < stats.busy_seconds <= stats.elapsed_seconds
     assert 0 < stats.wait_fraction <= 1 and 0 < stats.busy_fraction <= 1
-    assert set(stats.to_dict()) >= {"wait_seconds", "busy_seconds", "wait_fraction"}
+    assert set(stats.to_dict()) >= {"wait_seconds", "busy_seconds", "wait_fraction", "waited"}
 
 
 def _failing_sink(bad_item, written):

@@ -342,8 +342,8 @@ def test_non_finite_teacher_values_skip_only_the_bad_samples(tiny_vlm_dir, refer
     bad_stats, bad_hidden = samples[1].id, samples[4].id
     real = pipeline.batch_features
 
-    def faulty(teacher, encoded, states, specs, offsets):
-        values = real(teacher, encoded, states, specs, offsets)
+    def faulty(teacher, encoded, states, specs):
+        values = real(teacher, encoded, states, specs)
         if any(e.input_ids == ids[bad_stats] for e in encoded):
             raise FeatureInputError("logit_statistics: non-finite logits at answer rows [0]")
         for enc, value in zip(encoded, values):

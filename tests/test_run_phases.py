@@ -137,3 +137,12 @@ def test_remove_outputs_handles_files_dirs_urls_and_missing(tmp_path):
     assert [output_exists(t) for t in targets] == [True, True, True, False]
     remove_outputs(targets)
     assert not any(output_exists(t) for t in targets)
+
+
+def test_a_step_adopts_foreign_outputs_only_when_its_predicate_proves_them(tmp_path):
+    book, rec = MarkerBook(tmp_path), Recorder(tmp_path / "out.txt")
+    (tmp_path / "out.txt").write_text("not ours")
+    with pytest.raises(RunError, match=r"remove them \(rm -r .*out.txt\)"):
+        run_step(book, rec.step(adopts=lambda: False))
+    assert rec.calls == []
+    assert run_step(book, rec.step(adopts=lambda: True)).action == "run"

@@ -126,3 +126,24 @@ def test_teacher_finetune_schema(tmp_path):
         Pipeline.from_dict(pipeline_dict(tmp_path, teacher_finetune=no_train))
     with pytest.raises(ConfigError, match="teacher_finetune.name"):
         Pipeline.from_dict(pipeline_dict(tmp_path, teacher_finetune={"name": "align", "steps": 3}))
+
+
+def test_a_tiny_model_built_by_extract_from_the_same_spec_is_adopted(tmp_path):
+    """`genrecal extract` builds the pipeline's tiny teacher where `genrecal run` would: a later
+    run adopts it (same spec, deterministic build); another model there stops the run with a way
+    out (the command that removes it)."""
+    from genrecal.phases import MarkerBook, run_step
+    from genrecal.store.vlm.tiny import ensure_tiny_vlm
+
+    plan = make_plan(tmp_path)
+    step = next(s for s in StepBuilder(plan, RunOptions(progress=False)).model_steps() if s.id == "model-teacher")
+    spec = plan.pipeline.teacher.tiny
+    location = step.outputs[0]
+    ensure_tiny_vlm(spec.kind, location, **spec.build_kwargs())  # what `genrecal extract` does
+    book = MarkerBook(tmp_path / "phases")
+    assert run_step(book, step).action == "run" and book.read(step.id).state == "done"
+    other = make_plan(tmp_path / "other")
+    step = next(s for s in StepBuilder(other, RunOptions(progress=False)).model_steps() if s.id == "model-teacher")
+    ensure_tiny_vlm(spec.kind, step.outputs[0], **{**spec.build_kwargs(), "seed": 7})  # another model
+    with pytest.raises(RunError, match=f"rm -r {step.outputs[0]}"):
+        run_step(MarkerBook(tmp_path / "other" / "phases"), step)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -33,16 +32,6 @@ def test_other_seed_changes_weights_and_tokenizer_ids(tmp_path):
     vocab_a = json.loads((a / "tokenizer.json").read_text())["model"]["vocab"]
     vocab_b = json.loads((b / "tokenizer.json").read_text())["model"]["vocab"]
     assert vocab_a.keys() == vocab_b.keys() and vocab_a != vocab_b
-
-
-def test_build_is_fast(tmp_path):
-    build_tiny_vlm("qwen2_vl", tmp_path / "warm")  # imports the model classes once
-    timings = {}
-    for kind in ("qwen2_vl", "llava_qwen2"):
-        start = time.perf_counter()
-        build_tiny_vlm(kind, tmp_path / kind)
-        timings[kind] = time.perf_counter() - start
-    assert max(timings.values()) < 2.0, timings  # ~0.2-0.4 s each on an idle CPU core
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

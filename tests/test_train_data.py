@@ -13,6 +13,7 @@ import torch
 from genrecal.store import schema
 from genrecal.store.data.problems import Skip
 from genrecal.store.data.readers import DatasetRead
+from genrecal.store.errors import PaddingError
 from genrecal.store.synthetic_cache import synthetic_fingerprint
 from genrecal.store.vlm.encoding import encode_sample
 from genrecal.store.vlm.loading import load_vlm
@@ -343,8 +344,9 @@ def test_pad_student_pads_tokens_and_concatenates_the_rest():
     assert inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert labels.tolist() == [[2, 3, -100], [-100, -100, -100]]
     assert inputs["pixel_values"].shape == (4, 6) and inputs["image_grid_thw"].tolist() == [[1, 2, 2]]
-    with pytest.raises(DataJoinError, match="per-token keys"):
-        pad_student([a, {"input_ids": torch.tensor([[4]])}], [torch.tensor([0, 0, 0]), torch.tensor([0])], 0)
+    with pytest.raises(PaddingError, match="per-token keys"):
+        pad_student([a, {**b, "mm_token_type_ids": torch.zeros(1, 1, dtype=torch.long)}],
+                    [torch.tensor([0, 0, 0]), torch.tensor([0])], 0)
 
 
 def test_collator_and_batch_move(student, samples):

@@ -5,6 +5,16 @@ The cache is built once per module by ``genrecal.extract`` (job_from_pipeline + 
 tiny kit models (teacher qwen2_vl, student llava_qwen2) on synthetic VQA data with multi-turn rows.
 With ``round_to="bf16"`` (the cache's codec) the live teacher must give bit-identical
 TeacherTurns, and training align + distill online must equal cache-fed training step by step.
+
+Exact by construction. Both paths run the same code (:mod:`genrecal.store.vlm.teacher_forward`),
+but float32 results depend on the batch a sample shares: the padded length and the batch size
+change the matmul shapes, hence the CPU kernel (AVX2, AVX-512 or none) and its summation order,
+and a last-bit difference can move a value across a bf16 rounding boundary. So the bit-for-bit
+comparisons run every sample ALONE on both sides: the cache is extracted with
+``cache.batch_size: 1`` and the live teacher runs micro-batches of 1 (the pipeline's
+``cache.batch_size``, which :func:`load_online_teacher` follows). Comparisons across different
+batchings (:func:`test_micro_batches_and_question_switches`) allow one bf16 step instead
+(:func:`within_one_bf16_step`).
 """
 
 from __future__ import annotations
@@ -42,7 +52,8 @@ def pipeline(root: Path, teacher_dir, student_dir, out: str, stages: list[dict])
         "student": {"tiny": {"kind": "llava_qwen2", "path": str(student_dir)}, "dtype": "float32",
                     "device": "cpu"},
         "data": {"sources": [{"path": str(root / "data" / "train.jsonl"), "format": "llava"}]},
-        "cache": {"location": str(root / "cache"), "features": FEATURES, "max_length": 256},
+        # batch_size 1: each sample alone in its teacher forward, on both paths (module docstring)
+        "cache": {"location": str(root / "cache"), "features": FEATURES, "max_length": 256, "batch_size": 1},
         "recalibrator": {"blocks": 1, "init": "copy"},
         "stages": stages, "evaluation": None, "output": str(root / out)})
 
@@ -85,7 +96,17 @@ def student(tiny_student_dir):
 
 
 def online(teacher_vlm, **settings) -> OnlineTeacher:
-    return OnlineTeacher(teacher_vlm, OnlineSettings(**{"max_length": 256, **settings}))
+    """A live teacher; micro-batches of 1 as the module's cache was extracted (module docstring)."""
+    return OnlineTeacher(teacher_vlm, OnlineSettings(**{"max_length": 256, "micro_batch": 1, **settings}))
+
+
+def within_one_bf16_step(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two bf16-rounded float32 tensors differ by at most one bf16 step (2^-7 relative to the
+    larger magnitude's power of two, i.e. 8 mantissa bits): what float32 rounding noise of
+    another batch composition can do to a value near a bf16 rounding boundary."""
+    scale = torch.maximum(a.abs(), b.abs())
+    step = torch.exp2(torch.floor(torch.log2(scale.clamp_min(torch.finfo(torch.float32).tiny))) - 7)
+    return bool(((a - b).abs() <= step).all())
 
 
 def config(**kwargs) -> LoaderConfig:
@@ -134,11 +155,11 @@ def test_without_rounding_features_are_full_precision(world, data, teacher_vlm, 
 
 def test_micro_batches_and_question_switches(few, teacher_vlm, student):
     data = few
-    whole = all_turns(make_online_loader(data, student, online(teacher_vlm, round_to="bf16"), config=config()))
-    micro = all_turns(make_online_loader(data, student, online(teacher_vlm, round_to="bf16", micro_batch=1),
+    whole = all_turns(make_online_loader(data, student, online(teacher_vlm, round_to="bf16", micro_batch=None),
                                          config=config()))
-    for sid in whole:  # right padding does not change the rounded rows of the shorter samples
-        assert all(torch.equal(a.window, b.window) for a, b in zip(whole[sid], micro[sid]))
+    micro = all_turns(make_online_loader(data, student, online(teacher_vlm, round_to="bf16"), config=config()))
+    for sid in whole:  # right padding changes no more than float32 noise: one bf16 step at most
+        assert all(within_one_bf16_step(a.window, b.window) for a, b in zip(whole[sid], micro[sid]))
     off = all_turns(make_online_loader(data, student, online(teacher_vlm), config=config(load_question=False)))
     none = all_turns(make_online_loader(data, student, online(teacher_vlm, question=None), config=config()))
     assert all(t.question is None for turns in [*off.values(), *none.values()] for t in turns)

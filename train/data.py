@@ -51,10 +51,16 @@ seeds of epoch 0).
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -64,21 +70,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from genrecal.store.data.problems import Skip
 from genrecal.store.data.readers import DatasetRead
 from genrecal.store.data.sample import Sample
-from genrecal.store.errors import DatasetError, SpanError
+from genrecal.store.errors import DatasetError, FingerprintMismatchError, SpanError
+from genrecal.store.fingerprint import weight_files, weights_identity_files
 from genrecal.store.reader import CachedSample, CacheReader
 from genrecal.store.vlm.encoding import Encoded, encode_sample
 from genrecal.store.vlm.families import Family
+from genrecal.store.vlm.padding import pad_batch
 from genrecal.train.errors import ContentHashMismatchError, DataJoinError
 from genrecal.train.losses import IGNORE_INDEX
 from genrecal.train.sampler import BatchPlan, SamplerState
 
+log = logging.getLogger(__name__)
+
 __all__ = ["CacheSource", "Collator", "DataWait", "Example", "JoinReport", "JoinedDataset", "LoaderConfig",
            "StudentSide", "TeacherRequest", "TeacherSource", "TeacherTurn", "TrainBatch", "TrainLoader",
-           "join_with_cache", "make_loader", "pad_inputs", "pad_student", "pad_token_id", "student_labels",
+           "check_cache_teacher", "join_with_cache", "make_loader", "pad_student", "pad_token_id", "student_labels",
            "teacher_turns"]
 
-SEQUENCE_PAD_VALUES: Mapping[str, int] = {"attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
-"""Per-token processor outputs besides ``input_ids``, with their pad values (right padding)."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
@@ -101,18 +109,28 @@ class TeacherTurn:
 
     window: float ``[Na_k + 1, d_l]``, z over the answer window (positions s_k-1 .. e_k-1);
     answer_ids: int64 ``[Na_k]`` teacher answer token ids, end-of-turn included;
-    question: float ``[Nq_k, d_l]`` cached rows at positions < s_k in position order, or None.
+    question: float ``[Nq_k, d_l]`` cached rows at positions < s_k in position order, or None;
+    answer_start: s_k, the teacher position of the first answer token (answer token j sits at
+    s_k + j); question_positions: int64 ``[Nq_k]`` the teacher positions of ``question``'s rows.
+    The positions feed the Recalibrator when it keeps the original positions
+    (``recalibrator.reassign_positions: false``, the paper's NPE ablation).
     """
 
     window: torch.Tensor
     answer_ids: torch.Tensor
     question: torch.Tensor | None = None
+    answer_start: int = 0
+    question_positions: torch.Tensor | None = None
+
+    def _tensors(self) -> tuple:
+        return self.window, self.answer_ids, self.question
 
     def to(self, device, non_blocking: bool = False) -> "TeacherTurn":
-        return TeacherTurn(*(_move(x, device, non_blocking) for x in (self.window, self.answer_ids, self.question)))
+        return replace(self, **dict(zip(("window", "answer_ids", "question"),
+                                        (_move(x, device, non_blocking) for x in self._tensors()))))
 
     def pin_memory(self) -> "TeacherTurn":
-        return TeacherTurn(*(_pin(x) for x in (self.window, self.answer_ids, self.question)))
+        return replace(self, **dict(zip(("window", "answer_ids", "question"), (_pin(x) for x in self._tensors()))))
 
 
 @dataclass
@@ -222,11 +240,13 @@ def teacher_turns(cached: CachedSample, n_turns: int) -> list[TeacherTurn]:
     out = []
     for k in range(n_turns):
         start, end = cached.spans.answers[k]
-        question = None
+        question = positions = None
         if known is not None:
-            question = known[1][: int(torch.searchsorted(known[0], start))]
+            n = int(torch.searchsorted(known[0], start))
+            question, positions = known[1][:n], known[0][:n]
         out.append(TeacherTurn(window=cached.answer_hidden[rows[k][0]:rows[k][1]],
-                               answer_ids=cached.input_ids[start:end].clone(), question=question))
+                               answer_ids=cached.input_ids[start:end].clone(), question=question,
+                               answer_start=int(start), question_positions=positions))
     return out
 
 
@@ -246,6 +266,40 @@ class TeacherSource(Protocol):
     def record(self, sample: Sample): ...
 
     def turns(self, record, n_turns: int) -> list[TeacherTurn] | TeacherRequest: ...
+
+
+def check_cache_teacher(url, location: str, revision: str | None = None, *,
+                        storage_options: dict | None = None) -> dict[str, str] | None:
+    """Refuse a teacher cache written by another teacher than the pipeline's.
+
+    location / revision: the pipeline's teacher (hub id or directory). Where its weight files
+    are on this machine, their identity digest must equal the cache fingerprint's ``weights``
+    (:mod:`genrecal.store.fingerprint`), and that expectation is returned for the cache readers
+    to check again; a training node that never held the teacher compares the teacher location
+    the cache records instead (returns None). Raises :class:`FingerprintMismatchError` naming
+    both sides and the fixes.
+    """
+    manifest = CacheReader(url, verify=False, storage_options=storage_options).manifest
+    recorded = (manifest.header.settings.get("teacher") or {})
+    files = weight_files(location, revision)
+    fix = ("Fix: point cache.location at a cache extracted with this teacher (`genrecal extract "
+           "PIPELINE`), or pass --allow-teacher-mismatch to train on this cache deliberately.")
+    if files:
+        want = weights_identity_files(files)
+        if manifest.teacher.weights != want:
+            raise FingerprintMismatchError(
+                f"teacher cache {url} was written for another teacher: its weights fingerprint is "
+                f"{manifest.teacher.weights} (teacher {recorded.get('location', '?')!r}), but the "
+                f"pipeline's teacher {location!r} has {want}. {fix}")
+        return {"weights": want}
+    names = {location, str(Path(location).expanduser().absolute())}
+    if recorded.get("location") not in names or recorded.get("revision") != revision:
+        raise FingerprintMismatchError(
+            f"teacher cache {url} was written for teacher {recorded.get('location')!r} (revision "
+            f"{recorded.get('revision')!r}, fingerprint {manifest.teacher.digest}); the pipeline's "
+            f"teacher is {location!r} (revision {revision!r}), whose weights are not on this machine "
+            f"to compare. {fix}")
+    return None
 
 
 class CacheSource:
@@ -412,48 +466,17 @@ def _pad_right(row: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return torch.cat([row, row.new_full((length - row.shape[0],), value)])
 
 
-def _token_keys(inputs: Sequence[dict[str, torch.Tensor]]) -> list[str]:
-    keys = ["input_ids", *(k for k in SEQUENCE_PAD_VALUES if k in inputs[0])]
-    for i, x in enumerate(inputs):
-        mine = ["input_ids", *(k for k in SEQUENCE_PAD_VALUES if k in x)]
-        if mine != keys:
-            raise DataJoinError(f"collate: example {i} has per-token keys {mine} but example 0 has {keys}; "
-                                "every sample must come from the same student processor")
-    return keys
-
-
 def pad_student(inputs: Sequence[dict[str, torch.Tensor]], labels: Sequence[torch.Tensor],
                 pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Right-pad per-sample student processor outputs into one batch.
 
-    inputs: as :func:`pad_inputs`; labels: int64 ``[L_b]`` each, padded with -100 into
-    ``[B, L_max]``.
+    inputs: per-sample processor outputs (batch dim 1), padded by
+    :func:`~genrecal.store.vlm.padding.pad_batch` (the padder of the teacher's inputs too);
+    labels: int64 ``[L_b]`` each, padded with -100 into ``[B, L_max]``.
     """
-    out = pad_inputs(inputs, pad_id)
+    out = pad_batch(inputs, pad_id, "right")
     longest = out["input_ids"].shape[-1]
     return out, torch.stack([_pad_right(y, longest, IGNORE_INDEX) for y in labels])
-
-
-def pad_inputs(inputs: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad per-sample processor outputs (student or teacher) into one model input dict.
-
-    inputs: dicts with batch dim 1 (``input_ids`` ``[1, L_b]``). Per-token keys (``input_ids``
-    with ``pad_id``, :data:`SEQUENCE_PAD_VALUES`) become ``[B, L_max]``; every other key
-    (``pixel_values``, ``image_grid_thw``, ``image_sizes``...) is concatenated along dim 0 in
-    sample order over the samples that have it, which is how Qwen2-VL (``[patches, C]``), LLaVA
-    and Gemma 3 (``[images, 3, H, W]``) all take them.
-    """
-    keys = _token_keys(inputs)
-    longest = max(x["input_ids"].shape[-1] for x in inputs)
-    values = {"input_ids": pad_id, **SEQUENCE_PAD_VALUES}
-    out = {k: torch.stack([_pad_right(x[k].reshape(-1), longest, values[k]) for x in inputs]) for k in keys}
-    if "attention_mask" not in out:
-        out["attention_mask"] = torch.stack([_pad_right(torch.ones_like(x["input_ids"].reshape(-1)), longest, 0)
-                                             for x in inputs])
-    others = dict.fromkeys(k for x in inputs for k in x if k not in out)
-    for key in others:
-        out[key] = torch.cat([x[key] for x in inputs if key in x], dim=0)
-    return out
 
 
 @dataclass(frozen=True)
@@ -605,12 +628,30 @@ class LoaderConfig:
             return {"num_workers": 0, "pin_memory": self.pin_memory}
         return {"num_workers": self.num_workers, "prefetch_factor": self.prefetch_factor,
                 "persistent_workers": self.persistent_workers, "pin_memory": self.pin_memory,
-                "multiprocessing_context": self.multiprocessing_context, "worker_init_fn": _init_worker}
+                "multiprocessing_context": self.multiprocessing_context,
+                "worker_init_fn": partial(_init_worker, parent=os.getpid())}
 
 
-def _init_worker(_worker_id: int) -> None:
-    """One intra-op thread per worker: the workers run in parallel with each other and the trainer."""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _init_worker(_worker_id: int, *, parent: int) -> None:
+    """Set up a loader worker process.
+
+    One intra-op thread: the workers run in parallel with each other and the trainer. On Linux
+    the kernel SIGKILLs the worker when the process that started it dies (``PR_SET_PDEATHSIG``):
+    torch's own watchdog only polls the parent between batches, and a worker blocked on a full
+    result queue with no reader left would outlive a SIGKILLed trainer. ``parent`` is the pid the
+    worker was started from; if it is already gone the worker exits at once.
+    """
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("loader worker %d: prctl(PR_SET_PDEATHSIG) failed (errno %d); it may outlive "
+                        "a killed trainer", os.getpid(), ctypes.get_errno())
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(0)
 
 
 class _ReplaySampler(Sampler):

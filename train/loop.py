@@ -130,6 +130,7 @@ class LoopOptions:
     progress: bool = True
     teacher_source: Literal["cache", "online"] = "cache"
     online_round_to: str | None = None
+    allow_teacher_mismatch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("save_every", "stop_after"):
@@ -556,14 +557,10 @@ def _recalibrator(pipeline: Any, student_model: torch.nn.Module, d_teacher: int,
     if saved is not None:
         return Recalibrator.load(saved, student_model)
     cfg = pipeline.recalibrator
-    if not cfg.reassign_positions:
-        raise StageSetupError(
-            "recalibrator.reassign_positions: false needs the original teacher answer positions, "
-            "which the cache's TeacherTurn does not carry; the trainer supports only true "
-            "(method.md step 3, the paper's choice).")
     return Recalibrator.from_student(student_model, d_teacher,
                                      RecalibratorConfig(num_blocks=cfg.blocks, init=cfg.init,
-                                                        answer_input=cfg.answer_input),
+                                                        answer_input=cfg.answer_input,
+                                                        reset_positions=cfg.reassign_positions),
                                      seed=seed)
 
 
@@ -573,7 +570,7 @@ def build_stage_job(pipeline: Any, name: str, dist: RankInfo, options: LoopOptio
     features replace the cache's (:mod:`genrecal.train.online`)."""
     from genrecal.store.artifacts import load_teacher_embeddings, load_teacher_head
     from genrecal.store.vlm.loading import load_vlm
-    from genrecal.train.data import LoaderConfig, make_loader
+    from genrecal.train.data import LoaderConfig, check_cache_teacher, make_loader
     from genrecal.train.step import LossSpec, TeacherSide
 
     stage, spec = pipeline.stage(name), pipeline.student
@@ -585,7 +582,7 @@ def build_stage_job(pipeline: Any, name: str, dist: RankInfo, options: LoopOptio
                        trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     answer_input = pipeline.recalibrator.answer_input
     loss_spec = LossSpec.for_stage(stage, answer_input)
-    rec = teacher = cache = online = None
+    rec = teacher = cache = online = expect = None
     if name in GENRECAL_STAGES and options.teacher_source == "online":
         from genrecal.train.online import load_online_teacher
 
@@ -594,6 +591,8 @@ def build_stage_job(pipeline: Any, name: str, dist: RankInfo, options: LoopOptio
         teacher = online.teacher_side(answer_input, device)
     elif name in GENRECAL_STAGES:
         cache = pipeline.cache.location
+        if not options.allow_teacher_mismatch:
+            expect = check_cache_teacher(cache, pipeline.model_location("teacher"), pipeline.teacher.revision)
         embeddings = load_teacher_embeddings(cache) if answer_input == "embedding" else None
         teacher = TeacherSide.from_artifacts(load_teacher_head(cache), embeddings, device)
     if teacher is not None:
@@ -606,7 +605,7 @@ def build_stage_job(pipeline: Any, name: str, dist: RankInfo, options: LoopOptio
                           pin_memory=device.type == "cuda")
     if online is None:
         loader = make_loader(pipeline_train_data(pipeline), student, cache=cache, config=config,
-                             world_size=dist.world, rank=dist.rank)
+                             world_size=dist.world, rank=dist.rank, expect_teacher=expect)
     else:
         from genrecal.train.online import make_online_loader
 

@@ -7,9 +7,9 @@ training is what online training would be. Per batch:
   (:class:`OnlineSource`, a :class:`~genrecal.train.data.TeacherSource`), next to the student
   encoding: ``TrainBatch.teacher_requests``; the turn count is ``min(student turns, teacher
   turns)`` as with a cache;
-* :class:`OnlineTeacher` pads those encodings (right), runs the teacher once per micro-batch
-  under ``torch.inference_mode`` and takes its post-norm last hidden state ``z``
-  (``Family.final_hidden``) at exactly the positions the extraction caches
+* :class:`OnlineTeacher` runs the extraction's own forward and row selection
+  (:mod:`genrecal.store.vlm.teacher_forward`) once per micro-batch: right padding, the
+  post-norm last hidden state ``z`` at exactly the positions the extraction caches
   (:func:`~genrecal.store.schema.answer_window_positions`, and
   :func:`~genrecal.store.schema.question_positions` with the configured select). The rows form
   the :class:`~genrecal.store.reader.CachedSample` a cache would return, which
@@ -40,11 +40,12 @@ from genrecal.store.codecs import decode_values, encode_values
 from genrecal.store.data.problems import Skip
 from genrecal.store.data.sample import Sample
 from genrecal.store.reader import CachedSample
-from genrecal.store.schema import FEATURE_CODECS, answer_window_positions, question_positions
+from genrecal.store.schema import FEATURE_CODECS, question_positions
 from genrecal.store.vlm.encoding import encode_sample
 from genrecal.store.vlm.families import Family
+from genrecal.store.vlm.teacher_forward import hidden_rows, teacher_forward
 from genrecal.train.data import (DataWait, LoaderConfig, TeacherRequest, TeacherTurn, TrainBatch,
-                                 TrainLoader, make_loader, pad_inputs, pad_token_id, teacher_turns)
+                                 TrainLoader, make_loader, pad_token_id, teacher_turns)
 from genrecal.train.step import TeacherSide
 
 if TYPE_CHECKING:
@@ -188,43 +189,41 @@ class OnlineTeacher:
 
     def records(self, requests: Sequence[TeacherRequest], *, dtype: torch.dtype = torch.float32,
                 question: bool = True) -> list[CachedSample]:
-        """The :class:`CachedSample` a cache extracted with these settings would return."""
+        """The :class:`CachedSample` a cache extracted with these settings would return.
+
+        Runs :func:`~genrecal.store.vlm.teacher_forward.teacher_forward` and
+        :func:`~genrecal.store.vlm.teacher_forward.hidden_rows` over micro-batches of
+        ``settings.micro_batch`` requests: the extraction's own forward and row selection.
+        """
         step = self.settings.micro_batch or max(len(requests), 1)
+        select = self.settings.question if question else None
         out = []
         for first in range(0, len(requests), step):
             chunk = requests[first:first + step]
-            z = self.final_hidden([r.encoded.inputs for r in chunk])
-            out += [self._record(r, z[i], dtype, question) for i, r in enumerate(chunk)]
+            states = teacher_forward(self.vlm.model, self.family, [r.encoded.inputs for r in chunk],
+                                     self.pad_id, penultimate=False)
+            for i, request in enumerate(chunk):
+                answer, rows = hidden_rows(states.final[i], request.encoded.spans, states.offsets[i],
+                                           question=select)
+                out.append(self._record(request, answer, rows, dtype))
         return out
 
-    def final_hidden(self, inputs: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """One teacher forward over right-padded ``inputs`` (batch dim 1 each) -> post-norm z
-        [b, L_max, d] in the teacher's dtype, on its device (an inference tensor)."""
-        batch = pad_inputs(inputs, self.pad_id)
-        batch = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
-                 for k, v in batch.items()}
-        with torch.inference_mode():
-            out = self.vlm.model(**batch, output_hidden_states=[-1], logits_to_keep=1, use_cache=False)
-            return self.family.final_hidden(self.vlm.model, out.hidden_states)
-
-    def _record(self, request: TeacherRequest, z: torch.Tensor, dtype: torch.dtype,
-                question: bool) -> CachedSample:
-        """z: [L_max, d] of one padded sample -> its cache-equivalent record."""
-        spans, select = request.encoded.spans, self.settings.question
-        positions = question_positions(spans, select) if question and select is not None else None
+    def _record(self, request: TeacherRequest, answer: torch.Tensor, question: torch.Tensor | None,
+                dtype: torch.dtype) -> CachedSample:
+        """One sample's rows [n, d] -> its cache-equivalent record."""
+        spans = request.encoded.spans
+        positions = None if question is None else question_positions(spans, self.settings.question)
         return CachedSample(
             sample_id=request.sample_id, content_hash=request.content_hash,
             status="truncated" if request.encoded.dropped_turns else "ok",
             input_ids=torch.tensor(request.encoded.input_ids, dtype=torch.long), spans=spans,
-            answer_hidden=self._rows(z, answer_window_positions(spans), dtype),
-            question_hidden=None if positions is None else self._rows(z, positions, dtype),
+            answer_hidden=self._round(answer, dtype),
+            question_hidden=None if question is None else self._round(question, dtype),
             question_positions=None if positions is None else torch.tensor(positions, dtype=torch.long))
 
-    def _rows(self, z: torch.Tensor, positions: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """z [L, d] -> ``dtype`` [len(positions), d], rounded through the ``round_to`` codec as
-        the cache writer and reader would (on the CPU then). index_select outside inference
-        mode makes a normal tensor (inference tensors cannot be saved for backward)."""
-        rows = z.index_select(0, torch.tensor(positions, dtype=torch.long, device=z.device))
+    def _round(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """rows [n, d] -> ``dtype``, rounded through the ``round_to`` codec as the cache writer and
+        reader would (on the CPU then)."""
         codec = self.settings.round_to
         if codec is None:
             return rows.to(dtype)
@@ -306,7 +305,8 @@ def load_online_teacher(pipeline, device: torch.device | str, *, question: bool,
 
     It runs in its configured dtype on ``device`` (the training device) unless the pipeline
     gives it a ``device_map``; the features follow the pipeline's cache settings (``max_length``,
-    ``features.question_hidden`` when ``question``, i.e. when L_reg is on) and ``round_to``.
+    ``features.question_hidden`` when ``question``, i.e. when L_reg is on, and ``batch_size``
+    samples per teacher forward, as extraction runs it) and ``round_to``.
     """
     from genrecal.store.vlm.loading import load_vlm
 
@@ -315,5 +315,6 @@ def load_online_teacher(pipeline, device: torch.device | str, *, question: bool,
                    device=str(device), device_map=spec.device_map, trust_remote_code=spec.trust_remote_code,
                    revision=spec.revision)
     select = features.question_hidden if question and features.question_hidden != "none" else None
-    settings = OnlineSettings(max_length=pipeline.cache.max_length, question=select, round_to=round_to)
+    settings = OnlineSettings(max_length=pipeline.cache.max_length, question=select, round_to=round_to,
+                              micro_batch=pipeline.cache.batch_size)
     return OnlineTeacher(vlm, settings)

@@ -231,8 +231,10 @@ class RecBody(nn.Module):
 
         builders = {"full_attention": create_causal_mask,
                     "sliding_attention": create_sliding_window_causal_mask}
-        return {t: builders[t](config=self.config, inputs_embeds=hidden, attention_mask=pad_mask,
-                               past_key_values=None, position_ids=None)
+        # The 4th parameter is the KV cache (none here): `past_key_values` up to transformers
+        # 5.23, `cache` from 5.24 (where the old keyword warns; it goes in 5.40). Passing it by
+        # position works with both names and warns with neither.
+        return {t: builders[t](self.config, hidden, pad_mask, None, position_ids=None)
                 for t in set(self.layer_types)}
 
     def _position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor

@@ -173,8 +173,8 @@ class LossSpec:
             return cls(genrecal=None, ce_student=1.0, answer_input=answer_input, **chunks)
         weights = None
         if losses.ar or losses.kl or losses.reg:
-            weights = GenRecalWeights(ar=losses.ar, kl=losses.kl, reg_ce=losses.reg,
-                                      reg_kl=losses.reg, temperature=losses.temperature)
+            weights = GenRecalWeights(ar=losses.ar, kl=losses.kl, reg_ce=losses.reg_ce,
+                                      reg_kl=losses.reg_kl, temperature=losses.temperature)
         return cls(genrecal=weights, ce_student=losses.ce_student, answer_input=answer_input,
                    **chunks)
 
@@ -239,6 +239,10 @@ class RecalRows:
 
     z_q [R, Nq, d_s] student question features; answer_input [R, Na, d_l]; answer_ids [R, Na]
     long; z_window [R, Na + 1, d_l] cached teacher window; question [R, Nql, d_l] or None.
+    Original positions, long, only when the Recalibrator keeps them (``reset_positions`` False,
+    the NPE ablation), else None: q_positions [R, Nq] (student positions 0..s_k-1),
+    a_positions [R, Na] (teacher positions s_k..e_k-1 of the answer tokens), question_positions
+    [R, Nql] (teacher positions of the cached question rows).
     """
 
     z_q: torch.Tensor
@@ -249,6 +253,9 @@ class RecalRows:
     z_window: torch.Tensor
     question: torch.Tensor | None
     question_mask: torch.Tensor | None
+    q_positions: torch.Tensor | None = None
+    a_positions: torch.Tensor | None = None
+    question_positions: torch.Tensor | None = None
 
 
 def _turns(batch: TrainBatch, seq_len: int) -> list[tuple[int, int, TeacherTurn]]:
@@ -308,10 +315,11 @@ def _answer_input(turn: TeacherTurn, teacher: TeacherSide, mode: str, where: str
 
 
 def build_rows(z: torch.Tensor, batch: TrainBatch, teacher: TeacherSide, answer_input: str,
-               with_question: bool) -> RecalRows:
+               with_question: bool, with_positions: bool = False) -> RecalRows:
     """Slice the student features per turn and pad the teacher tensors (method.md Positions).
 
-    z: [B, Ls, d_s] student post-norm features of the batch (float).
+    z: [B, Ls, d_s] student post-norm features of the batch (float); with_positions: also the
+    original position ids (:class:`RecalRows`).
     """
     rows = _turns(batch, z.shape[1])
     device = z.device
@@ -329,9 +337,24 @@ def build_rows(z: torch.Tensor, batch: TrainBatch, teacher: TeacherSide, answer_
     if with_question:
         question, question_mask = _pad([_question(t, w) for (_, _, t), w in zip(rows, where)],
                                        device)
+    positions = {}
+    if with_positions:
+        positions["q_positions"] = torch.arange(n_q, device=device).expand(len(rows), -1)
+        positions["a_positions"], _ = _pad([t.answer_start + torch.arange(t.answer_ids.numel())
+                                            for _, _, t in rows], device)
+        if with_question:
+            positions["question_positions"], _ = _pad([_question_positions(t, w) for (_, _, t), w
+                                                       in zip(rows, where)], device)
     return RecalRows(z_q=z_q, q_mask=q_mask, answer_input=a_in, a_mask=a_mask,
                      answer_ids=answer_ids, z_window=z_window, question=question,
-                     question_mask=question_mask)
+                     question_mask=question_mask, **positions)
+
+
+def _question_positions(turn: TeacherTurn, where: str) -> torch.Tensor:
+    if turn.question_positions is None:
+        raise BatchError(f"{where}: recalibrator.reassign_positions is false but the teacher turn "
+                         "carries no question positions; build it with genrecal.train.data.teacher_turns.")
+    return turn.question_positions.long()
 
 
 def _question(turn: TeacherTurn, where: str) -> torch.Tensor:
@@ -423,13 +446,14 @@ class StageModel(nn.Module):
     def _genrecal(self, z: torch.Tensor, batch: TrainBatch) -> GenRecalLosses:
         """L_ar + L_kl (+ L_reg) summed over teacher answer tokens (method.md section 1)."""
         spec, rec = self.spec, self.recalibrator
-        rows = build_rows(z, batch, self.teacher, spec.answer_input, spec.uses_reg)
-        out = rec(rows.z_q, rows.q_mask, rows.answer_input, rows.a_mask)
+        keep_positions = not rec.cfg.reset_positions  # NPE ablation: the original positions
+        rows = build_rows(z, batch, self.teacher, spec.answer_input, spec.uses_reg, keep_positions)
+        out = rec(rows.z_q, rows.q_mask, rows.answer_input, rows.a_mask, rows.q_positions, rows.a_positions)
         r_window, _ = answer_window(out.r_q, rows.q_mask, out.r_a, rows.a_mask)
         r_teacher = None
         if spec.uses_reg:
-            out_t = rec.forward_teacher_only(rows.question, rows.question_mask,
-                                             rows.answer_input, rows.a_mask)
+            out_t = rec.forward_teacher_only(rows.question, rows.question_mask, rows.answer_input,
+                                             rows.a_mask, rows.question_positions, rows.a_positions)
             r_teacher, _ = answer_window(out_t.r_q, rows.question_mask, out_t.r_a, rows.a_mask)
         return genrecal_losses(self.teacher.head, rows.z_window, r_window,
                                window_targets(rows.answer_ids, rows.a_mask),

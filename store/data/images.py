@@ -40,20 +40,26 @@ def default_image_cache() -> Path:
     return Path(base) / "genrecal" / "images"
 
 
-def verify_image(data: bytes) -> str:
+def verify_image(data: bytes, name: str = "") -> str:
     """Decode ``data`` fully with PIL; return its format name (``"PNG"``...).
 
+    ``name`` says where the bytes come from (the image's path) in the error.
     Raises :class:`RowProblem` if the bytes are not a decodable image.
     """
     from PIL import Image
 
+    buffer = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(buffer) as im:
             im.load()
             return im.format or "PNG"
     except Exception as exc:  # PIL: OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise RowProblem(f"image cannot be decoded ({type(exc).__name__}: {exc})",
-                         "replace the file with a valid image (PNG, JPEG...), or drop the sample")
+        what = f"image {name}" if name else f"embedded image ({len(data)} bytes)"
+        # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>): the file is named above
+        detail = str(exc).replace(f" {buffer!r}", "").replace(repr(buffer), "the image")
+        raise RowProblem(f"{what} cannot be decoded ({type(exc).__name__}: {detail})",
+                         "replace the file with a valid image (PNG, JPEG...), or drop the sample"
+                         ) from None
 
 
 def store_image_bytes(cache_dir: Path, data: bytes, image_format: str) -> Path:
@@ -81,18 +87,36 @@ def store_image_bytes(cache_dir: Path, data: bytes, image_format: str) -> Path:
 def path_inside(root: Path, ref: str) -> Path:
     """The resolved file ``ref`` names under ``root``; refuses anything escaping ``root``.
 
-    ``ref`` is relative to ``root`` or absolute; ``..`` components and symlinks are
-    resolved first, so a link pointing outside ``root`` is refused like ``../x.png``.
+    The root itself is resolved first (it may be, or lie under, a symbolic link). ``ref`` is
+    relative to the root or absolute (inside the root as given or as resolved); its ``..``
+    components are normalised and the result must stay inside the root. Folders inside the root
+    may be symbolic links to elsewhere (``images -> /data/coco``), as the root's owner arranged
+    them; an image file that is itself a link must point inside the root (or inside the folder
+    it sits in), so a link to a file outside is refused like ``../x.png``.
     """
     if not ref.strip():
         raise RowProblem("empty image path", "give every image a path relative to the image root")
-    resolved_root = root.resolve()
-    candidate = Path(ref) if Path(ref).is_absolute() else resolved_root / ref
-    resolved = candidate.resolve()
-    if not resolved.is_relative_to(resolved_root):
-        raise RowProblem(f"image path {ref!r} resolves to {resolved}, outside the image root "
-                         f"{resolved_root}",
+    given = Path(os.path.abspath(root))
+    real_root = given.resolve()
+    named = Path(ref)
+    if named.is_absolute():
+        named = Path(os.path.normpath(named))
+        inside = named.is_relative_to(real_root) or named.is_relative_to(given)
+    else:
+        named = Path(os.path.normpath(real_root / named))
+        inside = named.is_relative_to(real_root)
+    if not inside:
+        raise RowProblem(f"image path {ref!r} resolves to {named}, outside the image root "
+                         f"{real_root}",
                          "move the image under the image root or pass the right image_root")
+    folder = named.parent.resolve()
+    resolved = named.resolve()
+    if resolved != folder / named.name and not (resolved.is_relative_to(real_root)
+                                                or resolved.is_relative_to(folder)):
+        raise RowProblem(f"image path {ref!r} is a symbolic link to {resolved}, outside the "
+                         f"image root {real_root}",
+                         "copy the image under the image root (or link its folder), or pass the "
+                         "right image_root")
     return resolved
 
 
@@ -118,7 +142,7 @@ class ImageResolver:
             raise RowProblem(f"image file {ref!r} not found (looked at {path})",
                              "add the file, or pass the image_root the paths are relative to")
         data = path.read_bytes()
-        verify_image(data)
+        verify_image(data, name=f"{ref!r} ({path})" if str(path) != ref else repr(ref))
         return path, data
 
     def _from_bytes(self, data: bytes) -> tuple[Path, bytes]:

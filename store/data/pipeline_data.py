@@ -9,8 +9,8 @@ ids.
 * :func:`ensure_synthetic` - generate it there unless it is already there with the same spec
   (``synthetic.json`` records the spec it was generated with; another spec regenerates it).
 * :func:`read_sources` - read a list of sources in order into one :class:`DatasetRead`, with a
-  global sample limit, refusing a sample id given by two sources (caches and the trainer's join
-  are keyed by sample id).
+  global sample limit, refusing a sample id given by two sources, skipped rows included (caches
+  and the trainer's join are keyed by sample id).
 * :func:`read_split` - one split of a pipeline's data: its sources of that split, then the
   synthetic set (generated if needed).
 
@@ -118,7 +118,8 @@ def read_sources(sources: Any, *, on_error: str = "raise", limit: int | None = N
     """Read ``sources`` in order; at most ``limit`` samples in all (each source also stops at
     its own ``limit``). A folder source is read at its ``split``; a file is its own split.
 
-    Raises DuplicateSampleError when two sources give the same sample id.
+    Raises DuplicateSampleError when two sources give the same sample id (of a sample or of a
+    skipped row).
     """
     samples: list[Sample] = []
     skips: list[Skip] = []
@@ -133,21 +134,24 @@ def read_sources(sources: Any, *, on_error: str = "raise", limit: int | None = N
                             on_error=on_error, limit=min(caps) if caps else None,
                             split=source.split if Path(source.path).is_dir() else None,
                             image_cache=image_cache)
-        _check_unique(read.samples, origin, str(source.path))
+        _check_unique([*read.samples, *read.skips], origin, str(source.path))
         read_paths.append(str(source.path))
         samples += read.samples
         skips += read.skips
     return DatasetRead(samples=samples, skips=skips, source=", ".join(read_paths))
 
 
-def _check_unique(samples: list[Sample], origin: dict[str, str], path: str) -> None:
-    for sample in samples:
-        if sample.id in origin:
+def _check_unique(items: list[Sample | Skip], origin: dict[str, str], path: str) -> None:
+    """Refuse an id (of a sample, or of a skipped row) that an earlier source gave too: a skip
+    record under the id of another source's sample would hide that sample in a cache."""
+    for item in items:
+        sample_id = item.sample_id if isinstance(item, Skip) else item.id
+        if sample_id in origin:
             raise DuplicateSampleError(
-                f"sample id {sample.id!r} occurs in {origin[sample.id]} and in {path}; caches and "
+                f"sample id {sample_id!r} occurs in {origin[sample_id]} and in {path}; caches and "
                 "the trainer are keyed by sample id: give the rows distinct ids or drop one source",
-                sample_id=sample.id, file=path)
-        origin[sample.id] = path
+                sample_id=sample_id, file=path)
+        origin[sample_id] = path
 
 
 def split_sources(data: Any, split: str, *, output_dir: str | Path) -> list[Any]:

@@ -29,8 +29,11 @@ files.
 Bad rows (missing / corrupt / escaping image, no or empty answer, unknown role, duplicate
 id, placeholder count not matching the images, malformed row) raise
 :class:`~genrecal.store.errors.DatasetError` naming the sample id and the file, with a fix;
-under ``on_error="skip"`` they become :class:`Skip` records instead. Problems with the
-source as a whole (path not found, unreadable file, unknown format) always raise.
+under ``on_error="skip"`` they become :class:`Skip` records instead. A skipped row whose id
+another row of the source already holds (the later row of a duplicated id) is recorded as
+``"<id>#row<index>"``, so that every sample and skip of a source has its own id and a skip
+never hides the valid sample of that id. Problems with the source as a whole (path not found,
+unreadable file, unknown format) always raise.
 """
 
 from __future__ import annotations
@@ -221,9 +224,26 @@ def _check_id(row: object, sample_id: str, index: int, seen: dict[str, int]) -> 
         raise RowProblem(f"id {value!r} is a {type(value).__name__}",
                          "use a string or an integer id")
     if sample_id in seen:
-        raise RowProblem(f"duplicate id (row {index}; row {seen[sample_id]} has the same id)",
-                         "give every row a unique id")
+        raise RowProblem(f"duplicate id {sample_id!r} (row {index}; row {seen[sample_id]} has "
+                         "the same id)", "give every row a unique id")
     seen[sample_id] = index
+
+
+def _skip_id(sample_id: str, index: int, seen: dict[str, int]) -> str:
+    """The id a skipped row is recorded under: its own id, unless another row of the source
+    already holds that id (a duplicate row, a derived id that a real one also uses); then
+    ``"<id>#row<index>"`` (made unique), so that the skip never stands for another row's sample.
+
+    The id is reserved in ``seen``: every sample and skip of one source has a distinct id, so
+    a cache writer can record each of them (a skip marks its id done on resume).
+    """
+    key = sample_id
+    if seen.get(key, index) != index:
+        key, n = f"{sample_id}#row{index}", 1
+        while key in seen:
+            key, n = f"{sample_id}#row{index}.{n}", n + 1
+    seen[key] = index
+    return key
 
 
 def _validate_args(format: str, on_error: str, limit: int | None) -> None:
@@ -270,7 +290,8 @@ def iter_dataset(path: str | Path, *, format: Format = "auto", image_root: str |
         except RowProblem as problem:
             if on_error == "raise":
                 raise problem.to_error(sample_id, file) from None
-            yield Skip(sample_id=sample_id, file=file, reason=problem.reason)
+            yield Skip(sample_id=_skip_id(sample_id, index, seen), file=file,
+                       reason=problem.reason)
             continue
         produced += 1
         yield sample
