@@ -30,7 +30,6 @@ the results as JSON after the table, ``--json PATH`` writes them to PATH instead
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -38,9 +37,10 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import benchcli
 import torch
 
-from genrecal.config import Pipeline
+from genrecal.common.config import Pipeline
 from genrecal.extract.background import BackgroundWriter
 from genrecal.extract.inputs import ensure_synthetic, ensure_teacher, read_inputs, sample_windows
 from genrecal.extract.job import feature_specs, job_from_pipeline
@@ -48,7 +48,7 @@ from genrecal.extract.pipeline import (BatchRunner, RunCounters, encode_window, 
                                        window_batches, write_item)
 from genrecal.extract.teacher import (bare_forward, fingerprint, load_teacher, processor_files,
                                       to_device)
-from genrecal.store.vlm.padding import pad_batch
+from genrecal.model.padding import pad_batch
 from genrecal.store.writer import CacheWriter
 
 
@@ -175,13 +175,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="torch CPU threads (default 1: leaves a core to the encoding and "
                              "writer threads; on small shared machines more threads made the "
                              "tiny forward erratically 20x slower)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"smallest sizes ({SMOKE}) unless given explicitly: seconds, for CI")
-    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                        help="print the results as JSON too; with PATH, write them to PATH instead")
-    if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
+    benchcli.add_smoke_and_json(parser, SMOKE)
+    return benchcli.parse(parser, SMOKE, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,10 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     result = measure(args)
     print(format_table(result))
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    benchcli.write_json(result, args.json)
     return result
 
 

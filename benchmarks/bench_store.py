@@ -2,7 +2,7 @@
 
 Hidden states come from a real transformers forward pass of a small model with random weights
 over real text (English docstrings of the Python standard library), tokenised by the model's
-own tokenizer: the tiny Qwen2-VL of ``genrecal.store.vlm.tiny`` when available, else a
+own tokenizer: the tiny Qwen2-VL of ``genrecal.model.tiny`` when available, else a
 ``Qwen2ForCausalLM`` over UTF-8 bytes. They are the post-norm last hidden states, in bfloat16,
 as a teacher pass caches them. Random weights do not give a trained model's outlier channels,
 so treat absolute ratios as indicative; the comparison between codecs is the point.
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import benchcli
 import numpy as np
 import torch
 from numcodecs import Blosc
@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from genrecal.store import schema
 from genrecal.store.codecs import CHUNK_TARGET_BYTES, chunk_rows, encode_values
+from genrecal.store.fingerprint import teacher_fingerprint, weights_identity_tensors
 from genrecal.store.reader import CacheReader
-from genrecal.store.synthetic_cache import synthetic_fingerprint
 from genrecal.store.writer import CacheWriter
 
 CODECS = ("bf16", "fp8_e4m3", "int8")
@@ -65,13 +65,13 @@ def _tiny_vlm_model(hidden: int, workdir: Path):
     """(tokenize, forward) for the tiny Qwen2-VL; raises ImportError if the kit is absent."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    from genrecal.store.vlm.tiny import build_tiny_vlm
+    from genrecal.model.tiny import build_tiny_vlm
 
     path = build_tiny_vlm("qwen2_vl", workdir / "tiny", hidden_size=hidden, num_heads=8, num_kv_heads=2)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     return (lambda text: tok(text)["input_ids"]), (lambda ids: model.model(input_ids=ids).last_hidden_state), \
-        "tiny Qwen2-VL (genrecal.store.vlm.tiny, random weights)"
+        "tiny Qwen2-VL (genrecal.model.tiny, random weights)"
 
 
 def _qwen2_model(hidden: int):
@@ -121,7 +121,9 @@ def bench_cache(states: list[torch.Tensor], codec: str, root: Path) -> dict:
     d = states[0].shape[1]
     features = [schema.answer_hidden(d, codec)]
     t0 = time.perf_counter()
-    with CacheWriter(url, teacher=synthetic_fingerprint(), features=features, settings={}) as writer:
+    # the cached states stand for a teacher pass; their fingerprint names the benchmark, not a model
+    teacher = teacher_fingerprint({"benchmark": "bench_store"}, weights_identity_tensors({}), {})
+    with CacheWriter(url, teacher=teacher, features=features, settings={}) as writer:
         for i, x in enumerate(states):
             # the whole sequence is one turn: question [0, 1), answer [1, L), whose answer
             # window [0, L) covers all L rows
@@ -205,20 +207,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=24, help="number of sequences (default 24)")
     parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="torch CPU threads (default: the CPU count, at most 4)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"smallest sizes ({SMOKE}) unless given explicitly: a few seconds, for CI")
-    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                        help="print the results as JSON too; with PATH, write them to PATH instead")
-    if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
-
-
-def write_json(summary: dict, target: str | None) -> None:
-    if target == "-":
-        print(json.dumps(summary, indent=1))
-    elif target:
-        Path(target).write_text(json.dumps(summary, indent=1) + "\n")
+    benchcli.add_smoke_and_json(parser, SMOKE)
+    return benchcli.parse(parser, SMOKE, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -245,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
           "MB/s are raw bf16 MiB per second; 'get ms' is one random-access read.")
     summary = {"source": source, "tokens": tokens, "hidden": args.hidden, "threads": args.threads,
                "forward_s": forward_s, "results": results, "blosc": blocks}
-    write_json(summary, args.json)
+    benchcli.write_json(summary, args.json)
     return summary
 
 

@@ -43,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchcli
 import torch
 
 MODES = ("cache", "online")
@@ -52,7 +53,7 @@ MODES = ("cache", "online")
 
 
 def pipeline(root: Path, args):
-    from genrecal.config import Pipeline
+    from genrecal.common.config import Pipeline
 
     teacher_dtype = "bfloat16" if args.device == "cuda" else "float32"
     return Pipeline.from_dict({
@@ -74,7 +75,7 @@ def pipeline(root: Path, args):
 
 
 def n_params(directory: Path) -> int:
-    from genrecal.store.vlm.loading import load_vlm
+    from genrecal.model.loading import load_vlm
 
     return sum(p.numel() for p in load_vlm(directory).model.parameters())
 
@@ -83,7 +84,7 @@ def prepare(root: Path, args) -> dict:
     """Build the models and data, extract the cache; the parameter counts."""
     from genrecal.extract.job import job_from_pipeline
     from genrecal.extract.pipeline import run_extract
-    from genrecal.store.distributed import RankInfo
+    from genrecal.common.distributed import RankInfo
     from genrecal.train.loop import prepare_inputs
 
     pipe = pipeline(root, args)
@@ -159,13 +160,15 @@ def _peaks(device: str, base_mib: float) -> dict:
 def run_mode(root: Path, mode: str, args) -> dict:
     """Train the distill stage in ``mode``; timings of the steps after the first, memory peaks."""
     base_mib = _libraries_rss_mib()
-    from genrecal.store.distributed import RankInfo
+    from genrecal.common.distributed import RankInfo
     from genrecal.train.loop import LoopOptions, build_stage_job, train_stage
+    from genrecal.train.online import OnlineLoader
 
     options = LoopOptions(save_every=None, num_workers=args.workers, progress=False, teacher_source=mode)
     job = build_stage_job(pipeline(root, args), "distill", RankInfo(), options)
     job = dataclasses.replace(job, out_dir=root / f"run-{mode}")
-    loader = getattr(job.loader, "loader", job.loader)  # the TrainLoader (online: inside OnlineLoader)
+    # the TrainLoader, whose worker waits are timed (online mode wraps it in an OnlineLoader)
+    loader = job.loader.loader if isinstance(job.loader, OnlineLoader) else job.loader
     loader.wait = _recording_wait()
     if mode == "online":
         job.loader.teacher_wait = _recording_wait()
@@ -242,15 +245,10 @@ def parse(argv: list[str] | None):
     parser.add_argument("--teacher-layers", type=int, default=4, help="teacher decoder layers (default 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"smallest sizes ({SMOKE}) unless given explicitly: seconds, for CI")
-    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                        help="print the results as JSON too; with PATH, write them to PATH instead")
+    benchcli.add_smoke_and_json(parser, SMOKE)
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
-    if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
+    return benchcli.parse(parser, SMOKE, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -265,10 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(setup, rows, args))
     print(f"(total {time.perf_counter() - started:.0f} s, extraction {setup['extract_s']:.1f} s)")
     result = {"setup": setup, **rows}
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    benchcli.write_json(result, args.json)
     return result
 
 

@@ -1,14 +1,14 @@
 """Teacher-answers mode: the teacher answers every question, written as a NEW dataset file.
 
-The paper distils on the teacher's own answers (method.md, "answers replaced beforehand by
+The paper distils on the teacher's own answers (docs/method.md §1.4, "answers replaced beforehand by
 the teacher's"). :func:`write_teacher_answers` asks the teacher every question of a dataset
-(:func:`genrecal.store.vlm.generate.generate_answers`; in a multi-turn sample the history of
+(:func:`genrecal.model.generate.generate_answers`; in a multi-turn sample the history of
 turn k holds the dataset's answers to the earlier questions) and writes a LLaVA JSONL file
 with the same ids, the same images and the same user turns, in which each answer is
 
 * ``replace="always"``: the teacher's answer;
 * ``replace="if_correct"``: the teacher's answer when it matches the reference (exact match
-  after :func:`~genrecal.store.vlm.generate.normalise_answer`), else the reference.
+  after :func:`~genrecal.model.generate.normalise_answer`), else the reference.
 
 A generation that is empty (or holds an ``<image>`` placeholder, which the LLaVA format would
 read as an image) is never used: the reference is kept. Each row records, per assistant turn,
@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from genrecal.extract.errors import AnswersError
-from genrecal.store.atomic import write_text_atomic
-from genrecal.store.data.readers import DatasetRead
-from genrecal.store.data.sample import Sample, Turn
-from genrecal.store.vlm.generate import Generation, answers_match, generate_answers
+from genrecal.common.atomic import write_text_atomic
+from genrecal.data.readers import DatasetRead
+from genrecal.data.sample import Sample, Turn
+from genrecal.model.generate import Generation, answers_match, generate_answers
 
 if TYPE_CHECKING:
-    from genrecal.config import GenerateAnswers
+    from genrecal.common.config import GenerateAnswers
 
 __all__ = ["ANSWER_SOURCE_KEY", "REFERENCE_KEY", "TeacherAnswersReport", "choose_answer",
            "teacher_answers_path", "write_teacher_answers"]

@@ -1,7 +1,7 @@
 """Length-bucketed batching for the teacher pass.
 
 :func:`plan_batches` groups sample indices of similar token length so that padded batches
-waste little compute; the padding itself is :func:`genrecal.store.vlm.padding.pad_batch`, shared
+waste little compute; the padding itself is :func:`genrecal.model.padding.pad_batch`, shared
 with the live teacher and the student collator.
 """
 

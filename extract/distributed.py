@@ -1,6 +1,6 @@
 """Scale-out under torchrun: a gloo process group for barriers, and the work split.
 
-This process's place (:class:`genrecal.store.distributed.RankInfo`, read from torchrun's
+This process's place (:class:`genrecal.common.distributed.RankInfo`, read from torchrun's
 ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``) is shared with the trainer; alone (rank 0 of 1)
 nothing here touches ``torch.distributed``. With ``WORLD_SIZE > 1`` a gloo group (CPU,
 works with or without GPUs) is used only for barriers: ranks never exchange tensors, each
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 from genrecal.extract.errors import DistributedError
-from genrecal.store.distributed import RankInfo
+from genrecal.common.distributed import RankInfo
 
 DEFAULT_TIMEOUT = timedelta(hours=24)
 """How long a barrier waits: ranks finish their share at different times."""

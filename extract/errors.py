@@ -51,7 +51,7 @@ class NothingExtractedError(ExtractError):
 
 class DistributedError(ExtractError):
     """The torchrun environment cannot start a process group (WORLD_SIZE > 1, no MASTER_ADDR);
-    malformed RANK / WORLD_SIZE / LOCAL_RANK raise store.errors.DistributedEnvError."""
+    malformed RANK / WORLD_SIZE / LOCAL_RANK raise common.errors.DistributedEnvError."""
 
 
 class FidelityError(ExtractError):

@@ -1,11 +1,11 @@
 """From one batch's teacher states to each sample's cached features.
 
-Positions follow method.md ("Positions, precisely") through :mod:`genrecal.store.schema`:
+Positions follow docs/method.md §1.2 through :mod:`genrecal.store.schema`:
 
 * ``answer_hidden`` and ``question_hidden``: ``z`` at :func:`answer_window_positions` (the last
   token before each answer through its last token) and :func:`question_positions` (``all``:
   image tokens included, ``text``: without them), taken by
-  :func:`~genrecal.store.vlm.teacher_forward.hidden_rows`, which online training calls too;
+  :func:`~genrecal.model.teacher_forward.hidden_rows`, which online training calls too;
 * ``visual_gram``: per image span, ``K = V V^T`` of the row-normalised penultimate-layer states
   (:func:`genrecal.store.gram.visual_gram`), as the symmetric matrix the writer takes;
 * ``logit_stats``: at :func:`answer_target_positions`, with next-token targets, computed for the
@@ -26,9 +26,9 @@ from genrecal.extract.teacher import Teacher
 from genrecal.store.gram import gram_from_upper, require_finite, visual_gram
 from genrecal.store.logit_stats import LogitStats, logit_statistics
 from genrecal.store.schema import FeatureSpec, answer_target_positions
-from genrecal.store.vlm.encoding import Encoded
-from genrecal.store.vlm.spans import Spans
-from genrecal.store.vlm.teacher_forward import TeacherStates, hidden_rows
+from genrecal.model.encoding import Encoded
+from genrecal.store.spans import Spans
+from genrecal.model.teacher_forward import TeacherStates, hidden_rows
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def batch_features(teacher: Teacher, encoded: Sequence[Encoded], states: Teacher
     """Per sample of the batch, ``{feature name: value}`` for every spec (CPU tensors).
 
     encoded: the batch's samples in batch order; states: their teacher states [B, N, d] from
-    :func:`~genrecal.store.vlm.teacher_forward.teacher_forward` (with each sample's offset).
+    :func:`~genrecal.model.teacher_forward.teacher_forward` (with each sample's offset).
     """
     offsets = states.offsets
     select = specs["question_hidden"].select if "question_hidden" in specs else None

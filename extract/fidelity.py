@@ -32,7 +32,7 @@ from genrecal.store.fingerprint import fingerprint_mismatches
 from genrecal.store.logit_stats import STAT_FIELDS
 from genrecal.store.reader import CacheReader
 from genrecal.store.schema import FeatureSpec
-from genrecal.store.vlm.encoding import encode_sample
+from genrecal.model.encoding import encode_sample
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A tiny teacher (``teacher.tiny``) is built by the kit at its location when that directory lacks a
 complete model built with the same spec (``ensure_tiny_vlm``); synthetic data (``data.synthetic``)
 is generated into the pipeline's output directory when it is missing or was generated with another
-spec (``synthetic.json`` records it; :mod:`genrecal.store.data.pipeline_data`, shared with the
+spec (``synthetic.json`` records it; :mod:`genrecal.data.pipeline_data`, shared with the
 trainer and evaluation).
 Under torchrun only rank 0 does either (the pipeline waits on a barrier).
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from genrecal.extract.errors import ExtractSetupError
 from genrecal.extract.job import ExtractJob, ExtractSettings
-from genrecal.store.data import Sample, Skip
-from genrecal.store.data import pipeline_data
+from genrecal.data import Sample, Skip
+from genrecal.data import pipeline_data
 from genrecal.store.errors import DatasetError, DuplicateSampleError
 
 
@@ -30,17 +30,17 @@ class InputData:
 
 def ensure_teacher(job: ExtractJob) -> None:
     """Build the tiny teacher at its location unless a complete one with the same spec is there
-    (:func:`genrecal.store.vlm.tiny.ensure_tiny_vlm`)."""
+    (:func:`genrecal.model.tiny.ensure_tiny_vlm`)."""
     if job.tiny is None:
         return
-    from genrecal.store.vlm.tiny import ensure_tiny_vlm
+    from genrecal.model.tiny import ensure_tiny_vlm
 
     ensure_tiny_vlm(job.tiny.kind, Path(job.settings.teacher.location), **job.tiny.build_kwargs())
 
 
 def ensure_synthetic(job: ExtractJob) -> None:
     """Generate the synthetic VQA set into ``job.synthetic_dir`` unless it is there already
-    with the same spec (:func:`genrecal.store.data.pipeline_data.ensure_synthetic`)."""
+    with the same spec (:func:`genrecal.data.pipeline_data.ensure_synthetic`)."""
     if job.synthetic is None:
         return
     try:

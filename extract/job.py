@@ -21,10 +21,10 @@ import os
 from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 
-from genrecal.config import Codecs, DataSource, Features, Pipeline, SyntheticData, TinySpec
+from genrecal.common.config import Codecs, DataSource, Features, Pipeline, SyntheticData, TinySpec
 from genrecal.extract.errors import ExtractSetupError
 from genrecal.store import schema
-from genrecal.store.data import pipeline_data
+from genrecal.data import pipeline_data
 
 EXTRACT_SPLIT = "train"
 """The split the teacher pass extracts: the one the training stages read."""

@@ -50,13 +50,13 @@ from genrecal.extract.inputs import ensure_synthetic, ensure_teacher, read_input
 from genrecal.extract.job import ExtractJob, feature_specs
 from genrecal.extract.teacher import (Teacher, fingerprint, load_teacher, processor_files,
                                       resolve_device, write_artifacts)
-from genrecal.store.data import Sample
-from genrecal.store.distributed import RankInfo
+from genrecal.data import Sample
+from genrecal.common.distributed import RankInfo
 from genrecal.store.errors import CacheWriteError, DatasetError, FeatureInputError, StoreError
 from genrecal.store.schema import MANIFEST, RANKS_DIR, SHARDS_DIR, Manifest
 from genrecal.store.storage import CacheStorage
-from genrecal.store.vlm.encoding import Encoded, encode_sample
-from genrecal.store.vlm.teacher_forward import teacher_forward
+from genrecal.model.encoding import Encoded, encode_sample
+from genrecal.model.teacher_forward import teacher_forward
 from genrecal.store.writer import CacheWriter, commit_cache, read_rank_logs
 
 _NO_LIMIT = sys.maxsize

@@ -1,8 +1,8 @@
 """The teacher side of the teacher pass: loading, one forward per batch, identity, artifacts.
 
-One forward pass gives everything the cache needs (method.md, "What this puts in the cache"):
+One forward pass gives everything the cache needs (docs/method.md §1.5, §2.4):
 the post-norm ``z`` and the output of block L-2, read by
-:func:`genrecal.store.vlm.teacher_forward.teacher_forward`, the forward that online training
+:func:`genrecal.model.teacher_forward.teacher_forward`, the forward that online training
 runs too.
 
 Teacher artifacts (:func:`write_artifacts`): config, the processor's files (tokenizer, chat
@@ -26,9 +26,9 @@ from genrecal.store.artifacts import write_teacher_artifacts
 from genrecal.store.fingerprint import (teacher_fingerprint, weight_files, weights_identity_files,
                                         weights_identity_tensors)
 from genrecal.store.schema import TeacherFingerprint
-from genrecal.store.vlm.loading import LoadedVLM, load_vlm
-from genrecal.store.vlm.logits import LogitTransform
-from genrecal.store.vlm.teacher_forward import to_model
+from genrecal.model.loading import LoadedVLM, load_vlm
+from genrecal.store.logit_transform import LogitTransform
+from genrecal.model.teacher_forward import to_model
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 import genrecal
-from genrecal import config
+from genrecal.common import config
 
 #: Exit status of an error reported by genrecal (bad config, bad data, unloadable model...).
 EXIT_USER_ERROR = 2
@@ -200,7 +200,7 @@ def _against_teacher(ctx: typer.Context, cache: str, n: int, pipeline: str | Non
 
 
 def _cache_counts(cache: str) -> str:
-    from genrecal.store.reader import load_manifest
+    from genrecal.store.manifest import load_manifest
     from genrecal.store.storage import CacheStorage
 
     manifest = load_manifest(CacheStorage(cache))

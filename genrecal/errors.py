@@ -1,17 +1,6 @@
-"""Errors of the thin top-level package (configuration and command line)."""
+"""Errors of the top-level package: the command line and ``genrecal run``."""
 
 from __future__ import annotations
-
-
-class ConfigError(Exception):
-    """pipelines.yaml failed validation. ``problems`` lists every ``(yaml_path, message)``."""
-
-    def __init__(self, source: str, problems: list[tuple[str, str]]):
-        self.source = source
-        self.problems = problems
-        lines = [f"{source}: {len(problems)} problem(s) in the pipeline configuration:"]
-        lines += [f"  - {path}: {msg}" for path, msg in problems]
-        super().__init__("\n".join(lines))
 
 
 class RunError(Exception):

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from genrecal.errors import RunError
-from genrecal.store.atomic import write_text_atomic
+from genrecal.common.atomic import write_text_atomic
 
 #: Version of the marker format and of the run's step semantics; bumping it redoes every step.
 RUN_FORMAT = 1

@@ -7,7 +7,7 @@ writes it as ``results.json`` and ``results.md`` with two plots into ``<output>/
 ``accuracy.png`` (exact-match accuracy per row and question type, mean with the seeds' std as
 error bars).
 
-Table: one row per model (:data:`genrecal.runner.ROWS`), columns ``all`` (exact match over every
+Table: one row per model (:data:`genrecal.plan.ROWS`), columns ``all`` (exact match over every
 question) and one per question type; each cell is the mean over seeds +- the sample standard
 deviation (ddof 1; none with a single value: the teacher is shared by every seed).
 """
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from genrecal.runner import EVAL_DIR, ROW_TITLES, ROWS, RunPlan, sft_stage, student_training_stages
+from genrecal.plan import EVAL_DIR, ROW_TITLES, ROWS, RunPlan, sft_stage, student_training_stages
 
 OVERALL = "all"
 

@@ -1,6 +1,3 @@
-"""genrecal.store: everything extract/ and train/ share.
-
-- ``genrecal.store.vlm``: VLM loading, per-family knowledge, the tiny-VLM kit;
-- ``genrecal.store.data``: input datasets (LLaVA / HF messages) and the synthetic VQA set;
-- the teacher cache format (schema, writer, reader, inspect, validate).
+"""genrecal.store: the teacher cache format: schema and the types it stores, codecs, the manifest,
+fingerprints, writer, reader, inspect and validate.
 """

@@ -5,8 +5,8 @@ Under ``teacher/`` in a cache:
 - ``config.json``: the teacher config dict;
 - ``tokenizer/<name>``: the tokenizer files;
 - ``head.safetensors`` (``weight`` [V, d], optional ``bias`` [V]) + ``head.json`` (the
-  :class:`~genrecal.store.vlm.logits.LogitTransform`, sizes): ``logits = transform(z W^T + b)``
-  turns a cached post-norm hidden state z into the teacher's exact logits (method.md section 1:
+  :class:`~genrecal.store.logit_transform.LogitTransform`, sizes): ``logits = transform(z W^T + b)``
+  turns a cached post-norm hidden state z into the teacher's exact logits (docs/method.md §1.3:
   the KL target is computed exactly from the cached z_al and head_l);
 - ``embeddings.safetensors``: rows of the teacher input embedding (``ids`` int64 [m], ``rows``
   [m, d]) for the token ids that occur in cached answers (GenRecal's alternative answer input).
@@ -30,9 +30,10 @@ from safetensors.torch import save as st_save
 
 from genrecal.store.errors import CacheFormatError, CacheIntegrityError
 from genrecal.store.fingerprint import tokenizer_files as _tokenizer_files
+from genrecal.store.logit_transform import LogitTransform
+from genrecal.store.manifest import load_manifest
 from genrecal.store.schema import MANIFEST, TEACHER_DIR, Manifest, check_relpath
 from genrecal.store.storage import CacheStorage
-from genrecal.store.vlm.logits import LogitTransform
 
 CONFIG = f"{TEACHER_DIR}/config.json"
 TOKENIZER_DIR = f"{TEACHER_DIR}/tokenizer"
@@ -165,8 +166,6 @@ def write_teacher_embeddings(root, ids: torch.Tensor | None, rows: torch.Tensor 
 def _manifest_or_none(storage: CacheStorage) -> Manifest | None:
     if not storage.exists(MANIFEST):
         return None
-    from genrecal.store.reader import load_manifest
-
     return load_manifest(storage)
 
 

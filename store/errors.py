@@ -65,7 +65,3 @@ class GenerationError(StoreError):
 
 class DuplicateSampleError(DatasetError):
     """Two data sources of one pipeline give the same sample id (caches are keyed by id)."""
-
-
-class DistributedEnvError(StoreError, ValueError):
-    """The torchrun environment (RANK / WORLD_SIZE / LOCAL_RANK) is malformed or inconsistent."""

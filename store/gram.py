@@ -1,4 +1,4 @@
-"""Per-image visual Gram matrices for Relational CKA (method.md §2, Losses), as stored in the cache.
+"""Per-image visual Gram matrices for Relational CKA (docs/method.md §2.1), as stored in the cache.
 
 The cache stores, per image, the UNCENTRED Gram ``K = V V^T`` of the row-normalised
 penultimate-layer visual-token states, flattened as its upper triangle (diagonal included) in
@@ -41,7 +41,7 @@ def visual_gram(states: torch.Tensor, *, eps: float = 1e-12, check_finite: bool 
     ``torch.triu_indices(n, n)`` order -- row-major over the upper triangle:
     (0,0), (0,1), ..., (0,n-1), (1,1), (1,2), ..., (n-1,n-1).
 
-    method.md §2 (Relational CKA) uses the centred ``K~ = H K H`` (H = I - 11^T/n). We store
+    docs/method.md §2.1, eq. (2.7) uses the centred ``K~ = H K H`` (H = I - 11^T/n). We store
     the UNCENTRED K: centring is an O(n^2) operation at train time, K~ is a function of K, and
     keeping K also leaves the choice of kernel normalisation to the trainer. Rebuild the
     symmetric matrix with :func:`gram_from_upper`.

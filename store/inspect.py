@@ -19,7 +19,7 @@ import torch
 import zarr
 
 from genrecal.store.codecs import decode_values
-from genrecal.store.reader import load_manifest
+from genrecal.store.manifest import load_manifest
 from genrecal.store.schema import RECORDS_FILE, TENSORS_DIR, Manifest, ShardEntry
 from genrecal.store.storage import CacheStorage
 

@@ -1,10 +1,10 @@
-"""Per-token teacher logit statistics for GRACE (method.md §2, "What this puts in the cache").
+"""Per-token teacher logit statistics for GRACE (docs/method.md §2.4).
 
 At each answer target position (the next token is an answer token, see
 :func:`genrecal.store.schema.answer_target_positions`) the cache can hold: the top-k token ids
 and their log-probabilities at T=1, the target token's logit, ``logsumexp`` of the logits at
 T=1 and at the distillation temperature T, and the exact T=1 entropy that drives the confidence
-gate ``g = exp(-H / log|V|)`` (method.md §2, Losses). With them TCKD and the gate are exact;
+gate ``g = exp(-H / log|V|)`` (docs/method.md §2.1). With them TCKD and the gate are exact;
 NCKD is approximated on the top-k support plus one tail bucket.
 
 :func:`logit_statistics` computes them from hidden states and the lm_head, streaming the
@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from genrecal.store.errors import FeatureInputError
-from genrecal.store.vlm.logits import LogitTransform
+from genrecal.store.logit_transform import LogitTransform
 
 STAT_FIELDS = ("target_logit", "lse", "lse_t", "entropy")
 DEFAULT_CHUNK_SIZE = 8192

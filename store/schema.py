@@ -13,7 +13,7 @@ group with a flat ``[rows, width]`` array per feature part; each record carries 
 row count of its slice of every feature. Every path named by a manifest is relative and stays
 inside the cache root (:func:`check_relpath`).
 
-Positions (method.md, "Positions, precisely"): spans are half-open ``[start, end)`` token ranges
+Positions (docs/method.md §1.2): spans are half-open ``[start, end)`` token ranges
 of the teacher's input ids. The *answer window* of an answer span ``[s, e)`` is ``s-1 .. e-1``
 (the last token before the answer through its last token); its *target positions* are
 ``s-1 .. e-2`` (positions whose next token is an answer token).
@@ -30,7 +30,8 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from genrecal.store.vlm.spans import Spans
+from genrecal.common.vocabulary import FEATURE_CODECS
+from genrecal.store.spans import Spans
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -44,12 +45,6 @@ TMP_PREFIX = ".tmp-"
 
 FEATURES = ("answer_hidden", "question_hidden", "visual_gram", "logit_stats")
 HIDDEN_FEATURES = ("answer_hidden", "question_hidden")
-FEATURE_CODECS: dict[str, tuple[str, ...]] = {
-    "answer_hidden": ("bf16", "fp8_e4m3", "int8"),
-    "question_hidden": ("bf16", "fp8_e4m3", "int8"),
-    "visual_gram": ("f32", "bf16"),
-    "logit_stats": ("f32", "bf16"),
-}
 STATUSES = ("ok", "truncated")
 QuestionSelect = Literal["all", "text"]
 

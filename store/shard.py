@@ -31,7 +31,7 @@ from genrecal.store.schema import (
     records_schema, spans_from_record,
 )
 from genrecal.store.storage import CacheStorage
-from genrecal.store.vlm.spans import Spans
+from genrecal.store.spans import Spans
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import fsspec
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from genrecal.store.atomic import fsync_path
+from genrecal.common.atomic import fsync_path
 from genrecal.store.errors import CacheFormatError
 from genrecal.store.schema import check_relpath
 

@@ -38,7 +38,7 @@ from genrecal.store.schema import (
 )
 from genrecal.store.shard import ShardBuffer, write_shard
 from genrecal.store.storage import CacheStorage
-from genrecal.store.vlm.spans import Spans
+from genrecal.store.spans import Spans
 
 DEFAULT_SHARD_TOKENS = 1 << 20
 DEFAULT_SHARD_BYTES = 512 << 20
@@ -327,7 +327,7 @@ def _make_record(sample_id, content_hash, input_ids, spans, status) -> tuple[dic
     if not isinstance(sample_id, str) or not sample_id:
         problems.append("sample_id must be a non-empty string")
     if not isinstance(content_hash, str) or not content_hash:
-        problems.append("content_hash must be a non-empty string (genrecal.store.data.sample.content_hash)")
+        problems.append("content_hash must be a non-empty string (genrecal.data.sample.content_hash)")
     if status not in ("ok", "truncated"):
         problems.append(f"status {status!r} is not one of ('ok', 'truncated')")
     ids = torch.as_tensor(input_ids)

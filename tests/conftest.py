@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genrecal.store.data.sample import Sample, Turn, content_hash
+from genrecal.data.sample import Sample, Turn, content_hash
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory):
-    from genrecal.store.vlm.tiny import build_tiny_vlm
+    from genrecal.model.tiny import build_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny_vlms")
     built: dict[str, Path] = {}
@@ -34,7 +34,7 @@ def tiny_vlm_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(tiny_vlm_dir):
     """``loaded(kind)``: the tiny VLM of ``kind`` through load_vlm, loaded once per test module."""
-    from genrecal.store.vlm.loading import load_vlm
+    from genrecal.model.loading import load_vlm
 
     cache = {}
 

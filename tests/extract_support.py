@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from genrecal.config import Pipeline
+from genrecal.common.config import Pipeline
 from genrecal.store.errors import StoreError
 from genrecal.store.reader import CacheReader
 from genrecal.store.storage import CacheStorage

@@ -21,7 +21,7 @@ from extract_support import make_pipeline, pipeline_dict, write_pipelines
 from genrecal.cli import EXIT_USER_ERROR, app
 from genrecal.extract.errors import NothingExtractedError
 from genrecal.extract.job import job_from_pipeline
-from genrecal.store.data.sample import content_hash
+from genrecal.data.sample import content_hash
 from genrecal.store.reader import CacheReader
 from genrecal.store.validate import validate_cache
 
@@ -72,7 +72,7 @@ DUPLICATED = [_row("a", "img/red.png", "red"), _row("x", "img/green.png", "green
 
 
 def _first_x_hash(root: Path) -> str:
-    from genrecal.store.data.sample import Turn
+    from genrecal.data.sample import Turn
 
     turns = (Turn("user", (0, "What colour is it?")), Turn("assistant", ("green",)))
     return content_hash(turns, [(root / "data" / "img" / "green.png").read_bytes()])

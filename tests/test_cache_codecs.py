@@ -14,7 +14,7 @@ from genrecal.store.codecs import (
 )
 from genrecal.store.gram import gram_from_upper, visual_gram
 from genrecal.store.logit_stats import LogitStats, logit_statistics
-from genrecal.store.vlm.logits import LogitTransform
+from genrecal.store.logit_transform import LogitTransform
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

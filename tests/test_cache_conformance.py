@@ -18,11 +18,11 @@ from genrecal.store.codecs import decode_feature, encode_feature
 from genrecal.store.errors import CacheIntegrityError, CacheWriteError, FingerprintMismatchError
 from genrecal.store.inspect import format_inspect, inspect_cache, write_inspect_plots
 from genrecal.store.reader import CacheReader
-from genrecal.store.synthetic_cache import (
+from synthetic_cache import (
     sample_id, synthetic_features, synthetic_fingerprint, synthetic_sample, write_synthetic_cache,
 )
 from genrecal.store.validate import validate_cache
-from genrecal.store.vlm.logits import LogitTransform
+from genrecal.store.logit_transform import LogitTransform
 from genrecal.store.writer import CacheWriter, commit_cache
 
 FP = synthetic_fingerprint()

@@ -15,7 +15,7 @@ from genrecal.store import writer as writer_module
 from genrecal.store.errors import CacheFormatError, CacheIntegrityError, FingerprintMismatchError
 from genrecal.store.reader import CacheReader
 from genrecal.store.schema import FileEntry, Manifest, RankLog
-from genrecal.store.synthetic_cache import sample_id, synthetic_features, synthetic_fingerprint, write_synthetic_cache
+from synthetic_cache import sample_id, synthetic_features, synthetic_fingerprint, write_synthetic_cache
 from genrecal.store.validate import validate_cache
 from genrecal.store.writer import commit_cache, read_rank_logs
 from genrecal.store.storage import CacheStorage
@@ -202,7 +202,7 @@ def rewrite_records(url, manifest: Manifest, shard: int, edit) -> None:
 def test_nan_in_a_tensor(cache_url, monkeypatch):  # noqa: F811
     monkeypatch.setitem(writer_module._CHECKS, "answer_hidden", lambda *args: [])
     features = synthetic_features(width=16)
-    from genrecal.store.synthetic_cache import synthetic_sample
+    from synthetic_cache import synthetic_sample
 
     with writer_module.CacheWriter(cache_url, teacher=synthetic_fingerprint(), features=features) as w:
         for i in range(3):

@@ -18,7 +18,7 @@ import torch
 
 from genrecal.store.errors import CacheFormatError, CacheWriteError
 from genrecal.store.reader import CacheReader
-from genrecal.store.synthetic_cache import sample_id, synthetic_features, synthetic_fingerprint, synthetic_sample
+from synthetic_cache import sample_id, synthetic_features, synthetic_fingerprint, synthetic_sample
 from genrecal.store.validate import validate_cache
 from genrecal.store.writer import CacheWriter, read_rank_logs
 from genrecal.store.storage import CacheStorage

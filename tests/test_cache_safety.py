@@ -14,7 +14,7 @@ import torch
 
 from genrecal.store.errors import CacheFormatError
 from genrecal.store.reader import CacheReader
-from genrecal.store.synthetic_cache import sample_id, synthetic_features, write_synthetic_cache
+from synthetic_cache import sample_id, synthetic_features, write_synthetic_cache
 from genrecal.store.validate import validate_cache
 from test_cache_conformance import cache_url  # noqa: F401  (the local + memory:// fixture)
 

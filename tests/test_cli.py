@@ -12,8 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from genrecal import cli, config
-from genrecal.errors import ConfigError
+from genrecal import cli
+from genrecal.common import config
+from genrecal.common.errors import ConfigError
 from genrecal.store.errors import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]

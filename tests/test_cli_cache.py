@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from genrecal import cli
-from genrecal.store.reader import load_manifest
+from genrecal.store.manifest import load_manifest
 from genrecal.store.storage import CacheStorage
-from genrecal.store.synthetic_cache import synthetic_features, write_synthetic_cache
+from synthetic_cache import synthetic_features, write_synthetic_cache
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genrecal import config
-from genrecal.errors import ConfigError
+from genrecal.common import config, vocabulary
+from genrecal.common.errors import ConfigError
 
 REPO_FILE = Path(__file__).resolve().parents[1] / "pipelines.yaml"
 SHIPPED = list(config.load_pipelines(REPO_FILE).pipelines)
@@ -92,7 +92,7 @@ def test_demo_runs_tiny_models_on_cpu_through_the_three_stages():
     demo = config.get_pipeline("demo", REPO_FILE)
     for spec in (demo.teacher, demo.student):
         assert spec.tiny is not None and spec.device == "cpu"
-        assert spec.family == config.TINY_KINDS[spec.tiny.kind]
+        assert spec.family == vocabulary.TINY_KINDS[spec.tiny.kind]
     assert demo.teacher.family != demo.student.family  # cross-architecture
     assert [s.name for s in demo.stages] == ["align", "distill", "finetune"]
     assert all(s.steps is not None and s.precision == "fp32" for s in demo.stages)
@@ -313,21 +313,21 @@ def test_family_comes_from_the_tiny_kind():
     assert spec.tiny.build_kwargs() == {"seed": 3}  # sizes left to the kit's defaults
 
 
-def test_families_agree_with_the_store_registry():
-    from genrecal.store.vlm.families import FAMILIES
+def test_the_family_registry_has_one_family_per_name():
+    from genrecal.model.families import FAMILIES
 
-    assert set(FAMILIES) <= set(config.FAMILIES)
+    assert list(FAMILIES) == list(vocabulary.FAMILY_NAMES)
 
 
-def test_feature_codecs_agree_with_the_store_schema():
-    from genrecal.store.schema import FEATURE_CODECS
+def test_the_codec_type_lists_every_feature_codec_and_the_store_uses_them():
+    from genrecal.store import schema
 
-    assert config.FEATURE_CODECS == FEATURE_CODECS
-    assert set(config.Codec.__args__) == {c for codecs in FEATURE_CODECS.values() for c in codecs}
+    assert schema.FEATURE_CODECS is vocabulary.FEATURE_CODECS  # one owner
+    assert set(config.Codec.__args__) == {c for cs in vocabulary.FEATURE_CODECS.values() for c in cs}
 
 
 @pytest.mark.parametrize("feature, codec", [
-    (feature, codec) for feature, allowed in config.FEATURE_CODECS.items()
+    (feature, codec) for feature, allowed in vocabulary.FEATURE_CODECS.items()
     for codec in config.Codec.__args__ if codec not in allowed])
 def test_codecs_refuse_what_the_cache_cannot_store(feature, codec):
     with pytest.raises(ConfigError) as err:
@@ -337,19 +337,19 @@ def test_codecs_refuse_what_the_cache_cannot_store(feature, codec):
     assert found[feature].startswith(f"{codec!r} is not a codec of {feature}")
 
 
-@pytest.mark.parametrize("feature", sorted(config.FEATURE_CODECS))
+@pytest.mark.parametrize("feature", sorted(vocabulary.FEATURE_CODECS))
 def test_codecs_accept_every_codec_the_cache_stores(feature):
-    for codec in config.FEATURE_CODECS[feature]:
+    for codec in vocabulary.FEATURE_CODECS[feature]:
         assert getattr(config.Codecs.from_dict({feature: codec}), feature) == codec
 
 
 def test_tiny_kinds_agree_with_the_kit():
-    from genrecal.store.vlm.tiny import KINDS
+    from genrecal.model.tiny import KINDS
 
-    assert set(config.TINY_KINDS) == set(KINDS)
+    assert set(vocabulary.TINY_KINDS) == set(KINDS)
     for kind, recipe in KINDS.items():  # the family is the model_type of the config it builds
         built = recipe.build_config(recipe.defaults, lambda token: 3)
-        assert config.TINY_KINDS[kind] == built.model_type
+        assert vocabulary.TINY_KINDS[kind] == built.model_type
 
 
 @pytest.mark.parametrize("spec, path, words", [

@@ -1,4 +1,4 @@
-"""Tests for genrecal.store.data.readers: formats, ids, hashes and every bad input."""
+"""Tests for genrecal.data.readers: formats, ids, hashes and every bad input."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from genrecal.store.data.readers import DatasetRead, Skip, iter_dataset, read_dataset
-from genrecal.store.data.sample import Turn, content_hash
+from genrecal.data.readers import DatasetRead, Skip, iter_dataset, read_dataset
+from genrecal.data.sample import Turn, content_hash
 from genrecal.store.errors import DatasetError
 
 
@@ -333,7 +333,7 @@ def test_skipped_rows_never_take_the_id_of_another_row(root):
 
 
 def test_a_skipped_row_cannot_reuse_an_id_of_another_source(root):
-    from genrecal.store.data.pipeline_data import SourceRef, read_sources
+    from genrecal.data.pipeline_data import SourceRef, read_sources
     from genrecal.store.errors import DuplicateSampleError
 
     first = write_jsonl(root / "one.jsonl", [row("x")])

@@ -10,10 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from genrecal import cli, config
-from genrecal.store.data import make_synthetic_vqa, read_dataset
-from genrecal.store.data.synthetic import QUESTION_TYPES
-from genrecal.store.vlm.generate import Generation, answers_match
+from genrecal import cli
+from genrecal.common import config
+from genrecal.data import make_synthetic_vqa, read_dataset
+from genrecal.data.synthetic import QUESTION_TYPES
+from genrecal.model.generate import Generation, answers_match
 from genrecal.train.errors import EvaluationError
 from genrecal.train.evaluate import (UNTYPED, EvalResult, EvalSettings, contains,
                                      evaluate_model_dir, exact_match, format_eval,

@@ -16,7 +16,7 @@ from genrecal.extract.background import BackgroundWriter
 from genrecal.extract.batching import padding_fraction, plan_batches
 from genrecal.extract.errors import BatchingError, ExtractError, WriterError
 from genrecal.store.errors import PaddingError
-from genrecal.store.vlm.padding import pad_batch, pad_offsets
+from genrecal.model.padding import pad_batch, pad_offsets
 
 
 def _skewed_lengths(n=2000, seed=0):

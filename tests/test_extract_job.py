@@ -8,13 +8,13 @@ import threading
 import pytest
 
 from extract_support import make_pipeline, pipeline_dict
-from genrecal.config import Codecs, Features
+from genrecal.common.config import Codecs, Features
 from genrecal.extract.distributed import owned
 from genrecal.extract.errors import ExtractSetupError
 from genrecal.extract.inputs import ensure_synthetic, read_inputs, sample_windows
 from genrecal.extract.job import ExtractSettings, feature_specs, job_from_pipeline
 from genrecal.extract.pipeline import prefetched
-from genrecal.store.distributed import RankInfo
+from genrecal.common.distributed import RankInfo
 
 
 def _pipe(tmp_path, **kw):
@@ -89,7 +89,7 @@ def test_prefetched_keeps_order_runs_ahead_and_propagates_errors():
 
 
 def test_read_inputs_limits_across_sources_and_refuses_duplicate_ids(tmp_path):
-    from genrecal.store.data import make_synthetic_vqa
+    from genrecal.data import make_synthetic_vqa
 
     made = make_synthetic_vqa(tmp_path / "syn", n_train=4, n_test=3, image_size=32)
     sources = [{"path": str(made.train), "format": "llava"},

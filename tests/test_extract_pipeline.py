@@ -30,8 +30,8 @@ from genrecal.store.errors import DatasetError
 from genrecal.store.fingerprint import teacher_fingerprint
 from genrecal.store.reader import CacheReader
 from genrecal.store.schema import answer_target_positions, answer_window_positions, question_positions
-from genrecal.store.vlm.encoding import encode_sample
-from genrecal.store.vlm.loading import load_vlm
+from genrecal.model.encoding import encode_sample
+from genrecal.model.loading import load_vlm
 
 FAMILIES = {"qwen2_vl": {"question_hidden": "fp8_e4m3"}, "llava_qwen2": {"question_hidden": "int8"}}
 BF16_ULP = 2.0 ** -7  # relative spacing of bfloat16 numbers (8 significant bits)

@@ -1,4 +1,4 @@
-"""Batched answer generation (genrecal.store.vlm.generate) on tiny real VLMs."""
+"""Batched answer generation (genrecal.model.generate) on tiny real VLMs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from genrecal.store.errors import GenerationError, SpanError
-from genrecal.store.vlm.encoding import encode_sample
-from genrecal.store.vlm.generate import (Generation, _answer_text, answers_match, build_prompts,
+from genrecal.model.encoding import encode_sample
+from genrecal.model.generate import (Generation, _answer_text, answers_match, build_prompts,
                                          generate_answers, normalise_answer, stop_token_ids)
 
 KINDS = ("qwen2_vl", "llava_qwen2")

@@ -10,7 +10,7 @@ import torch
 from genrecal.store import logit_stats
 from genrecal.store.errors import FeatureInputError, StoreError
 from genrecal.store.logit_stats import LogitStats, logit_statistics
-from genrecal.store.vlm.logits import LogitTransform
+from genrecal.store.logit_transform import LogitTransform
 
 
 def _problem(t=23, d=32, vocab=1000, *, seed=0, logit_std=3.0, bias=False, dtype=torch.float32):

@@ -14,7 +14,8 @@ import warnings
 import pytest
 import torch
 
-from genrecal.train.recalibrator import Recalibrator, RecalibratorConfig
+from genrecal.common.config import RecalibratorConfig
+from genrecal.train.recalibrator import Recalibrator
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,7 +50,7 @@ def _student(family: str) -> torch.nn.Module:
 @pytest.mark.parametrize("family", ["llava_llama", "gemma3"])
 def test_recalibrator_forward_emits_no_deprecation_warning(family):
     rec = Recalibrator.from_student(_student(family), D_TEACHER,
-                                    RecalibratorConfig(num_blocks=2), seed=0)
+                                    RecalibratorConfig(blocks=2), seed=0)
     assert set(rec.body.layer_types) == ({"full_attention", "sliding_attention"}
                                          if family == "gemma3" else {"full_attention"})
     gen = torch.Generator().manual_seed(0)

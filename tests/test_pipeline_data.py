@@ -1,4 +1,4 @@
-"""A pipeline's data (genrecal.store.data.pipeline_data): the one implementation that extract,
+"""A pipeline's data (genrecal.data.pipeline_data): the one implementation that extract,
 train, evaluation and `genrecal run` use to generate and read a pipeline's samples."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from genrecal.store.data import make_synthetic_vqa, read_dataset
-from genrecal.store.data.pipeline_data import (SYNTHETIC_SPEC, SourceRef, ensure_synthetic,
+from genrecal.data import make_synthetic_vqa, read_dataset
+from genrecal.data.pipeline_data import (SYNTHETIC_SPEC, SourceRef, ensure_synthetic,
                                                read_sources, read_split, synthetic_dir,
                                                synthetic_is_current)
 from genrecal.store.errors import DatasetError, DuplicateSampleError

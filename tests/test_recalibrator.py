@@ -1,4 +1,4 @@
-"""Tests for genrecal.train.recalibrator (method.md section 1, Forward steps 1-5, Positions).
+"""Tests for genrecal.train.recalibrator (docs/method.md §1.1 forward steps 1-6, §1.2 positions).
 
 Tiny students are built from real transformers config classes with random weights; the
 reference computations run the students' own text-model classes (transformers' forward, its
@@ -13,13 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from genrecal.common.config import RecalibratorConfig
+from genrecal.common.errors import ConfigError
+from genrecal.model.families import get_family
 from genrecal.train.errors import RecalibratorError, TrainError
-from genrecal.train.recalibrator import (
-    Recalibrator,
-    RecalibratorConfig,
-    RecalOut,
-    text_decoder,
-)
+from genrecal.train.recalibrator import Recalibrator, RecalOut
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,6 +73,11 @@ def student(family: str) -> nn.Module:
     return _STUDENTS[family]
 
 
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The student's text decoder, where its Family says it is."""
+    return get_family(model.config).text_model(model)
+
+
 def _rec(family: str, **cfg) -> Recalibrator:
     return Recalibrator.from_student(student(family), D_TEACHER, RecalibratorConfig(**cfg), seed=7)
 
@@ -105,25 +108,34 @@ def _reference_body(rec: Recalibrator, family: str) -> nn.Module:
 
 def test_config_defaults_and_round_trip():
     cfg = RecalibratorConfig()
-    assert (cfg.num_blocks, cfg.init, cfg.answer_input, cfg.reset_positions) == \
+    assert (cfg.blocks, cfg.init, cfg.answer_input, cfg.reassign_positions) == \
         (2, "copy", "hidden", True)
-    other = RecalibratorConfig(num_blocks=1, init="random", answer_input="embedding",
-                               reset_positions=False)
+    other = RecalibratorConfig(blocks=1, init="random", answer_input="embedding",
+                               reassign_positions=False)
     assert RecalibratorConfig.from_dict(other.to_dict()) == other
     assert RecalibratorConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert _rec("llava_llama", blocks=1).cfg == RecalibratorConfig(blocks=1)
 
 
-@pytest.mark.parametrize("bad", [dict(num_blocks=0), dict(num_blocks=1.5), dict(num_blocks=True),
+@pytest.mark.parametrize("bad", [dict(blocks=0), dict(blocks=1.5), dict(blocks=True),
                                  dict(init="xavier"), dict(answer_input="logits"),
-                                 dict(reset_positions="yes")])
+                                 dict(reassign_positions="yes")])
 def test_config_rejects_bad_values(bad):
-    with pytest.raises(RecalibratorError, match=next(iter(bad))):
-        RecalibratorConfig(**bad)
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        RecalibratorConfig.from_dict(bad)
 
 
 def test_config_from_dict_rejects_unknown_keys():
-    with pytest.raises(RecalibratorError, match="unknown keys.*'depth'"):
+    with pytest.raises(ConfigError, match="unknown key 'depth'"):
         RecalibratorConfig.from_dict({"depth": 3})
+
+
+def test_from_student_refuses_another_config_type():
+    from dataclasses import make_dataclass
+
+    legacy = make_dataclass("RecalibratorConfig", [("num_blocks", int, 2)])()
+    with pytest.raises(RecalibratorError, match="genrecal.common.config.RecalibratorConfig"):
+        Recalibrator.from_student(student("llava_llama"), D_TEACHER, legacy)
 
 
 def test_error_hierarchy():
@@ -158,7 +170,7 @@ def test_block_layer_types_follow_source_layers():
 
 def test_random_init_is_seeded_and_uses_initializer_range():
     stu = student("llava_llama")
-    cfg = RecalibratorConfig(num_blocks=3, init="random")
+    cfg = RecalibratorConfig(blocks=3, init="random")
     a = Recalibrator.from_student(stu, D_TEACHER, cfg, seed=3)
     b = Recalibrator.from_student(stu, D_TEACHER, cfg, seed=3)
     c = Recalibrator.from_student(stu, D_TEACHER, cfg, seed=4)
@@ -196,12 +208,15 @@ def test_dimensions_and_dtype():
 
 
 def test_construction_errors():
-    with pytest.raises(RecalibratorError, match="num_blocks=4 exceeds the 3 decoder layers"):
-        _rec("qwen2_vl", num_blocks=4)
+    with pytest.raises(RecalibratorError, match="blocks=4 exceeds the 3 decoder layers"):
+        _rec("qwen2_vl", blocks=4)
     with pytest.raises(RecalibratorError, match="d_teacher"):
         Recalibrator.from_student(student("qwen2_vl"), 0)
-    with pytest.raises(RecalibratorError, match="cannot find the text decoder"):
+    with pytest.raises(RecalibratorError, match="cannot find the text decoder.*no transformers"):
         Recalibrator.from_student(nn.Linear(2, 2), D_TEACHER)
+    text_only = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_text_kwargs()))
+    with pytest.raises(RecalibratorError, match="cannot find the text decoder.*unsupported VLM"):
+        Recalibrator.from_student(text_only, D_TEACHER)
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,9 +316,9 @@ def _reference_out(rec: Recalibrator, family: str, z_q, z_a, positions) -> torch
         return rec.norm(rec.p_post(h))
 
 
-def test_reset_positions_false_uses_callers_positions():
+def test_reassign_positions_false_uses_callers_positions():
     rec = _rec("llava_llama")
-    rec_keep = _rec("llava_llama", reset_positions=False)
+    rec_keep = _rec("llava_llama", reassign_positions=False)
     rec_keep.load_state_dict(rec.state_dict())
     z_q, q_m, z_a, a_m = _inputs(4, 3, seed=3)
     reset = rec(z_q, q_m, z_a, a_m)
@@ -317,9 +332,9 @@ def test_reset_positions_false_uses_callers_positions():
     assert (gap.r_a - reset.r_a).abs().max() > 10 * TOL
 
 
-def test_reset_positions_false_accepts_mrope_positions():
+def test_reassign_positions_false_accepts_mrope_positions():
     rec = _rec("qwen2_vl")
-    rec_keep = _rec("qwen2_vl", reset_positions=False)
+    rec_keep = _rec("qwen2_vl", reassign_positions=False)
     rec_keep.load_state_dict(rec.state_dict())
     z_q, q_m, z_a, a_m = _inputs(4, 3, seed=4)
     reset = rec(z_q, q_m, z_a, a_m)
@@ -337,9 +352,9 @@ def test_reset_positions_false_accepts_mrope_positions():
 def test_position_argument_errors():
     z_q, q_m, z_a, a_m = _inputs(2, 2)
     pos = torch.arange(2)[None]
-    with pytest.raises(RecalibratorError, match="reset_positions is True"):
+    with pytest.raises(RecalibratorError, match="reassign_positions is True"):
         _rec("llava_llama")(z_q, q_m, z_a, a_m, pos, pos)
-    keep = _rec("llava_llama", reset_positions=False)
+    keep = _rec("llava_llama", reassign_positions=False)
     with pytest.raises(RecalibratorError, match="needs both q_positions and a_positions"):
         keep(z_q, q_m, z_a, a_m, pos)
     with pytest.raises(RecalibratorError, match="mrope"):
@@ -390,12 +405,14 @@ def test_gradients_reach_recalibrator_and_question_features_only(family):
 # ------------------------------------------------------------------------------------------
 
 def test_save_load_round_trip(tmp_path):
-    rec = _rec("gemma3", num_blocks=1, init="random", answer_input="embedding")
+    rec = _rec("gemma3", blocks=1, init="random", answer_input="embedding")
     with torch.no_grad():
         rec.norm.weight.mul_(1.5)
     rec.save(tmp_path)
     meta = json.loads((tmp_path / "recalibrator.json").read_text())
     assert meta["config"] == rec.cfg.to_dict() and meta["d_teacher"] == D_TEACHER
+    assert meta["config"] == {"blocks": 1, "init": "random", "answer_input": "embedding",
+                              "reassign_positions": True}
     assert meta["source_layers"] == [2] and meta["block_class"] == "Gemma3DecoderLayer"
     loaded = Recalibrator.load(tmp_path, student("gemma3"))
     assert loaded.cfg == rec.cfg
@@ -426,9 +443,26 @@ def test_load_errors(tmp_path):
     meta_path.write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(RecalibratorError, match="v1 file"):
         Recalibrator.load(tmp_path, student("llava_llama"))
+    meta_path.write_text(json.dumps({**meta, "config": {**meta["config"], "init": "xavier"}}))
+    with pytest.raises(RecalibratorError, match="not a valid RecalibratorConfig.*init"):
+        Recalibrator.load(tmp_path, student("llava_llama"))
     meta_path.write_text("{not json")
     with pytest.raises(RecalibratorError, match="not valid JSON"):
         Recalibrator.load(tmp_path, student("llava_llama"))
+
+
+def test_load_refuses_old_config_keys(tmp_path):
+    _rec("llava_llama").save(tmp_path)
+    meta_path = tmp_path / "recalibrator.json"
+    meta = json.loads(meta_path.read_text())
+    old = {"num_blocks": 2, "init": "copy", "answer_input": "hidden", "reset_positions": True}
+    meta_path.write_text(json.dumps({**meta, "config": old}))
+    with pytest.raises(RecalibratorError, match=r"old Recalibrator config keys \['num_blocks', "
+                                                r"'reset_positions'\].*'num_blocks' -> 'blocks'"):
+        Recalibrator.load(tmp_path, student("llava_llama"))
+    renamed = {"blocks": 2, "init": "copy", "answer_input": "hidden", "reassign_positions": True}
+    meta_path.write_text(json.dumps({**meta, "config": renamed}))
+    assert Recalibrator.load(tmp_path, student("llava_llama")).cfg == RecalibratorConfig()
 
 
 def test_load_rejects_mismatched_weights(tmp_path):

@@ -12,7 +12,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from genrecal import cli, config
+from genrecal import cli
+from genrecal.common import config
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from genrecal.config import Pipeline
-from genrecal.errors import ConfigError, RunError
-from genrecal.runner import RunOptions, RunPlan, StepBuilder, materialised_data, sft_stage
+from genrecal.common.config import Pipeline
+from genrecal.common.errors import ConfigError
+from genrecal.errors import RunError
+from genrecal.plan import RunPlan, materialised_data, sft_stage
+from genrecal.runner import RunOptions, StepBuilder
 
 
 def pipeline_dict(tmp_path, **changes) -> dict:
@@ -77,7 +79,7 @@ def test_teacher_pipeline_trains_the_teacher_on_its_own_data(tmp_path):
 
 
 def test_materialised_data_reads_the_same_samples(tmp_path):
-    from genrecal.store.data import read_split
+    from genrecal.data import read_split
 
     plan = make_plan(tmp_path)
     original = read_split(plan.pipeline.data, "train", output_dir=plan.root)
@@ -133,7 +135,7 @@ def test_a_tiny_model_built_by_extract_from_the_same_spec_is_adopted(tmp_path):
     run adopts it (same spec, deterministic build); another model there stops the run with a way
     out (the command that removes it)."""
     from genrecal.phases import MarkerBook, run_step
-    from genrecal.store.vlm.tiny import ensure_tiny_vlm
+    from genrecal.model.tiny import ensure_tiny_vlm
 
     plan = make_plan(tmp_path)
     step = next(s for s in StepBuilder(plan, RunOptions(progress=False)).model_steps() if s.id == "model-teacher")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from extract_support import make_pipeline, pipeline_dict
-from genrecal.config import Pipeline
-from genrecal.errors import ConfigError
+from genrecal.common.config import Pipeline
+from genrecal.common.errors import ConfigError
 from genrecal.extract.job import job_from_pipeline
 from genrecal.extract.pipeline import run_extract
 from genrecal.store.reader import CacheReader
@@ -73,7 +73,7 @@ def test_npe_ablation_trains_with_the_original_positions(base, monkeypatch):
     assert torch.equal(a_pos[a_mask], (first + steps)[a_mask])  # teacher answer: s_k, s_k+1, ...
     assert (first > 0).all()  # teacher positions, not reset to follow the question
     assert Recalibrator.load(str(kept.out_dir / "recalibrator"),
-                             _student(base)).cfg.reset_positions is False
+                             _student(base)).cfg.reassign_positions is False
     seen.clear()
     _, reset = _train(base, "npe-on")
     assert seen[0][0] is None and seen[0][1] is None
@@ -82,7 +82,7 @@ def test_npe_ablation_trains_with_the_original_positions(base, monkeypatch):
 
 
 def _student(base):
-    from genrecal.store.vlm.loading import load_vlm
+    from genrecal.model.loading import load_vlm
 
     return load_vlm(base[1]["student"]["tiny"]["path"]).model
 

@@ -1,4 +1,4 @@
-"""Tests for genrecal.store.data.synthetic: determinism, sizes, and answers checked from pixels."""
+"""Tests for genrecal.data.synthetic: determinism, sizes, and answers checked from pixels."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genrecal.store.data.readers import read_dataset
-from genrecal.store.data.synthetic import (
+from genrecal.data.readers import read_dataset
+from genrecal.data.synthetic import (
     COLOURS, INSTRUCTION, MAX_COUNT, PLURALS, POSITIONS, QUESTION_TYPES, SHAPES, ShapeSpec,
     SyntheticVQA, corpus_lines, make_synthetic_vqa, questions_for)
 

@@ -9,13 +9,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from genrecal import cli, config
+from genrecal import cli
+from genrecal.common import config
 from genrecal.extract.answers import (ANSWER_SOURCE_KEY, REFERENCE_KEY, choose_answer,
                                       write_teacher_answers)
 from genrecal.extract.errors import AnswersError
-from genrecal.store.data import make_synthetic_vqa, read_dataset
-from genrecal.store.vlm.generate import answers_match, generate_answers
-from genrecal.store.vlm.loading import load_vlm
+from genrecal.data import make_synthetic_vqa, read_dataset
+from genrecal.model.generate import answers_match, generate_answers
+from genrecal.model.loading import load_vlm
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = config.GenerateAnswers(max_new_tokens=3, temperature=0.0, replace="always")

@@ -1,4 +1,4 @@
-"""The one teacher forward (genrecal.store.vlm.teacher_forward) for every tiny-kit family.
+"""The one teacher forward (genrecal.model.teacher_forward) for every tiny-kit family.
 
 What extraction and online training read must be what the model's own forward computes: the
 hooks read the final norm's output and the input of the last block, and this is compared with
@@ -16,9 +16,9 @@ import torch
 from genrecal.extract.job import Codecs, Features, TeacherSource, feature_specs
 from genrecal.extract.pipeline import batch_sample_features
 from genrecal.extract.teacher import Teacher
-from genrecal.store.vlm.encoding import encode_sample
-from genrecal.store.vlm.teacher_forward import hidden_rows, teacher_forward
-from genrecal.store.vlm.tiny import KINDS
+from genrecal.model.encoding import encode_sample
+from genrecal.model.teacher_forward import hidden_rows, teacher_forward
+from genrecal.model.tiny import KINDS
 from genrecal.train.data import TeacherRequest, pad_token_id
 from genrecal.train.online import OnlineSettings, OnlineTeacher
 
@@ -52,7 +52,7 @@ def test_hooks_read_what_the_plain_forward_returns(kind, loaded, two_samples):
     states = teacher_forward(vlm.model, vlm.family, [e.inputs for e in encoded], pad, penultimate=True)
     plain = teacher_forward(vlm.model, vlm.family, [e.inputs for e in encoded], pad, penultimate=False)
     assert plain.penultimate is None and torch.equal(plain.final, states.final)
-    from genrecal.store.vlm.padding import pad_batch
+    from genrecal.model.padding import pad_batch
 
     with torch.inference_mode():
         out = vlm.model(**pad_batch([e.inputs for e in encoded], pad, "right"), output_hidden_states=True,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genrecal.store.vlm.loading import load_vlm
-from genrecal.store.vlm.tiny import KINDS, build_tiny_vlm, tiny_spec
+from genrecal.model.loading import load_vlm
+from genrecal.model.tiny import KINDS, build_tiny_vlm, tiny_spec
 
 
 def _files(directory):
@@ -86,7 +86,7 @@ def test_metaspace_tokenizers_cover_the_vqa_vocabulary(kind, tiny_vlm_dir):
 
 
 def test_ensure_tiny_vlm_builds_once_reuses_and_rebuilds_on_a_changed_spec(tmp_path):
-    from genrecal.store.vlm.tiny import SPEC_FILE, ensure_tiny_vlm
+    from genrecal.model.tiny import SPEC_FILE, ensure_tiny_vlm
 
     out = tmp_path / "models" / "student"
     assert ensure_tiny_vlm("llava_qwen2", out, seed=1, hidden_size=32) == out
@@ -103,7 +103,7 @@ def test_ensure_tiny_vlm_builds_once_reuses_and_rebuilds_on_a_changed_spec(tmp_p
 
 
 def test_ensure_tiny_vlm_rebuilds_an_incomplete_directory(tmp_path):
-    from genrecal.store.vlm.tiny import ensure_tiny_vlm
+    from genrecal.model.tiny import ensure_tiny_vlm
 
     out = ensure_tiny_vlm("llava_qwen2", tmp_path / "m", hidden_size=32)
     (out / "tokenizer.json").unlink()
@@ -115,7 +115,7 @@ def test_ensure_tiny_vlm_rebuilds_an_incomplete_directory(tmp_path):
 def test_model_dir_for_passes_sources_through_and_ensures_tiny_models(tmp_path):
     from types import SimpleNamespace
 
-    from genrecal.store.vlm.tiny import model_dir_for, tiny_vlm_is_complete
+    from genrecal.model.tiny import model_dir_for, tiny_vlm_is_complete
 
     hub = SimpleNamespace(tiny=None, source="org/model")
     assert str(model_dir_for(hub, "org/model")) == "org/model"

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from genrecal.store import schema
-from genrecal.store.data.problems import Skip
-from genrecal.store.data.readers import DatasetRead
+from genrecal.data.problems import Skip
+from genrecal.data.readers import DatasetRead
 from genrecal.store.errors import PaddingError
-from genrecal.store.synthetic_cache import synthetic_fingerprint
-from genrecal.store.vlm.encoding import encode_sample
-from genrecal.store.vlm.loading import load_vlm
+from synthetic_cache import synthetic_fingerprint
+from genrecal.model.encoding import encode_sample
+from genrecal.model.loading import load_vlm
 from genrecal.store.writer import CacheWriter
 from genrecal.train.data import (
     Collator, LoaderConfig, StudentSide, TrainBatch, make_loader, pad_student, student_labels,

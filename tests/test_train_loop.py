@@ -16,13 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from train_batches import D_TEACHER, ListLoader, encode, make_samples, teacher_head
 
-from genrecal.config import AlignStage, DistillStage, FinetuneStage, Losses
-from genrecal.store.vlm.loading import load_vlm
+from genrecal.common.config import AlignStage, DistillStage, FinetuneStage, Losses
+from genrecal.model.loading import load_vlm
 from genrecal.train.errors import StageSetupError
 from genrecal.train.loop import (LinearSchedule, LoopOptions, StageJob, _select_stages,
                                  train_stage)
 from genrecal.train.metrics import TIMING_FIELDS, read_metrics
-from genrecal.train.recalibrator import Recalibrator, RecalibratorConfig
+from genrecal.common.config import RecalibratorConfig
+from genrecal.train.recalibrator import Recalibrator
 from genrecal.train.step import LossSpec, StageModel, TeacherSide
 
 TESTS = Path(__file__).parent
@@ -33,12 +34,12 @@ DISTILL = DistillStage(name="distill", steps=4, grad_accum=2, batch_size=2, prec
 
 def make_job(student_dir, encoded, out_dir, stage, world_size=1, rank=0, dist=None):
     """A fresh job (new student, new Recalibrator) over the hand-built loader."""
-    from genrecal.store.distributed import RankInfo
+    from genrecal.common.distributed import RankInfo
 
     vlm = load_vlm(student_dir)
     rec = teacher = None
     if stage.name != "finetune":
-        rec = Recalibrator.from_student(vlm.model, D_TEACHER, RecalibratorConfig(num_blocks=1),
+        rec = Recalibrator.from_student(vlm.model, D_TEACHER, RecalibratorConfig(blocks=1),
                                         seed=1)
         teacher = TeacherSide.from_artifacts(teacher_head())
     model = StageModel(vlm.model, vlm.family, LossSpec.for_stage(stage), rec, teacher)
@@ -102,7 +103,7 @@ from pathlib import Path
 import genrecal.train.loop as loop
 from test_train_loop import DISTILL, make_job, QUIET
 from train_batches import encode, make_samples
-from genrecal.store.vlm.loading import load_vlm
+from genrecal.model.loading import load_vlm
 import torch
 torch.set_num_threads({threads})  # float reductions depend on the thread count: match the parent
 
@@ -165,7 +166,7 @@ DDP_STAGE = AlignStage(name="align", steps=3, batch_size=2, grad_accum=1, precis
 def _ddp_worker(rank: int, world: int, student_dir: str, images: str, out: str, init: str):
     import torch.distributed as dist
 
-    from genrecal.store.distributed import RankInfo
+    from genrecal.common.distributed import RankInfo
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -276,7 +277,7 @@ pipelines:
 
 
 def test_select_stages(tmp_path):
-    from genrecal import config
+    from genrecal.common import config
 
     path = tmp_path / "p.yaml"
     path.write_text(textwrap.dedent(_PIPELINE.format(root=tmp_path)))

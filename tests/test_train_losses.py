@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genrecal.store.vlm.logits import LogitTransform
+from genrecal.store.logit_transform import LogitTransform
 from genrecal.train import losses
 from genrecal.train.errors import LossInputError
 from genrecal.train.losses import (IGNORE_INDEX, GenRecalWeights, LmHead, answer_window,
@@ -338,7 +338,7 @@ def _genrecal_batch(head: LmHead, width: int):
 
 
 def _loop_reference(head, batch, answer_ids, specs, z_full, weights):
-    """Per-token loop straight from method.md: the output at position t predicts token t+1."""
+    """Per-token loop straight from docs/method.md §1.2: the output at position t predicts token t+1."""
     temp, terms = weights.temperature, {"ar": [], "kl": [], "reg_ce": [], "reg_kl": []}
     for b, (n_qs, n_ql, n_a) in enumerate(specs):
         student_seq = torch.cat([batch["r_q"][b, :n_qs], batch["r_a"][b, :n_a]])

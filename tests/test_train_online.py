@@ -6,7 +6,7 @@ tiny kit models (teacher qwen2_vl, student llava_qwen2) on synthetic VQA data wi
 With ``round_to="bf16"`` (the cache's codec) the live teacher must give bit-identical
 TeacherTurns, and training align + distill online must equal cache-fed training step by step.
 
-Exact by construction. Both paths run the same code (:mod:`genrecal.store.vlm.teacher_forward`),
+Exact by construction. Both paths run the same code (:mod:`genrecal.model.teacher_forward`),
 but float32 results depend on the batch a sample shares: the padded length and the batch size
 change the matmul shapes, hence the CPU kernel (AVX2, AVX-512 or none) and its summation order,
 and a last-bit difference can move a value across a bf16 rounding boundary. So the bit-for-bit
@@ -27,11 +27,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genrecal.config import Pipeline
+from genrecal.common.config import Pipeline
 from genrecal.store.artifacts import load_teacher_embeddings, load_teacher_head
-from genrecal.store.data import make_synthetic_vqa, read_dataset
-from genrecal.store.vlm.encoding import encode_sample
-from genrecal.store.vlm.loading import load_vlm
+from genrecal.data import make_synthetic_vqa, read_dataset
+from genrecal.model.encoding import encode_sample
+from genrecal.model.loading import load_vlm
 from genrecal.train.data import Collator, LoaderConfig, make_loader
 from genrecal.train.errors import DataJoinError, StageSetupError
 from genrecal.train.loop import LoopOptions, run_stages

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from train_batches import D_TEACHER, V_TEACHER, collate, encode, make_samples, teacher_head
 
-from genrecal.config import AlignStage, DistillStage, FinetuneStage, Losses, TrainSwitches
+from genrecal.common.config import AlignStage, DistillStage, FinetuneStage, Losses, TrainSwitches
 from genrecal.store.artifacts import TeacherEmbeddings
-from genrecal.store.vlm.loading import load_vlm
+from genrecal.model.loading import load_vlm
 from genrecal.train.errors import BatchError, LossInputError, StageSetupError
-from genrecal.train.recalibrator import Recalibrator, RecalibratorConfig
+from genrecal.common.config import RecalibratorConfig
+from genrecal.train.recalibrator import Recalibrator
 from genrecal.train.step import (LossSpec, StageModel, TeacherSide, TokenCounts, batch_to,
                                  configure_trainables, run_step, student_part_params)
 
@@ -39,7 +40,7 @@ def _model(student, stage, answer_input="hidden", embeddings=None):
     rec = teacher = None
     if stage.name != "finetune":
         rec = Recalibrator.from_student(student.model, D_TEACHER, RecalibratorConfig(
-            num_blocks=1, answer_input=answer_input), seed=3)
+            blocks=1, answer_input=answer_input), seed=3)
         teacher = TeacherSide.from_artifacts(teacher_head(), embeddings)
     configure_trainables(student.model, student.family, rec, stage.trains)
     return StageModel(student.model, student.family, spec, rec, teacher)
@@ -285,7 +286,7 @@ def test_bad_batches_name_the_sample(student, encoded):
 
 
 def test_stage_model_checks_its_parts(student):
-    rec = Recalibrator.from_student(student.model, D_TEACHER + 1, RecalibratorConfig(num_blocks=1))
+    rec = Recalibrator.from_student(student.model, D_TEACHER + 1, RecalibratorConfig(blocks=1))
     with pytest.raises(StageSetupError, match="d_teacher"):
         StageModel(student.model, student.family, LossSpec.for_stage(ALIGN), rec,
                    TeacherSide.from_artifacts(teacher_head()))
@@ -299,7 +300,7 @@ def test_stage_model_checks_its_parts(student):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_distill_step_on_cuda_with_bf16_autocast(tiny_student_dir, encoded):
     student = load_vlm(tiny_student_dir, device="cuda")
-    rec = Recalibrator.from_student(student.model, D_TEACHER, RecalibratorConfig(num_blocks=1))
+    rec = Recalibrator.from_student(student.model, D_TEACHER, RecalibratorConfig(blocks=1))
     configure_trainables(student.model, student.family, rec, DISTILL.trains)
     model = StageModel(student.model, student.family, LossSpec.for_stage(DISTILL), rec,
                        TeacherSide.from_artifacts(teacher_head(), device="cuda"))

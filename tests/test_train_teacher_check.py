@@ -16,7 +16,7 @@ from genrecal.extract.job import job_from_pipeline
 from genrecal.extract.pipeline import run_extract
 from genrecal.store.errors import FingerprintMismatchError
 from genrecal.store.reader import CacheReader
-from genrecal.store.vlm.tiny import build_tiny_vlm
+from genrecal.model.tiny import build_tiny_vlm
 from genrecal.train.data import check_cache_teacher
 
 

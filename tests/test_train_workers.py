@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from genrecal.store.data import make_synthetic_vqa
+from genrecal.data import make_synthetic_vqa
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 
 CHILD = textwrap.dedent("""
     import os, sys, time
-    from genrecal.store.data import read_dataset
-    from genrecal.store.vlm.loading import load_vlm
+    from genrecal.data import read_dataset
+    from genrecal.model.loading import load_vlm
     from genrecal.train import data as train_data
     from genrecal.train.data import LoaderConfig, make_loader
 

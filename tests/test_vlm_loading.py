@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from dataclasses import replace
@@ -10,10 +11,10 @@ import pytest
 import torch
 
 from genrecal.store.errors import ModelLoadError
-from genrecal.store.vlm.encoding import encode_sample
-from genrecal.store.vlm.families import FAMILIES, get_family
-from genrecal.store.vlm.loading import load_vlm
-from genrecal.store.vlm.tiny import GEMMA3_SOFTCAP, KINDS, tiny_spec
+from genrecal.model.encoding import encode_sample
+from genrecal.model.families import FAMILIES, get_family
+from genrecal.model.loading import load_vlm
+from genrecal.model.tiny import GEMMA3_SOFTCAP, KINDS, tiny_spec
 
 KIND_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_qwen2": "llava",
                "llava_llama": "llava", "gemma3": "gemma3", "internvl": "internvl"}
@@ -87,8 +88,9 @@ def test_family_modules_for_extra_decoder_blocks(kind, loaded):
     assert position_ids.shape == ((3, 1, 7) if family.multimodal_rope else (1, 7))
     x = torch.zeros(1, 7, text_config.hidden_size)
     rotary = family.rotary_embedding(model)
-    kwargs = {"layer_type": "full_attention"} if kind == "gemma3" else {}
-    cos, sin = rotary(x, position_ids, **kwargs)
+    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    assert family.rotary_per_layer_type == takes_layer_type
+    cos, sin = family.rotary_cos_sin(rotary, x, position_ids, "full_attention")
     assert cos.shape[-2:] == (7, getattr(text_config, "head_dim", None) or spec.head_dim)
     assert torch.allclose(cos[..., 0, :], torch.ones_like(cos[..., 0, :]))  # position 0: angle 0
     # a new block built from the student's own decoder config runs on these embeddings

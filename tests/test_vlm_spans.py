@@ -7,10 +7,10 @@ import json
 import pytest
 
 from genrecal.store.errors import SpanError
-from genrecal.store.vlm.encoding import encode_sample
-from genrecal.store.vlm.loading import load_vlm
-from genrecal.store.vlm.spans import Spans
-from genrecal.store.vlm.tiny import KINDS
+from genrecal.model.encoding import encode_sample
+from genrecal.model.loading import load_vlm
+from genrecal.store.spans import Spans
+from genrecal.model.tiny import KINDS
 
 EOT = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "llava_qwen2": "<|im_end|>",
        "llava_llama": "</s>", "gemma3": "<end_of_turn>", "internvl": "<|im_end|>"}

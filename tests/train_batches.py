@@ -8,6 +8,7 @@ read by a seeded random teacher head. Everything is deterministic in the seed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,9 @@ import numpy as np
 import torch
 
 from genrecal.store.artifacts import TeacherHead
-from genrecal.store.data.sample import Sample, Turn, content_hash
-from genrecal.store.vlm.loading import encode_sample
-from genrecal.store.vlm.logits import LogitTransform
+from genrecal.data.sample import Sample, Turn, content_hash
+from genrecal.model.loading import encode_sample
+from genrecal.store.logit_transform import LogitTransform
 from genrecal.train.data import TeacherTurn, TrainBatch, pad_student, student_labels
 
 D_TEACHER = 24
@@ -42,7 +43,11 @@ def make_samples(n: int, image_dir: Path, seed: int = 0) -> list[Sample]:
     samples = []
     for i in range(n):
         path = image_dir / f"img-{seed}-{i}.png"
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+        # temp file + rename: processes that build the same samples at once (the DDP test's
+        # ranks) never read a half-written image; every writer writes the same bytes
+        tmp = image_dir / f".img-{seed}-{i}.{os.getpid()}.png"
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp)
+        os.replace(tmp, path)
         words = lambda k: " ".join(rng.choice(_WORDS, size=k))  # noqa: E731
         turns = [Turn("user", (0, f"What is {words(2)}?")), Turn("assistant", (words(3),))]
         if i % 2:

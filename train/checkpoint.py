@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from genrecal.store.atomic import fsync_path, replace_dir, write_text_atomic
+from genrecal.common.atomic import fsync_path, replace_dir, write_text_atomic
 from genrecal.train.errors import CheckpointError
 
 FORMAT = "genrecal.train.checkpoint"

@@ -4,7 +4,7 @@ Teacher side (from the cache, never the teacher model). For each assistant turn 
 (answer span ``[s_k, e_k)`` of the teacher sequence), a :class:`TeacherTurn` holds
 
 - ``window``: the cached ``answer_hidden`` rows of turn k, positions ``s_k-1 .. e_k-1``
-  (method.md section 1, "Positions, precisely");
+  (docs/method.md §1.2);
 - ``answer_ids``: the record's input ids ``[s_k, e_k)`` (teacher tokenizer, end-of-turn included);
 - ``question``: every cached row at a position ``< s_k`` in position order: the
   ``question_hidden`` rows and the answer-window rows of earlier turns, each position once
@@ -12,9 +12,9 @@ Teacher side (from the cache, never the teacher model). For each assistant turn 
   row is used: it is the one the earlier turn's window also uses). None when the cache holds no
   ``question_hidden`` or the loader was told not to load it (L_reg off).
 
-Student side: the same :class:`~genrecal.store.data.sample.Sample` run through the student's
-OWN chat template and processor (:func:`~genrecal.store.vlm.encoding.encode_sample`). One
-forward per side covers every turn (method.md: multi-turn turns are sliced from one forward):
+Student side: the same :class:`~genrecal.data.sample.Sample` run through the student's
+OWN chat template and processor (:func:`~genrecal.model.encoding.encode_sample`). One
+forward per side covers every turn (docs/method.md §1.2: multi-turn turns are sliced from one forward):
 ``student_labels[t] = input_ids[t+1]`` for ``t+1`` an answer token of a kept turn, and
 ``student_answer_starts[b][k]`` is ``s_k`` in the student sequence.
 
@@ -36,7 +36,7 @@ processor) and :class:`Collator` (pad into a :class:`TrainBatch`), so the traini
 not wait on decompression or image processing. Workers open their cache reader lazily
 (``CacheReader`` is never pickled; nothing is ever unpickled from disk).
 
-Teacher sources. The teacher side comes from a :class:`TeacherSource`: the cache
+Teacher feeds. The teacher side comes from a :class:`TeacherFeed`: the cache
 (:class:`CacheSource`), or a live teacher (online mode, :mod:`genrecal.train.online`), whose
 workers only encode each sample with the teacher's processor (a :class:`TeacherRequest` in
 ``TrainBatch.teacher_requests``); the teacher forward then runs in the training process, which
@@ -67,15 +67,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from genrecal.store.data.problems import Skip
-from genrecal.store.data.readers import DatasetRead
-from genrecal.store.data.sample import Sample
+from genrecal.data.problems import Skip
+from genrecal.data.readers import DatasetRead
+from genrecal.data.sample import Sample
 from genrecal.store.errors import DatasetError, FingerprintMismatchError, SpanError
 from genrecal.store.fingerprint import weight_files, weights_identity_files
+from genrecal.store.manifest import load_manifest
 from genrecal.store.reader import CachedSample, CacheReader
-from genrecal.store.vlm.encoding import Encoded, encode_sample
-from genrecal.store.vlm.families import Family
-from genrecal.store.vlm.padding import pad_batch
+from genrecal.store.schema import MANIFEST
+from genrecal.store.storage import CacheStorage
+from genrecal.model.encoding import Encoded, encode_sample
+from genrecal.model.families import Family
+from genrecal.model.padding import pad_batch
 from genrecal.train.errors import ContentHashMismatchError, DataJoinError
 from genrecal.train.losses import IGNORE_INDEX
 from genrecal.train.sampler import BatchPlan, SamplerState
@@ -83,7 +86,7 @@ from genrecal.train.sampler import BatchPlan, SamplerState
 log = logging.getLogger(__name__)
 
 __all__ = ["CacheSource", "Collator", "DataWait", "Example", "JoinReport", "JoinedDataset", "LoaderConfig",
-           "StudentSide", "TeacherRequest", "TeacherSource", "TeacherTurn", "TrainBatch", "TrainLoader",
+           "StudentSide", "TeacherRequest", "TeacherFeed", "TeacherTurn", "TrainBatch", "TrainLoader",
            "check_cache_teacher", "join_with_cache", "make_loader", "pad_student", "pad_token_id", "student_labels",
            "teacher_turns"]
 
@@ -189,7 +192,7 @@ class TeacherRequest:
 
     @property
     def spans(self):
-        """The teacher's spans (:class:`~genrecal.store.vlm.spans.Spans`) of the sample."""
+        """The teacher's spans (:class:`~genrecal.store.spans.Spans`) of the sample."""
         return self.encoded.spans
 
 
@@ -250,7 +253,7 @@ def teacher_turns(cached: CachedSample, n_turns: int) -> list[TeacherTurn]:
     return out
 
 
-class TeacherSource(Protocol):
+class TeacherFeed(Protocol):
     """Where the teacher side of the samples comes from (picklable: it travels to the workers).
 
     ``join(samples)`` (main process, once): the samples it can serve (dataset order), a
@@ -279,8 +282,13 @@ def check_cache_teacher(url, location: str, revision: str | None = None, *,
     the cache records instead (returns None). Raises :class:`FingerprintMismatchError` naming
     both sides and the fixes.
     """
-    manifest = CacheReader(url, verify=False, storage_options=storage_options).manifest
-    recorded = (manifest.header.settings.get("teacher") or {})
+    storage = CacheStorage(url, storage_options)
+    if not storage.exists(MANIFEST):
+        raise DataJoinError(f"{url} holds no committed teacher cache (no {MANIFEST}), hence no teacher "
+                            "artifacts either: extract it first (`genrecal extract PIPELINE`), point "
+                            "cache.location at an extracted cache, or train with --online")
+    manifest = load_manifest(storage)
+    recorded = manifest.header.settings.get("teacher") or {}
     files = weight_files(location, revision)
     fix = ("Fix: point cache.location at a cache extracted with this teacher (`genrecal extract "
            "PIPELINE`), or pass --allow-teacher-mismatch to train on this cache deliberately.")
@@ -373,7 +381,7 @@ class StudentSide:
 
     @classmethod
     def of(cls, student, max_length: int | None = None) -> "StudentSide":
-        """From a :class:`~genrecal.store.vlm.loading.LoadedVLM` or a ``(processor, family)`` pair."""
+        """From a :class:`~genrecal.model.loading.LoadedVLM` or a ``(processor, family)`` pair."""
         processor, family = student if isinstance(student, tuple) else (student.processor, student.family)
         if not isinstance(family, Family):
             raise TypeError(f"student: expected a LoadedVLM or (processor, Family), got family of type "
@@ -415,10 +423,10 @@ class JoinedDataset(Dataset):
     """``dataset[i]`` -> the :class:`Example` of sample i (or a :class:`Skip` under ``on_error="skip"``).
 
     samples: the joined samples (their ids are in the cache when ``cache`` is given);
-    cache: the :class:`TeacherSource`; None for stage finetune (``Example.teacher`` is None).
+    cache: the :class:`TeacherFeed`; None for stage finetune (``Example.teacher`` is None).
     """
 
-    def __init__(self, samples: Sequence[Sample], student: StudentSide, cache: TeacherSource | None = None,
+    def __init__(self, samples: Sequence[Sample], student: StudentSide, cache: TeacherFeed | None = None,
                  *, on_error: Literal["raise", "skip"] = "raise"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
@@ -471,7 +479,7 @@ def pad_student(inputs: Sequence[dict[str, torch.Tensor]], labels: Sequence[torc
     """Right-pad per-sample student processor outputs into one batch.
 
     inputs: per-sample processor outputs (batch dim 1), padded by
-    :func:`~genrecal.store.vlm.padding.pad_batch` (the padder of the teacher's inputs too);
+    :func:`~genrecal.model.padding.pad_batch` (the padder of the teacher's inputs too);
     labels: int64 ``[L_b]`` each, padded with -100 into ``[B, L_max]``.
     """
     out = pad_batch(inputs, pad_id, "right")
@@ -772,7 +780,7 @@ def _samples_of(data: Sequence[Sample] | DatasetRead) -> tuple[list[Sample], lis
     return list(data), []
 
 
-def _join(data: Sequence[Sample] | DatasetRead, source: TeacherSource | None) -> tuple[list[Sample], JoinReport]:
+def _join(data: Sequence[Sample] | DatasetRead, source: TeacherFeed | None) -> tuple[list[Sample], JoinReport]:
     """The samples to train on and the :class:`JoinReport` (raises if none is left)."""
     samples, skips = _samples_of(data)
     n_data, n_cache = len(samples) + len(skips), None
@@ -792,15 +800,15 @@ def _join(data: Sequence[Sample] | DatasetRead, source: TeacherSource | None) ->
 def make_loader(data: Sequence[Sample] | DatasetRead, student, *, cache=None,
                 config: LoaderConfig | None = None, world_size: int = 1, rank: int = 0,
                 state: SamplerState | None = None, expect_teacher=None,
-                storage_options: dict | None = None, source: TeacherSource | None = None) -> TrainLoader:
+                storage_options: dict | None = None, source: TeacherFeed | None = None) -> TrainLoader:
     """A :class:`TrainLoader` over ``data`` joined with the teacher ``cache``.
 
     data: the dataset samples (or a :class:`DatasetRead`, whose skipped rows are recorded too);
-    student: the student :class:`~genrecal.store.vlm.loading.LoadedVLM` or ``(processor, family)``
+    student: the student :class:`~genrecal.model.loading.LoadedVLM` or ``(processor, family)``
     (only the processor travels to the workers); cache: the cache URL, None for stage finetune;
     world_size / rank: this process's place under DDP; state: resume here (default: epoch 0,
     position 0); expect_teacher: the teacher fingerprint the cache must have; source: another
-    :class:`TeacherSource` instead of ``cache`` (online mode: :mod:`genrecal.train.online`).
+    :class:`TeacherFeed` instead of ``cache`` (online mode: :mod:`genrecal.train.online`).
     """
     config = config or LoaderConfig()
     if cache is not None and source is not None:

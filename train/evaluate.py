@@ -1,11 +1,11 @@
 """Answer accuracy of any saved VLM (teacher, student, a stage's output) on a held-out split.
 
 Every question of every sample is answered by greedy generation
-(:func:`genrecal.store.vlm.generate.generate_answers`; earlier answers of a multi-turn sample
+(:func:`genrecal.model.generate.generate_answers`; earlier answers of a multi-turn sample
 come from the data) and scored against the dataset's answer:
 
 * ``exact_match`` (the accuracy): 1 if the answers are equal after
-  :func:`~genrecal.store.vlm.generate.normalise_answer`: lowercase, whitespace runs collapsed,
+  :func:`~genrecal.model.generate.normalise_answer`: lowercase, whitespace runs collapsed,
   surrounding whitespace and trailing punctuation (``. , ; : ! ?``) removed;
 * ``contains``: 1 if the normalised reference occurs in the normalised prediction as whole
   words (``"red"`` in ``"it is red"``, not in ``"reddish"``);
@@ -27,11 +27,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from genrecal.store.data.readers import DatasetRead
-from genrecal.store.data.sample import Sample
-from genrecal.store.vlm.generate import Generation, answers_match, normalise_answer
+from genrecal.common.config import EvaluationConfig, Pipeline
+from genrecal.data.readers import DatasetRead
+from genrecal.data.sample import Sample
+from genrecal.model.generate import Generation, answers_match, normalise_answer
 from genrecal.train.errors import EvaluationError
 
 __all__ = ["METRICS", "UNTYPED", "EvalResult", "EvalSettings", "Prediction", "TypeScore",
@@ -247,7 +247,7 @@ def evaluate(loaded, samples: Sequence[Sample], *, max_new_tokens: int, batch_si
              turn: str = "all", metrics: Sequence[str] = ("exact_match",), data: str = "",
              progress: bool = True) -> EvalResult:
     """Generate greedily for ``samples`` with ``loaded`` and score the answers."""
-    from genrecal.store.vlm.generate import generate_answers
+    from genrecal.model.generate import generate_answers
 
     names = _check_metrics(metrics)
     if not samples:
@@ -272,7 +272,7 @@ class EvalSettings:
     turn: str = "all"
 
     @classmethod
-    def resolve(cls, evaluation: Any = None, **overrides) -> "EvalSettings":
+    def resolve(cls, evaluation: EvaluationConfig | None = None, **overrides) -> "EvalSettings":
         """Settings from an ``EvaluationConfig`` (or None), then every override not None."""
         base = cls()
         if evaluation is not None:
@@ -283,18 +283,18 @@ class EvalSettings:
 
 
 # ----- pipelines -------------------------------------------------------------------------------
-def synthetic_root(pipeline: Any) -> Path:
+def synthetic_root(pipeline: Pipeline) -> Path:
     """Where a pipeline's synthetic VQA set lives: ``<pipeline output>/data/synthetic``."""
-    from genrecal.store.data import synthetic_dir
+    from genrecal.data import synthetic_dir
 
     return synthetic_dir(pipeline.output_dir)
 
 
-def read_pipeline_split(pipeline: Any, split: str, *, limit: int | None = None) -> DatasetRead:
+def read_pipeline_split(pipeline: Pipeline, split: str, *, limit: int | None = None) -> DatasetRead:
     """Split ``split`` of a pipeline's data: its sources of that split, then the synthetic set
     (generated under :func:`synthetic_root` if missing or stale); at most ``limit`` samples in
-    all (:func:`genrecal.store.data.read_split`)."""
-    from genrecal.store.data import read_split
+    all (:func:`genrecal.data.read_split`)."""
+    from genrecal.data import read_split
 
     data = pipeline.data
     if split not in data.splits():
@@ -306,12 +306,12 @@ def read_pipeline_split(pipeline: Any, split: str, *, limit: int | None = None) 
                        source=f"pipeline {pipeline.name}, split {split}")
 
 
-def load_pipeline_model(pipeline: Any, role: str, *, source: str | Path | None = None,
+def load_pipeline_model(pipeline: Pipeline, role: str, *, source: str | Path | None = None,
                         device: str | None = None, dtype: str | None = None):
     """Load the pipeline's ``role`` model (or the checkpoint ``source``) with that role's
     dtype / device / device_map; a tiny model of the pipeline is built first if missing."""
-    from genrecal.store.vlm.loading import load_vlm
-    from genrecal.store.vlm.tiny import model_dir_for
+    from genrecal.model.loading import load_vlm
+    from genrecal.model.tiny import model_dir_for
 
     spec = pipeline.teacher if role == "teacher" else pipeline.student
     where = source if source is not None else model_dir_for(spec, pipeline.model_location(role))
@@ -322,7 +322,7 @@ def load_pipeline_model(pipeline: Any, role: str, *, source: str | Path | None =
                     revision=spec.revision if source is None else None)
 
 
-def _role_of(pipeline: Any, model_dir: Path) -> str:
+def _role_of(pipeline: Pipeline, model_dir: Path) -> str:
     """``teacher`` if ``model_dir`` is the pipeline's teacher checkpoint, else ``student``."""
     teacher = Path(pipeline.model_location("teacher"))
     same = teacher.exists() and teacher.resolve() == model_dir.resolve()
@@ -337,7 +337,7 @@ def _model_dir(path: str | Path) -> Path:
     return path
 
 
-def evaluate_model_dir(model_dir: str | Path, *, pipeline: Any = None,
+def evaluate_model_dir(model_dir: str | Path, *, pipeline: Pipeline | None = None,
                        data: str | Path | None = None, settings: EvalSettings = EvalSettings(),
                        device: str | None = None, dtype: str | None = None,
                        progress: bool = True) -> EvalResult:
@@ -353,10 +353,10 @@ def evaluate_model_dir(model_dir: str | Path, *, pipeline: Any = None,
                     data=label, progress=progress)
 
 
-def _eval_data(pipeline: Any, data: str | Path | None,
+def _eval_data(pipeline: Pipeline | None, data: str | Path | None,
                settings: EvalSettings) -> tuple[DatasetRead, str]:
     """The samples to evaluate on, and a label naming them."""
-    from genrecal.store.data import read_dataset
+    from genrecal.data import read_dataset
 
     if data is None:
         read = read_pipeline_split(pipeline, settings.split, limit=settings.limit)
@@ -367,8 +367,9 @@ def _eval_data(pipeline: Any, data: str | Path | None,
     return read, f"{data}" + (f" (split {split})" if split else "")
 
 
-def _load_for_eval(where: Path, pipeline: Any, *, device: str | None, dtype: str | None):
-    from genrecal.store.vlm.loading import load_vlm
+def _load_for_eval(where: Path, pipeline: Pipeline | None, *, device: str | None,
+                   dtype: str | None):
+    from genrecal.model.loading import load_vlm
 
     if pipeline is not None:
         return load_pipeline_model(pipeline, _role_of(pipeline, where), source=where,

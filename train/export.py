@@ -2,11 +2,11 @@
 
 ``export_student`` writes ``model.save_pretrained`` plus the processor files into one directory
 that ``AutoModelForImageTextToText.from_pretrained`` / ``load_vlm`` load directly; the
-Recalibrator (a training-only module, method.md section 1) never enters it and is saved with
+Recalibrator (a training-only module, docs/method.md §1) never enters it and is saved with
 :meth:`Recalibrator.save` next to it. Both are written into a temporary directory and renamed
 into place, so a killed export never leaves a half-written model behind.
 
-The processor is written by :func:`genrecal.store.vlm.saving.save_processor`, in the form
+The processor is written by :func:`genrecal.model.saving.save_processor`, in the form
 ``load_vlm`` reassembles (video-slot processors as their parts, without torchvision).
 
 ``stage_done.json`` marks a finished stage and tells the next stage where the student (and
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from genrecal.store.atomic import replace_dir, write_json_atomic
-from genrecal.store.vlm.families import Family
-from genrecal.store.vlm.saving import save_processor
+from genrecal.common.atomic import replace_dir, write_json_atomic
+from genrecal.model.families import Family
+from genrecal.model.saving import save_processor
 from genrecal.train.errors import StageSetupError
 from genrecal.train.recalibrator import Recalibrator
 

@@ -1,18 +1,21 @@
 """The training loop: stages, AdamW, LR schedule, accumulation, DDP, checkpoints, metrics.
 
 :func:`train_stage` runs one stage (a :class:`StageJob`: the stage config, a
-:class:`~genrecal.train.step.StageModel` and a batch loader); :func:`run_stages` builds the jobs
-of a pipeline (student, teacher head, Recalibrator, loader) and runs its stages in order, each
-continuing from the previous stage's output (method.md section 1, "Stages").
+:class:`~genrecal.train.step.StageModel` and a :class:`BatchLoader`) as one function that reads
+top to bottom: setup (trainables, schedule, checkpoint restore, DDP wrap, optimizer), the loop
+(micro-batches, forward / backward with accumulation, clip, step, log, checkpoint, stop_after),
+then the export. :func:`run_stages` builds the jobs of a pipeline (student, teacher head,
+Recalibrator, loader) and runs its stages in order, each continuing from the previous stage's
+output (docs/method.md §1.4).
 
-Optimisation (method.md: AdamW, LR linear lr_start -> lr_end within each stage). One optimizer
-step takes ``n_micro = grad_accum`` micro-batches per rank (fewer for the very last step of an
-epoch-based stage). Global batch = batch_size * grad_accum * world_size samples. The loss is
-normalised token-correctly over the global batch: the token counts of every micro-batch of the
-step are summed over ranks first, each micro-batch back-propagates
-``world_size * sum_t w_t * (its per-token loss sum of term t) / N_t(global)``, and DDP averages
-the gradients over ranks, so the gradient is that of the per-token mean over the whole global
-batch: 2 ranks x batch b give the same update as 1 rank x 2 micro-batches of b.
+Optimisation (docs/method.md §1.4: AdamW, LR linear lr_start -> lr_end within each stage). One
+optimizer step takes ``n_micro = grad_accum`` micro-batches per rank (fewer for the very last
+step of an epoch-based stage). Global batch = batch_size * grad_accum * world_size samples. The
+loss is normalised token-correctly over the global batch (docs/method.md §1.3, (1.5)): the
+token counts of every micro-batch of the step are summed over ranks first, each micro-batch
+back-propagates ``world_size * sum_t w_t * (its per-token loss sum of term t) / N_t(global)``,
+and DDP averages the gradients over ranks, so the gradient is that of the per-token mean over
+the whole global batch: 2 ranks x batch b give the same update as 1 rank x 2 micro-batches of b.
 
 Teacher features come from the teacher cache, or, with ``LoopOptions(teacher_source="online")``,
 from the teacher run live on every batch (:mod:`genrecal.train.online`).
@@ -34,13 +37,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
 
-from genrecal.store.distributed import RankInfo
+from genrecal.common.config import AlignStage, DistillStage, FinetuneStage, Pipeline
+from genrecal.common.vocabulary import GENRECAL_STAGES, TRAINER_STAGES
+from genrecal.common.distributed import RankInfo
 from genrecal.train.checkpoint import (CheckpointData, RngState, latest_checkpoint,
                                        load_checkpoint, prune_checkpoints, restore_weights,
                                        save_checkpoint)
@@ -48,14 +54,23 @@ from genrecal.train.errors import StageSetupError
 from genrecal.train.export import (RECALIBRATOR_DIR, STUDENT_DIR, export_recalibrator,
                                    export_student, read_done, write_done)
 from genrecal.train.metrics import MetricsLog, Progress, plot_losses
-from genrecal.train.step import (TERMS, StageModel, TokenCounts, batch_to,
-                                 configure_trainables, run_step)
+from genrecal.train.recalibrator import Recalibrator
+from genrecal.train.sampler import BatchPlan, SamplerState
+from genrecal.train.step import (TERMS, LossSpec, StageModel, TeacherSide, TokenCounts,
+                                 batch_to, configure_trainables, run_step)
+
+if TYPE_CHECKING:
+    from genrecal.data.readers import DatasetRead
+    from genrecal.train.data import TrainBatch
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+
+#: The stage configs the trainer runs (:data:`~genrecal.common.vocabulary.TRAINER_STAGES`).
+TrainerStage = AlignStage | DistillStage | FinetuneStage
 
 
 # ==============================================================================================
@@ -91,7 +106,8 @@ def init_distributed() -> RankInfo:
 
 @dataclass(frozen=True)
 class LinearSchedule:
-    """LR of optimizer step ``i`` (0-based) of a stage (method.md: linear within each stage).
+    """LR of optimizer step ``i`` (0-based) of a stage (docs/method.md §1.4: linear within each
+    stage).
 
     Warm-up (``warmup`` steps): ``lr_start * (i + 1) / (warmup + 1)``, rising from near 0;
     then linear from ``lr_start`` (step ``warmup``) to ``lr_end`` (the last step).
@@ -145,33 +161,31 @@ class LoopOptions:
 
 
 class BatchLoader(Protocol):
-    """What the loop reads batches from (genrecal.train.data.TrainLoader satisfies it).
+    """What the loop reads batches from: :class:`genrecal.train.data.TrainLoader` and
+    :class:`genrecal.train.online.OnlineLoader` satisfy it.
 
-    ``iter(loader)`` yields the rest of the current epoch; ``state`` is the sampler position
-    after the last batch handed out (saved with checkpoints) and ``load_state`` resumes there;
-    ``steps_per_epoch`` is the number of batches per epoch on this rank.
+    plan: this rank's batch plan (the loop refuses an ``uneven`` one under DDP);
+    steps_per_epoch: batches per epoch on this rank (the length of an epoch-based stage);
+    state: the sampler position after the last batch handed out (saved with checkpoints, its
+    epoch logged); load_state: resume at a saved position (checked against the plan);
+    ``iter(loader)``: the batches of the rest of the current epoch; close: stop the worker
+    processes (:func:`run_stage`, once the stage is over).
     """
 
-    steps_per_epoch: int
-    state: Any
+    @property
+    def plan(self) -> BatchPlan: ...
 
-    def load_state(self, state: Any) -> None: ...
+    @property
+    def steps_per_epoch(self) -> int: ...
 
-    def __iter__(self) -> Iterator[Any]: ...
+    @property
+    def state(self) -> SamplerState: ...
 
+    def load_state(self, state: SamplerState) -> None: ...
 
-def _stream(loader: BatchLoader) -> Iterator[Any]:
-    """Batches across epochs without end."""
-    empty = 0
-    while True:
-        produced = False
-        for batch in loader:
-            produced = True
-            yield batch
-        empty = 0 if produced else empty + 1
-        if empty > 1:
-            raise StageSetupError("the data loader produced no batch in two consecutive epochs; "
-                                  "check the training data and the cache join.")
+    def __iter__(self) -> Iterator[TrainBatch]: ...
+
+    def close(self) -> None: ...
 
 
 # ==============================================================================================
@@ -189,7 +203,7 @@ class StageJob:
     came from (recorded in stage_done.json).
     """
 
-    stage: Any
+    stage: TrainerStage
     model: StageModel
     loader: BatchLoader
     out_dir: Path
@@ -213,8 +227,240 @@ class StageResult:
     skipped: bool = False
 
 
-def _json_roundtrip(data: Any) -> Any:
-    return json.loads(json.dumps(data))
+def train_stage(job: StageJob, options: LoopOptions | None = None,
+                resume: bool = False) -> StageResult:
+    """Train one stage: configure trainables, optimise, checkpoint, export.
+
+    resume: continue from the newest checkpoint under ``job.out_dir/checkpoints`` (none: start
+    fresh). Outputs in ``job.out_dir``: metrics.jsonl, loss.png, checkpoints/, student/ (when
+    the stage trains the student), recalibrator/, stage_done.json.
+    """
+    options = options or LoopOptions()
+    stage, model, loader, dist, device = job.stage, job.model, job.loader, job.dist, job.device
+    spec = model.spec  # loss weights of the stage (docs/method.md §1.3)
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- Trainables (docs/method.md §1.4: the stage's `trains:` switches) --------------------
+    if stage.trains.recalibrator and spec.genrecal is None:
+        raise StageSetupError(f"stage {stage.name}: trains.recalibrator is on but every "
+                              "GenRecal loss weight (ar, kl, reg) is 0, so nothing trains it; "
+                              "set a loss weight or switch trains.recalibrator off.")
+    # params: [(name, Parameter)] in optimizer order, named "student.*" / "recalibrator.*"
+    params = configure_trainables(model.student, model.family, model.recalibrator, stage.trains)
+    student_trains = any(name.startswith("student.") for name, _ in params)
+
+    # ---- Schedule: micro-batches -> optimizer steps -> LR ----------------------------------
+    if dist.distributed and loader.plan.uneven:
+        raise StageSetupError(
+            f"stage {stage.name}: batch_size 1 with a sample count not divisible by the "
+            f"{dist.world} processes gives the ranks different step counts; use "
+            "batch_size >= 2 or a world size that divides the number of samples.")
+    # total_micro: micro-batches per rank over the stage; a step takes grad_accum of them
+    if stage.steps is not None:
+        total_micro = stage.steps * stage.grad_accum
+    else:
+        total_micro = stage.epochs * loader.steps_per_epoch
+    total_steps = -(-total_micro // stage.grad_accum)  # ceil: an epoch may end mid-step
+    schedule = LinearSchedule(stage.lr_start, stage.lr_end, stage.warmup, total_steps)
+    step = 0  # optimizer steps done
+    counters = {"samples": 0, "tokens_teacher": 0, "tokens_student": 0}  # global, whole stage
+
+    # ---- Module modes: train() what trains, activation checkpointing -----------------------
+    model.student.train(student_trains)
+    if model.recalibrator is not None:
+        model.recalibrator.train(bool(stage.trains.recalibrator))
+    if stage.gradient_checkpointing and student_trains:
+        _enable_checkpointing(model.student)
+
+    # ---- Checkpoint restore: weights, sampler position, step, counters (optimizer and RNG
+    # states once the optimizer exists, below) ------------------------------------------------
+    saved: CheckpointData | None = None
+    where = latest_checkpoint(job.out_dir / CHECKPOINTS) if resume else None
+    if where is not None:
+        saved = load_checkpoint(where, rank=dist.rank, world_size=dist.world)
+        mine = _trainer_state(stage, step, total_steps, schedule, dist.world, counters)
+        for key in ("stage", "stage_config", "total_steps", "schedule"):
+            if mine[key] != saved.trainer.get(key):
+                raise StageSetupError(
+                    f"checkpoint {where} was written with another {key} "
+                    f"({saved.trainer.get(key)!r}, now {mine[key]!r}); resume with the config it "
+                    f"was written with, or delete {job.out_dir / CHECKPOINTS} to start the stage "
+                    "over.")
+        restore_weights(params, saved.weights, where)
+        loader.load_state(SamplerState.from_dict(saved.sampler))
+        step, counters = int(saved.trainer["step"]), dict(saved.trainer["counters"])
+        log.info("resuming stage %s at step %d from %s", stage.name, step, where)
+
+    # ---- DDP wrap, optimizer, metrics, RNG -------------------------------------------------
+    module: torch.nn.Module = model
+    if dist.distributed:
+        trains = stage.trains
+        unused = trains.vision_encoder or trains.projector or trains.student_head
+        # buffers (rotary inv_freq) are equal on every rank: no sync needed in the forward
+        module = DistributedDataParallel(model, find_unused_parameters=bool(unused),
+                                         forward_sync_buffers=False)
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=schedule(0),
+                                  weight_decay=stage.weight_decay)
+    if saved is not None:
+        optimizer.load_state_dict(saved.optimizer)
+    metrics = MetricsLog(job.out_dir / METRICS, None if saved is None else step,
+                         enabled=dist.is_main)
+    if saved is not None:
+        saved.rng.restore()
+    else:
+        _seed_everything(stage.seed, dist.rank)
+
+    # ---- The loop: one iteration = one optimizer step ---------------------------------------
+    input_dtype = next(model.student.parameters()).dtype  # floating student inputs cast to it
+    n_terms = len(TERMS)
+    stream = _stream(loader)
+    progress = Progress(total_steps, step, stage.name,
+                        enabled=options.progress and dist.is_main)
+    try:
+        while step < total_steps:
+            started = time.perf_counter()
+
+            # This rank's micro-batches of the step (the last step of an epoch-based stage may
+            # take fewer), and the seconds spent waiting for them.
+            n_micro = min(stage.grad_accum, total_micro - step * stage.grad_accum)
+            batches = [next(stream) for _ in range(n_micro)]
+            wait = time.perf_counter() - started
+
+            # Loss denominators of the GLOBAL batch: N_l teacher answer tokens, N_s student
+            # target tokens, summed over the micro-batches, then over ranks (§1.3, (1.5)).
+            local = sum((TokenCounts.of_batch(b) for b in batches), TokenCounts())
+            counts = TokenCounts.from_tensor(all_reduce_sum(dist, local.to_tensor()))
+            # sums: float64 [n_terms + 2] on the device (no host sync until the step is done):
+            # per-term loss sums over tokens, then samples, then samples the workers skipped
+            sums = torch.zeros(n_terms + 2, dtype=torch.float64, device=device)
+            sums[n_terms] = sum(len(b.ids) for b in batches)
+            sums[n_terms + 1] = sum(len(b.skipped) for b in batches)
+
+            # Forward / backward of each micro-batch; gradients accumulate in .grad.
+            for i, batch in enumerate(batches):
+                batch = batch_to(batch, device, input_dtype)
+                last = i == n_micro - 1
+                # DDP all-reduces the gradients in the backward of the last micro-batch only
+                sync = module.no_sync() if dist.distributed and not last \
+                    else contextlib.nullcontext()
+                autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) \
+                    if stage.precision == "bf16" else contextlib.nullcontext()
+                with sync:
+                    with autocast:
+                        out = run_step(module, batch, counts)
+                    # out.total = sum_t w_t * S_t / N_t(global), S_t this micro-batch's sum;
+                    # DDP averages gradients over ranks, so x world gives the gradient of the
+                    # per-token mean over the global batch
+                    (out.total * dist.world).backward()
+                zero = torch.zeros((), device=device)
+                sums[:n_terms] += torch.stack([out.sums.get(t, zero) for t in TERMS]).double()
+
+            # Clip: grad_norm is the total L2 norm of the gradients before clipping (0.0 when no
+            # trainable parameter got one).
+            with_grad = [p for _, p in params if p.grad is not None]
+            if not with_grad:
+                grad_norm = 0.0
+            elif stage.grad_clip is None:
+                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, stage.grad_clip))
+
+            # Optimizer step at the LR of this step (a pure function of it, §1.4).
+            lr = schedule(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums = all_reduce_sum(dist, sums).cpu()  # now global: all ranks' micro-batches
+            step += 1
+
+            # Log: loss terms as per-token means over the global batch (the terms of (1.5)
+            # the stage weighs), the weighted total, LR, norm, throughput.
+            means = {t: float(sums[i]) / max(counts.of_term(t), 1)
+                     for i, t in enumerate(TERMS) if spec.weight(t) > 0}
+            n_samples = int(sums[n_terms])
+            counters["samples"] += n_samples
+            counters["tokens_teacher"] += counts.teacher
+            counters["tokens_student"] += counts.student
+            seconds = time.perf_counter() - started
+            record = {"stage": stage.name, "step": step, "epoch": loader.state.epoch,
+                      "loss": spec.total(means), **means, "lr": lr, "grad_norm": grad_norm,
+                      "samples": n_samples, "tokens_teacher": counts.teacher,
+                      "tokens_student": counts.student,
+                      "samples_per_s": n_samples / max(seconds, 1e-9), "data_wait_s": wait,
+                      "step_time_s": seconds, "skipped": int(sums[n_terms + 1])}
+            metrics.log(record)
+            progress.update(record)
+
+            # Checkpoint: every save_every steps, at stop_after and at the end.
+            every = options.save_every
+            if step == total_steps or step == options.stop_after \
+                    or (every is not None and step % every == 0):
+                trainer = _trainer_state(stage, step, total_steps, schedule, dist.world, counters)
+                _save_checkpoint(job, options, step, params, optimizer, trainer)
+
+            # stop_after: leave unfinished (the checkpoint above is where a resume continues).
+            if options.stop_after is not None and options.stop_after <= step < total_steps:
+                return StageResult(stage=stage.name, step=step, total_steps=total_steps,
+                                   finished=False, records=list(metrics.records),
+                                   out_dir=job.out_dir)
+    finally:
+        progress.close()
+
+    # ---- Finish (rank 0): loss plot, exported student / Recalibrator, stage_done.json -----
+    if dist.is_main:
+        out = job.out_dir
+        plot_losses(metrics.records, out / LOSS_PLOT, f"{stage.name} losses")
+        student = str(job.inputs.get("student", ""))
+        if student_trains:
+            student = str(export_student(model.student, job.processor, model.family,
+                                         out / STUDENT_DIR, job.export_dtype))
+        recalibrator = None
+        if model.recalibrator is not None:
+            recalibrator = str(export_recalibrator(model.recalibrator, out / RECALIBRATOR_DIR))
+        write_done(out, {"stage": stage.name, "steps": step, "student": student,
+                         "recalibrator": recalibrator, "inputs": job.inputs,
+                         "final": metrics.records[-1] if metrics.records else None})
+    dist.barrier()
+    return StageResult(stage=stage.name, step=step, total_steps=total_steps, finished=True,
+                       records=list(metrics.records), out_dir=job.out_dir)
+
+
+def _stream(loader: BatchLoader) -> Iterator[TrainBatch]:
+    """Batches across epochs without end."""
+    empty = 0
+    while True:
+        produced = False
+        for batch in loader:
+            produced = True
+            yield batch
+        empty = 0 if produced else empty + 1
+        if empty > 1:
+            raise StageSetupError("the data loader produced no batch in two consecutive epochs; "
+                                  "check the training data and the cache join.")
+
+
+def _trainer_state(stage: TrainerStage, step: int, total_steps: int, schedule: LinearSchedule,
+                   world: int, counters: dict[str, int]) -> dict[str, Any]:
+    """The JSON-able loop state a checkpoint records (and a resume checks: stage,
+    stage_config, total_steps, schedule)."""
+    return {"stage": stage.name, "stage_config": json.loads(json.dumps(stage.to_dict())),
+            "step": step, "total_steps": total_steps, "schedule": dataclasses.asdict(schedule),
+            "world_size": world, "counters": dict(counters)}
+
+
+def _save_checkpoint(job: StageJob, options: LoopOptions, step: int,
+                     params: Sequence[tuple[str, torch.nn.Parameter]],
+                     optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> None:
+    """Checkpoint ``step`` (every rank writes its sampler and RNG states), then prune."""
+    data = CheckpointData(weights={n: p for n, p in params}, optimizer=optimizer.state_dict(),
+                          names=[n for n, _ in params], trainer=trainer,
+                          sampler=job.loader.state.to_dict(), rng=RngState.capture())
+    root = job.out_dir / CHECKPOINTS
+    save_checkpoint(root, step, data, rank=job.dist.rank, world_size=job.dist.world,
+                    barrier=job.dist.barrier)
+    if job.dist.is_main and options.keep_checkpoints > 0:
+        prune_checkpoints(root, options.keep_checkpoints)
 
 
 def _seed_everything(seed: int, rank: int) -> None:
@@ -231,259 +477,11 @@ def _enable_checkpointing(student: torch.nn.Module) -> None:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _take(stream: Iterator[Any], n: int) -> tuple[list[Any], float]:
-    """n batches and the seconds spent waiting for them."""
-    started = time.perf_counter()
-    batches = [next(stream) for _ in range(n)]
-    return batches, time.perf_counter() - started
-
-
-class _Trainer:
-    """State of one running stage; see :func:`train_stage`."""
-
-    def __init__(self, job: StageJob, options: LoopOptions, resume: bool):
-        self.job, self.options, self.stage, self.dist = job, options, job.stage, job.dist
-        self.spec = job.model.spec
-        if self.stage.trains.recalibrator and self.spec.genrecal is None:
-            raise StageSetupError(f"stage {self.stage.name}: trains.recalibrator is on but every "
-                                  "GenRecal loss weight (ar, kl, reg) is 0, so nothing trains it; "
-                                  "set a loss weight or switch trains.recalibrator off.")
-        self.params = configure_trainables(job.model.student, job.model.family,
-                                           job.model.recalibrator, job.stage.trains)
-        self.total_micro = self._total_micro_batches()
-        self.total_steps = -(-self.total_micro // self.stage.grad_accum)
-        self.schedule = LinearSchedule(self.stage.lr_start, self.stage.lr_end, self.stage.warmup,
-                                       self.total_steps)
-        self.step, self.counters = 0, {"samples": 0, "tokens_teacher": 0, "tokens_student": 0}
-        self._prepare_modules()
-        saved = self._load_checkpoint() if resume else None
-        self.module = self._wrap()
-        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=self.schedule(0),
-                                           weight_decay=self.stage.weight_decay)
-        if saved is not None:
-            self.optimizer.load_state_dict(saved.optimizer)
-        self.metrics = MetricsLog(job.out_dir / METRICS, None if saved is None else self.step,
-                                  enabled=self.dist.is_main)
-        self.rng = saved.rng if saved is not None else None
-
-    # -- setup -----------------------------------------------------------------------------
-
-    def _total_micro_batches(self) -> int:
-        stage, loader = self.stage, self.job.loader
-        plan = getattr(loader, "plan", None)
-        if self.dist.distributed and getattr(plan, "uneven", False):
-            raise StageSetupError(
-                f"stage {stage.name}: batch_size 1 with a sample count not divisible by the "
-                f"{self.dist.world} processes gives the ranks different step counts; use "
-                "batch_size >= 2 or a world size that divides the number of samples.")
-        if stage.steps is not None:
-            return stage.steps * stage.grad_accum
-        return stage.epochs * loader.steps_per_epoch
-
-    def _prepare_modules(self) -> None:
-        model = self.job.model
-        student_trains = any(n.startswith("student.") for n, _ in self.params)
-        model.student.train(student_trains)
-        if model.recalibrator is not None:
-            model.recalibrator.train(bool(self.stage.trains.recalibrator))
-        if self.stage.gradient_checkpointing and student_trains:
-            _enable_checkpointing(model.student)
-
-    def _wrap(self) -> torch.nn.Module:
-        if not self.dist.distributed:
-            return self.job.model
-        from torch.nn.parallel import DistributedDataParallel
-
-        trains = self.stage.trains
-        unused = trains.vision_encoder or trains.projector or trains.student_head
-        return DistributedDataParallel(self.job.model, find_unused_parameters=bool(unused),
-                                       broadcast_buffers=False)
-
-    def _trainer_state(self) -> dict[str, Any]:
-        return {"stage": self.stage.name, "stage_config": _json_roundtrip(self.stage.to_dict()),
-                "step": self.step, "total_steps": self.total_steps,
-                "schedule": dataclasses.asdict(self.schedule), "world_size": self.dist.world,
-                "counters": dict(self.counters)}
-
-    def _load_checkpoint(self) -> CheckpointData | None:
-        where = latest_checkpoint(self.job.out_dir / CHECKPOINTS)
-        if where is None:
-            return None
-        saved = load_checkpoint(where, rank=self.dist.rank, world_size=self.dist.world)
-        mine, theirs = self._trainer_state(), saved.trainer
-        for key in ("stage", "stage_config", "total_steps", "schedule"):
-            if mine[key] != theirs.get(key):
-                raise StageSetupError(
-                    f"checkpoint {where} was written with another {key} ({theirs.get(key)!r}, now "
-                    f"{mine[key]!r}); resume with the config it was written with, or delete "
-                    f"{self.job.out_dir / CHECKPOINTS} to start the stage over.")
-        restore_weights(self.params, saved.weights, where)
-        self.job.loader.load_state(_sampler_state(self.job.loader, saved.sampler))
-        self.step, self.counters = int(theirs["step"]), dict(theirs["counters"])
-        log.info("resuming stage %s at step %d from %s", self.stage.name, self.step, where)
-        return saved
-
-    # -- the loop ----------------------------------------------------------------------------
-
-    def run(self) -> StageResult:
-        if self.rng is not None:
-            self.rng.restore()
-        else:
-            _seed_everything(self.stage.seed, self.dist.rank)
-        stream = _stream(self.job.loader)
-        progress = Progress(self.total_steps, self.step, f"{self.stage.name}",
-                            enabled=self.options.progress and self.dist.is_main)
-        try:
-            while self.step < self.total_steps:
-                record = self._train_step(stream)
-                self.metrics.log(record)
-                progress.update(record)
-                if self._should_save():
-                    self._save()
-                if self.options.stop_after is not None and self.step >= self.options.stop_after \
-                        and self.step < self.total_steps:
-                    return self._result(finished=False)
-        finally:
-            progress.close()
-        self._finish()
-        return self._result(finished=True)
-
-    def _should_save(self) -> bool:
-        every, stop = self.options.save_every, self.options.stop_after
-        return self.step == self.total_steps or self.step == stop \
-            or (every is not None and self.step % every == 0)
-
-    def _train_step(self, stream: Iterator[Any]) -> dict[str, Any]:
-        started = time.perf_counter()
-        n_micro = min(self.stage.grad_accum, self.total_micro - self.step * self.stage.grad_accum)
-        batches, wait = _take(stream, n_micro)
-        counts = self._global_counts(batches)
-        n_terms = len(TERMS)  # slots: per-term loss sums, then samples, then skipped samples
-        sums = torch.zeros(n_terms + 2, dtype=torch.float64, device=self.job.device)
-        sums[n_terms] = sum(len(b.ids) for b in batches)
-        sums[n_terms + 1] = sum(len(getattr(b, "skipped", ())) for b in batches)
-        for i, batch in enumerate(batches):
-            sums[:n_terms] += self._micro_step(batch, counts, last=i == n_micro - 1)
-        grad_norm = self._clip()
-        lr = self.schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums = all_reduce_sum(self.dist, sums).cpu()
-        self.step += 1
-        record = self._record(sums[:n_terms], counts, int(sums[n_terms]), lr, grad_norm, wait,
-                              time.perf_counter() - started)
-        return {**record, "skipped": int(sums[n_terms + 1])}
-
-    def _global_counts(self, batches: Sequence[Any]) -> TokenCounts:
-        local = sum((TokenCounts.of_batch(b) for b in batches), TokenCounts())
-        return TokenCounts.from_tensor(all_reduce_sum(self.dist, local.to_tensor()))
-
-    def _micro_step(self, batch: Any, counts: TokenCounts, last: bool) -> torch.Tensor:
-        """Forward + backward of one micro-batch; its per-term loss sums, float64 [len(TERMS)]
-        on the device (no host sync)."""
-        batch = batch_to(batch, self.job.device, self._input_dtype())
-        sync = contextlib.nullcontext() if last or not self.dist.distributed \
-            else self.module.no_sync()
-        with sync:
-            with self._autocast():
-                out = run_step(self.module, batch, counts)
-            (out.total * self.dist.world).backward()
-        zero = torch.zeros((), device=self.job.device)
-        return torch.stack([out.sums.get(t, zero) for t in TERMS]).double()
-
-    def _input_dtype(self) -> torch.dtype:
-        return next(self.job.model.student.parameters()).dtype
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.stage.precision != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.job.device.type, dtype=torch.bfloat16)
-
-    def _clip(self) -> float:
-        params = [p for _, p in self.params if p.grad is not None]
-        if not params:
-            return 0.0
-        if self.stage.grad_clip is None:
-            return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        return float(torch.nn.utils.clip_grad_norm_(params, self.stage.grad_clip))
-
-    def _record(self, sums: torch.Tensor, counts: TokenCounts, n_samples: int, lr: float,
-                grad_norm: float, wait: float, seconds: float) -> dict[str, Any]:
-        means = {t: float(sums[i]) / max(counts.of_term(t), 1)
-                 for i, t in enumerate(TERMS) if self.spec.weight(t) > 0}
-        self.counters["samples"] += n_samples
-        self.counters["tokens_teacher"] += counts.teacher
-        self.counters["tokens_student"] += counts.student
-        epoch = getattr(getattr(self.job.loader, "state", None), "epoch", None)
-        return {"stage": self.stage.name, "step": self.step, "epoch": epoch,
-                "loss": self.spec.total(means), **means, "lr": lr, "grad_norm": grad_norm,
-                "samples": n_samples, "tokens_teacher": counts.teacher,
-                "tokens_student": counts.student, "samples_per_s": n_samples / max(seconds, 1e-9),
-                "data_wait_s": wait, "step_time_s": seconds}
-
-    # -- checkpoints and outputs -----------------------------------------------------------
-
-    def _save(self) -> None:
-        data = CheckpointData(weights={n: p for n, p in self.params},
-                              optimizer=self.optimizer.state_dict(),
-                              names=[n for n, _ in self.params], trainer=self._trainer_state(),
-                              sampler=self.job.loader.state.to_dict(), rng=RngState.capture())
-        root = self.job.out_dir / CHECKPOINTS
-        save_checkpoint(root, self.step, data, rank=self.dist.rank,
-                        world_size=self.dist.world, barrier=self.dist.barrier)
-        if self.dist.is_main and self.options.keep_checkpoints > 0:
-            prune_checkpoints(root, self.options.keep_checkpoints)
-
-    def _finish(self) -> None:
-        if self.dist.is_main:
-            out, model = self.job.out_dir, self.job.model
-            plot_losses(self.metrics.records, out / LOSS_PLOT, f"{self.stage.name} losses")
-            student = str(self.job.inputs.get("student", ""))
-            if any(n.startswith("student.") for n, _ in self.params):
-                student = str(export_student(model.student, self.job.processor, model.family,
-                                             out / STUDENT_DIR, self.job.export_dtype))
-            recalibrator = None
-            if model.recalibrator is not None:
-                recalibrator = str(export_recalibrator(model.recalibrator, out / RECALIBRATOR_DIR))
-            write_done(out, {"stage": self.stage.name, "steps": self.step, "student": student,
-                             "recalibrator": recalibrator, "inputs": self.job.inputs,
-                             "final": self.metrics.records[-1] if self.metrics.records else None})
-        self.dist.barrier()
-
-    def _result(self, finished: bool) -> StageResult:
-        return StageResult(stage=self.stage.name, step=self.step, total_steps=self.total_steps,
-                           finished=finished, records=list(self.metrics.records),
-                           out_dir=self.job.out_dir)
-
-
-def _sampler_state(loader: BatchLoader, saved: dict[str, Any]) -> Any:
-    """The loader's state type rebuilt from its saved dict."""
-    return type(loader.state).from_dict(saved)
-
-
-def train_stage(job: StageJob, options: LoopOptions | None = None,
-                resume: bool = False) -> StageResult:
-    """Train one stage: configure trainables, optimise, checkpoint, export.
-
-    resume: continue from the newest checkpoint under ``job.out_dir/checkpoints`` (none: start
-    fresh). Outputs in ``job.out_dir``: metrics.jsonl, loss.png, checkpoints/, student/ (when
-    the stage trains the student), recalibrator/, stage_done.json.
-    """
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    return _Trainer(job, options or LoopOptions(), resume).run()
-
-
 # ==============================================================================================
 # Pipelines
 # ==============================================================================================
 
-GENRECAL_STAGES = ("align", "distill")
-TRAINER_STAGES = ("align", "distill", "finetune")
-
-
-def _select_stages(pipeline: Any, stages: Sequence[str] | None) -> list[str]:
+def _select_stages(pipeline: Pipeline, stages: Sequence[str] | None) -> list[str]:
     names = [s.name for s in pipeline.stages] if stages is None else list(stages)
     known = [s.name for s in pipeline.stages]
     for name in names:
@@ -496,7 +494,7 @@ def _select_stages(pipeline: Any, stages: Sequence[str] | None) -> list[str]:
     return [n for n in known if n in names]
 
 
-def _previous_outputs(pipeline: Any, name: str) -> dict[str, Any]:
+def _previous_outputs(pipeline: Pipeline, name: str) -> dict[str, Any]:
     """Where stage ``name`` starts from: the previous stage's recorded outputs, or the
     pipeline's student (first stage)."""
     names = [s.name for s in pipeline.stages]
@@ -513,7 +511,7 @@ def _previous_outputs(pipeline: Any, name: str) -> dict[str, Any]:
     return {"student": done["student"], "recalibrator": done.get("recalibrator")}
 
 
-def _device(pipeline: Any, dist: RankInfo) -> torch.device:
+def _device(pipeline: Pipeline, dist: RankInfo) -> torch.device:
     spec = pipeline.student
     if spec.device_map is not None:
         raise StageSetupError("student.device_map is not supported for training (one device per "
@@ -526,54 +524,53 @@ def _device(pipeline: Any, dist: RankInfo) -> torch.device:
     return device
 
 
-def prepare_inputs(pipeline: Any, dist: RankInfo, roles: Sequence[str] = ("student",)) -> None:
+def prepare_inputs(pipeline: Pipeline, dist: RankInfo,
+                   roles: Sequence[str] = ("student",)) -> None:
     """Build what a tiny / synthetic pipeline generates (the tiny models of ``roles``, the
     synthetic data set) if missing, once (rank 0) while the other ranks wait."""
     syn = pipeline.data.synthetic
     for role in roles:
         if dist.is_main:
-            from genrecal.store.vlm.tiny import model_dir_for
+            from genrecal.model.tiny import model_dir_for
 
             model_dir_for(getattr(pipeline, role), pipeline.model_location(role))
     if dist.is_main and syn is not None:
-        from genrecal.store.data import ensure_synthetic, synthetic_dir
+        from genrecal.data import ensure_synthetic, synthetic_dir
 
         ensure_synthetic(syn, synthetic_dir(pipeline.output_dir))
     dist.barrier()
 
 
-def pipeline_train_data(pipeline: Any) -> Any:
+def pipeline_train_data(pipeline: Pipeline) -> DatasetRead:
     """The ``train`` split of a pipeline's data as one DatasetRead (sources, then synthetic;
-    :func:`genrecal.store.data.read_split`; run :func:`prepare_inputs` first under torchrun)."""
-    from genrecal.store.data import read_split
+    :func:`genrecal.data.read_split`; run :func:`prepare_inputs` first under torchrun)."""
+    from genrecal.data import read_split
 
     return read_split(pipeline.data, "train", output_dir=pipeline.output_dir)
 
 
-def _recalibrator(pipeline: Any, student_model: torch.nn.Module, d_teacher: int,
-                  saved: str | None, seed: int) -> Any:
-    from genrecal.train.recalibrator import Recalibrator, RecalibratorConfig
-
+def _recalibrator(pipeline: Pipeline, student_model: torch.nn.Module, d_teacher: int,
+                  saved: str | None, seed: int) -> Recalibrator:
+    """The previous stage's Recalibrator (``saved``), or a new one built from the student as
+    the pipeline's ``recalibrator`` block says (docs/method.md §1.1)."""
     if saved is not None:
         return Recalibrator.load(saved, student_model)
-    cfg = pipeline.recalibrator
-    return Recalibrator.from_student(student_model, d_teacher,
-                                     RecalibratorConfig(num_blocks=cfg.blocks, init=cfg.init,
-                                                        answer_input=cfg.answer_input,
-                                                        reset_positions=cfg.reassign_positions),
-                                     seed=seed)
+    return Recalibrator.from_student(student_model, d_teacher, pipeline.recalibrator, seed=seed)
 
 
-def build_stage_job(pipeline: Any, name: str, dist: RankInfo, options: LoopOptions) -> StageJob:
+def build_stage_job(pipeline: Pipeline, name: str, dist: RankInfo,
+                    options: LoopOptions) -> StageJob:
     """Load everything stage ``name`` of ``pipeline`` needs (student, teacher head, loader);
     with ``options.teacher_source == "online"`` the teacher itself, whose head and live
     features replace the cache's (:mod:`genrecal.train.online`)."""
     from genrecal.store.artifacts import load_teacher_embeddings, load_teacher_head
-    from genrecal.store.vlm.loading import load_vlm
+    from genrecal.model.loading import load_vlm
     from genrecal.train.data import LoaderConfig, check_cache_teacher, make_loader
-    from genrecal.train.step import LossSpec, TeacherSide
 
     stage, spec = pipeline.stage(name), pipeline.student
+    if not isinstance(stage, TrainerStage):
+        raise StageSetupError(f"stage {name!r} of pipeline {pipeline.name!r} is not run by "
+                              f"`genrecal train` (it runs {list(TRAINER_STAGES)}).")
     inputs = _previous_outputs(pipeline, name)
     device = _device(pipeline, dist)
     trains_student = bool(stage.trains.student_parts())
@@ -616,7 +613,7 @@ def build_stage_job(pipeline: Any, name: str, dist: RankInfo, options: LoopOptio
                     export_dtype=getattr(torch, spec.dtype))
 
 
-def run_stage(pipeline: Any, name: str, *, resume: bool = False,
+def run_stage(pipeline: Pipeline, name: str, *, resume: bool = False,
               options: LoopOptions | None = None, dist: RankInfo | None = None) -> StageResult:
     """Run (or, with ``resume``, continue or skip when finished) one stage of ``pipeline``."""
     options, dist = options or LoopOptions(), dist or RankInfo.current()
@@ -637,12 +634,10 @@ def run_stage(pipeline: Any, name: str, *, resume: bool = False,
     try:
         return train_stage(job, options, resume)
     finally:
-        close = getattr(job.loader, "close", None)
-        if close is not None:
-            close()
+        job.loader.close()
 
 
-def run_stages(pipeline: Any, stages: Sequence[str] | None = None, resume: bool = False,
+def run_stages(pipeline: Pipeline, stages: Sequence[str] | None = None, resume: bool = False,
                options: LoopOptions | None = None) -> list[StageResult]:
     """Run the trainer stages of ``pipeline`` in order (all of them, or those named).
 

@@ -1,4 +1,4 @@
-"""Loss functions of the trainer (method.md sections 1 and 2).
+"""Loss functions of the trainer (docs/method.md §1 and §2).
 
 Three groups:
 
@@ -8,16 +8,16 @@ Three groups:
    :class:`torch.autograd.Function` that walks row blocks of N and vocabulary chunks of V,
    keeps per-row running log-sum-exp statistics, and recomputes each chunk's logits in the
    backward pass. Peak extra memory is a few ``[row_block, chunk_size]`` tensors.
-2. GenRecal (method.md section 1): the answer-window position helpers
+2. GenRecal (docs/method.md §1): the answer-window position helpers
    (:func:`answer_window`, :func:`window_targets`, :func:`next_token_targets`) and
    :func:`genrecal_losses` (L_ar, L_kl, L_reg), plus :func:`student_ce` (CE_s of stages 2-3).
 3. Same-tokenizer KD from cached top-k teacher statistics (:func:`topk_kd_loss`,
-   method.md section 2, "What this puts in the cache"): teacher and student are normalised
+   docs/method.md §2.4): teacher and student are normalised
    over the SAME support, the top-k ids plus one tail bucket.
 
 Exact logits. A head maps features x to ``transform.apply(x @ W.T + b)``
-(:class:`genrecal.store.vlm.logits.LogitTransform`: scale, then optional softcap), which is
-what the model's own lm_head produces from its post-norm hidden state (method.md, notation).
+(:class:`genrecal.store.logit_transform.LogitTransform`: scale, then optional softcap), which is
+what the model's own lm_head produces from its post-norm hidden state (docs/method.md §1.1).
 
 Precision. Chunked losses compute in ``promote(input dtypes, float32)``: bf16/fp16 features
 and weights are upcast chunk by chunk, float64 inputs stay float64. They return per-position
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from genrecal.store.vlm.logits import LogitTransform
+from genrecal.store.logit_transform import LogitTransform
 from genrecal.train.errors import LossInputError
 
 IGNORE_INDEX = -100
@@ -387,7 +387,7 @@ def _make_plan(fn: str, tensors: list[torch.Tensor | None], transform: LogitTran
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
             and temperature > 0):
         raise LossInputError(fn, "temperature", f"must be a finite number > 0, got "
-                             f"{temperature!r}", "use 1.0 (method.md section 1)")
+                             f"{temperature!r}", "use 1.0 (docs/method.md §1)")
     dtype = torch.float32
     for x in tensors:
         if x is not None:
@@ -445,12 +445,12 @@ def chunked_kl(z_teacher: torch.Tensor, r_student: torch.Tensor, weight: torch.T
                bias: torch.Tensor | None, transform: LogitTransform, *,
                temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                row_block: int = DEFAULT_ROW_BLOCK) -> torch.Tensor:
-    """Per-row forward KL over the FULL head vocabulary (method.md section 1, L_kl).
+    """Per-row forward KL over the FULL head vocabulary (docs/method.md §1.3, eq. (1.2)).
 
     ``KL_i = sum_v p_iv (log p_iv - log q_iv)`` with ``p_i = softmax(head(z_i) / T)`` (teacher,
     the target) and ``q_i = softmax(head(r_i) / T)``, ``head(x) = transform.apply(x W^T + b)``.
     Gradient wrt r: ``(q - p) / T`` per logit, chained through the transform and the matmul.
-    No T^2 factor is applied (method.md: temperature 1). Shapes as in :func:`chunked_kl_ce`;
+    No T^2 factor is applied (docs/method.md §1.3: temperature 1). Shapes as in :func:`chunked_kl_ce`;
     returns kl [N] in promote(dtypes, float32). Memory: O(row_block * chunk_size) beyond inputs.
     """
     kl, _ = _run_head_loss("chunked_kl", z_teacher, r_student, weight, bias, transform, None,
@@ -462,7 +462,7 @@ def chunked_ce(r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                transform: LogitTransform, targets: torch.Tensor, *,
                ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK_SIZE,
                row_block: int = DEFAULT_ROW_BLOCK) -> torch.Tensor:
-    """Per-row cross entropy ``lse(head(r_i)) - head(r_i)[y_i]`` (method.md section 1, L_ar).
+    """Per-row cross entropy ``lse(head(r_i)) - head(r_i)[y_i]`` (docs/method.md §1.3, eq. (1.1)).
 
     r: [N, d] float; weight [V, d]; bias [V] or None; targets: [N] int, ``ignore_index`` rows
     give 0 and no gradient. Returns ce [N] in promote(dtypes, float32).
@@ -473,7 +473,7 @@ def chunked_ce(r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 # ==============================================================================================
-# 2. GenRecal (method.md section 1)
+# 2. GenRecal (docs/method.md §1)
 # ==============================================================================================
 
 @dataclass(frozen=True)
@@ -494,7 +494,7 @@ class LmHead:
 
 @dataclass(frozen=True)
 class GenRecalWeights:
-    """Loss weights and KL temperature (method.md section 1, "Losses"; config values).
+    """Loss weights and KL temperature (docs/method.md §1.3; config values).
 
     total = ar*L_ar + kl*L_kl + reg_ce*CE(head_l(r'_al)) + reg_kl*KL(head_l(z_al)||head_l(r'_al)).
     Paper: all 1, temperature 1. A weight of 0 skips that term (L_reg ablation: CE only, KL only).
@@ -515,7 +515,7 @@ class GenRecalWeights:
                                      f"got {value!r}", "fix the loss weights in the config")
         if self.temperature == 0:
             raise LossInputError("GenRecalWeights", "temperature", "must be > 0",
-                                 "use 1.0 (method.md section 1)")
+                                 "use 1.0 (docs/method.md §1)")
         if self.ar == 0 and self.kl == 0:
             raise LossInputError("GenRecalWeights", "ar/kl", "both are 0, so r_al gets no loss",
                                  "keep L_ar (the paper: without it the student collapses)")
@@ -561,7 +561,7 @@ def answer_window(r_q: torch.Tensor, q_mask: torch.Tensor, r_a: torch.Tensor,
                   a_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather the answer window of a concatenated [question | answer] sequence.
 
-    method.md section 1, "Positions, precisely": the output at position t predicts token t+1,
+    docs/method.md §1.2: the output at position t predicts token t+1,
     so the predictions of answer tokens a_1..a_N come from the last question position and the
     first N-1 answer positions: ``[r_q[-1], r_al[0..N-2]]``. The window is every position from
     the last question token through the last answer token (width N+1); its position j < N
@@ -608,7 +608,7 @@ def _check_window_inputs(r_q: torch.Tensor, q_mask: torch.Tensor, r_a: torch.Ten
 
 def window_targets(answer_ids: torch.Tensor, a_mask: torch.Tensor,
                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Next-token targets on the answer window (method.md section 1, L_ar / L_kl positions).
+    """Next-token targets on the answer window (docs/method.md §1.2).
 
     answer_ids: [B, N_a] int, answer token ids (teacher tokenizer for L_ar/L_reg, student
     tokenizer for CE_s); a_mask: [B, N_a] bool, real answer tokens (anywhere, in order).
@@ -692,7 +692,7 @@ def genrecal_losses(head: LmHead, z_window: torch.Tensor, r_window: torch.Tensor
                     weights: GenRecalWeights = GenRecalWeights(), reduction: Reduction = "mean",
                     chunk_size: int = DEFAULT_CHUNK_SIZE,
                     row_block: int = DEFAULT_ROW_BLOCK) -> GenRecalLosses:
-    """GenRecal losses L_ar, L_kl and L_reg (method.md section 1, "Losses").
+    """GenRecal losses L_ar, L_kl and L_reg (docs/method.md §1.3).
 
     All tensors live on the teacher's answer window (see :func:`answer_window`): position j of
     a sample's window (j = 0: last question token, j = 1..N: answer tokens a_1..a_N) is the
@@ -738,7 +738,7 @@ def student_ce(x: torch.Tensor, targets: torch.Tensor, *, head: LmHead | None = 
                ignore_index: int = IGNORE_INDEX, reduction: Reduction = "mean",
                chunk_size: int = DEFAULT_CHUNK_SIZE,
                row_block: int = DEFAULT_ROW_BLOCK) -> torch.Tensor:
-    """Student next-token CE, CE_s(head_s(z_as), student answer ids) (method.md stages 2-3).
+    """Student next-token CE, CE_s(head_s(z_as), student answer ids) (docs/method.md §1.3, eq. (1.4)).
 
     x: [..., V_s] student logits when ``head`` is None, else [..., d_s] student post-norm
     features (e.g. ``answer_window(z_qs, q_mask, z_as, a_mask)``) read through ``head``
@@ -766,7 +766,7 @@ def student_ce(x: torch.Tensor, targets: torch.Tensor, *, head: LmHead | None = 
 
 
 # ==============================================================================================
-# 3. Same-tokenizer KD from cached top-k statistics (method.md section 2)
+# 3. Same-tokenizer KD from cached top-k statistics (docs/method.md §2)
 # ==============================================================================================
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -828,7 +828,7 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor,
                  topk_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Forward KL(teacher || student) on the top-k + tail support, temperature 1.
 
-    method.md section 2 ("What this puts in the cache"): both distributions are normalised
+    docs/method.md §2.4: both distributions are normalised
     over the SAME k + 1 buckets: the teacher's top-k ids and one tail bucket holding the rest.
       teacher: P_i = exp(topk_logprobs_i), P_tail = 1 - sum_i P_i (log1mexp of their logsumexp);
       student: Q_i = softmax(s)_{id_i}, Q_tail = sum over the other V - k ids (a masked

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from genrecal.store.atomic import write_text_atomic
+from genrecal.common.atomic import write_text_atomic
 
 #: Record fields that depend on wall-clock time (everything else is reproducible).
 TIMING_FIELDS = ("samples_per_s", "data_wait_s", "step_time_s")

@@ -1,14 +1,14 @@
-"""Online mode: the teacher runs live in the training process, no cache (method.md section 1).
+"""Online mode: the teacher runs live in the training process, no cache (docs/method.md §1).
 
 For users whose GPUs hold the teacher next to the student, and to prove that cache-fed
 training is what online training would be. Per batch:
 
 * the loader's workers encode each sample with the TEACHER's chat template and processor
-  (:class:`OnlineSource`, a :class:`~genrecal.train.data.TeacherSource`), next to the student
+  (:class:`OnlineSource`, a :class:`~genrecal.train.data.TeacherFeed`), next to the student
   encoding: ``TrainBatch.teacher_requests``; the turn count is ``min(student turns, teacher
   turns)`` as with a cache;
 * :class:`OnlineTeacher` runs the extraction's own forward and row selection
-  (:mod:`genrecal.store.vlm.teacher_forward`) once per micro-batch: right padding, the
+  (:mod:`genrecal.model.teacher_forward`) once per micro-batch: right padding, the
   post-norm last hidden state ``z`` at exactly the positions the extraction caches
   (:func:`~genrecal.store.schema.answer_window_positions`, and
   :func:`~genrecal.store.schema.question_positions` with the configured select). The rows form
@@ -37,19 +37,19 @@ import torch
 
 from genrecal.store.artifacts import TeacherEmbeddings, TeacherHead
 from genrecal.store.codecs import decode_values, encode_values
-from genrecal.store.data.problems import Skip
-from genrecal.store.data.sample import Sample
+from genrecal.data.problems import Skip
+from genrecal.data.sample import Sample
 from genrecal.store.reader import CachedSample
 from genrecal.store.schema import FEATURE_CODECS, question_positions
-from genrecal.store.vlm.encoding import encode_sample
-from genrecal.store.vlm.families import Family
-from genrecal.store.vlm.teacher_forward import hidden_rows, teacher_forward
+from genrecal.model.encoding import encode_sample
+from genrecal.model.families import Family
+from genrecal.model.teacher_forward import hidden_rows, teacher_forward
 from genrecal.train.data import (DataWait, LoaderConfig, TeacherRequest, TeacherTurn, TrainBatch,
                                  TrainLoader, make_loader, pad_token_id, teacher_turns)
 from genrecal.train.step import TeacherSide
 
 if TYPE_CHECKING:
-    from genrecal.store.vlm.loading import LoadedVLM
+    from genrecal.model.loading import LoadedVLM
     from genrecal.train.sampler import SamplerState
 
 __all__ = ["ROUNDING_CODECS", "OnlineLoader", "OnlineSettings", "OnlineSource", "OnlineTeacher",
@@ -110,7 +110,7 @@ class OnlineSettings:
 class OnlineSource:
     """The teacher side of the loader's workers: the teacher's processor, never its model.
 
-    A :class:`~genrecal.train.data.TeacherSource`: every sample is served (nothing to join);
+    A :class:`~genrecal.train.data.TeacherFeed`: every sample is served (nothing to join);
     ``record`` encodes a sample with the teacher's chat template and processor (raising
     :class:`~genrecal.store.errors.SpanError` when it cannot, e.g. past ``max_length``).
     """
@@ -135,7 +135,7 @@ class OnlineSource:
 class OnlineTeacher:
     """A loaded teacher producing the features a cache would hold, live.
 
-    teacher: a :class:`~genrecal.store.vlm.loading.LoadedVLM` (eval mode; any device or
+    teacher: a :class:`~genrecal.model.loading.LoadedVLM` (eval mode; any device or
     device map: its inputs go to the device of its first parameter).
     """
 
@@ -191,8 +191,8 @@ class OnlineTeacher:
                 question: bool = True) -> list[CachedSample]:
         """The :class:`CachedSample` a cache extracted with these settings would return.
 
-        Runs :func:`~genrecal.store.vlm.teacher_forward.teacher_forward` and
-        :func:`~genrecal.store.vlm.teacher_forward.hidden_rows` over micro-batches of
+        Runs :func:`~genrecal.model.teacher_forward.teacher_forward` and
+        :func:`~genrecal.model.teacher_forward.hidden_rows` over micro-batches of
         ``settings.micro_batch`` requests: the extraction's own forward and row selection.
         """
         step = self.settings.micro_batch or max(len(requests), 1)
@@ -301,14 +301,14 @@ def make_online_loader(data, student, teacher: OnlineTeacher, *, config: LoaderC
 
 def load_online_teacher(pipeline, device: torch.device | str, *, question: bool,
                         round_to: str | None = None) -> OnlineTeacher:
-    """The teacher of ``pipeline`` (a :class:`~genrecal.config.Pipeline`), loaded for online mode.
+    """The teacher of ``pipeline`` (a :class:`~genrecal.common.config.Pipeline`), loaded for online mode.
 
     It runs in its configured dtype on ``device`` (the training device) unless the pipeline
     gives it a ``device_map``; the features follow the pipeline's cache settings (``max_length``,
     ``features.question_hidden`` when ``question``, i.e. when L_reg is on, and ``batch_size``
     samples per teacher forward, as extraction runs it) and ``round_to``.
     """
-    from genrecal.store.vlm.loading import load_vlm
+    from genrecal.model.loading import load_vlm
 
     spec, features = pipeline.teacher, pipeline.cache.features
     vlm = load_vlm(pipeline.model_location("teacher"), family=spec.family, dtype=spec.dtype,

@@ -1,13 +1,16 @@
-"""GenRecal Recalibrator (method.md section 1, "Forward", steps 1-5, and "Positions").
+"""GenRecal Recalibrator (docs/method.md §1.1 "Notation and forward", §1.2 "Positions").
 
 The Recalibrator maps the student's question features and the teacher's answer input into the
-teacher's representation space so that the frozen teacher head can read them::
+teacher's representation space so that the frozen teacher head can read them (step numbers
+are those of docs/method.md §1.1)::
 
-    x = concat_seq(z_qs, P_pre(answer_input))      P_pre: Linear(d_l -> d_s)     (step 1)
-    h = RecBody(x)                                 student-style decoder blocks  (step 2)
-        positions re-assigned 0..N-1 over x         rotary applied inside blocks  (step 3)
-    r = LayerNorm(P_post(h))                       P_post: Linear(d_s -> d_l)    (step 4)
-    [r_q, r_a] = split(r)                                                        (step 5)
+    e = z_al or teacher answer embeddings           RecalibratorConfig.answer_input (step 1)
+    x = concat_seq(z_qs, P_pre(e))                  P_pre: Linear(d_l -> d_s)     (step 2)
+    packed per row: [q real | a real | pad]                                       (step 3)
+    h = RecBody(x, positions)                       student-style decoder blocks  (step 4)
+        positions 0..n_q+n_a-1 over the packed row  (reassign_positions, §1.2)
+    r = LayerNorm(P_post(h))                        P_post: Linear(d_s -> d_l)    (step 5)
+    [r_q, r_a] = unpack(r)                          input layout, padding zero    (step 6)
 
 Padding layout. Inputs are two padded tensors with boolean masks (True = real token). Real
 tokens may sit anywhere in their row (left-, right- or un-padded); only their order matters.
@@ -16,6 +19,14 @@ right-padded to the longest packed sample of the batch, so real tokens get posit
 (n = n_q + n_a of that sample), attend causally to each other only, and never see padding.
 Outputs are scattered back to the input layout; padded output positions are exactly zero.
 
+Student structure. Where the student keeps its decoder layers, their class, its rotary
+embedding and its text config, and how that rotary embedding takes positions, is asked of the
+student's :class:`~genrecal.model.families.Family` (``genrecal.model.families``), never probed.
+
+Configuration is the pipeline's own :class:`genrecal.common.config.RecalibratorConfig`
+(``blocks``, ``init``, ``answer_input``, ``reassign_positions``); it is also what
+:meth:`Recalibrator.save` writes and :meth:`Recalibrator.load` reads.
+
 The Recalibrator is a training-only module; the student architecture is never modified and the
 new blocks never share parameters with the student.
 """
@@ -23,9 +34,8 @@ new blocks never share parameters with the student.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,66 +43,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from genrecal.common.config import RecalibratorConfig
+from genrecal.common.errors import ConfigError
+from genrecal.model.families import Family, get_family
+from genrecal.store.errors import ModelLoadError
 from genrecal.train.errors import RecalibratorError
 
-_INIT_CHOICES = ("copy", "random")
-_ANSWER_INPUT_CHOICES = ("hidden", "embedding")
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 _CONFIG_FILE = "recalibrator.json"
 _WEIGHTS_FILE = "recalibrator.safetensors"
 _FORMAT = "genrecal.recalibrator"
 _FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class RecalibratorConfig:
-    """Recalibrator switches (method.md section 1, steps 2-3 and "Positions").
-
-    num_blocks: decoder blocks in RecBody (paper: 2; 1 block 74.9, 20 blocks 76.7).
-    init: "copy" = deep copy of the student's last ``num_blocks`` blocks (R, default);
-        "random" = the student's own ``_init_weights`` (normal, std=initializer_range), seeded.
-    answer_input: which teacher tensor the trainer feeds as the answer input:
-        "hidden" = z_al (paper), "embedding" = teacher answer token embeddings (width d_l too).
-    reset_positions: True = positions 0..N-1 over the packed sequence (paper);
-        False = use the positions passed by the caller (ablation).
-    """
-
-    num_blocks: int = 2
-    init: str = "copy"
-    answer_input: str = "hidden"
-    reset_positions: bool = True
-
-    def __post_init__(self) -> None:
-        problems = _config_problems(self)
-        if problems:
-            raise RecalibratorError("invalid RecalibratorConfig: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecalibratorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RecalibratorError(
-                f"RecalibratorConfig.from_dict: unknown keys {unknown}; allowed keys are "
-                f"{sorted(known)}. Remove or rename them.")
-        return cls(**data)
-
-
-def _config_problems(cfg: RecalibratorConfig) -> list[str]:
-    problems = []
-    if not _is_positive_int(cfg.num_blocks):
-        problems.append(f"num_blocks must be an integer >= 1, got {cfg.num_blocks!r}")
-    if cfg.init not in _INIT_CHOICES:
-        problems.append(f"init must be one of {_INIT_CHOICES}, got {cfg.init!r}")
-    if cfg.answer_input not in _ANSWER_INPUT_CHOICES:
-        problems.append(f"answer_input must be one of {_ANSWER_INPUT_CHOICES}, "
-                        f"got {cfg.answer_input!r}")
-    if not isinstance(cfg.reset_positions, bool):
-        problems.append(f"reset_positions must be a bool, got {cfg.reset_positions!r}")
-    return problems
+# Config keys of Recalibrators saved before the config became the pipeline's RecalibratorConfig;
+# such files are refused with the rename to make (see _saved_config).
+_OLD_CONFIG_KEYS = {"num_blocks": "blocks", "reset_positions": "reassign_positions"}
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -112,50 +76,51 @@ class RecalOut:
 
 
 # ----------------------------------------------------------------------------------------------
-# Student introspection
+# Student structure, from the Family registry
 # ----------------------------------------------------------------------------------------------
 
-def text_decoder(student: nn.Module) -> nn.Module:
-    """Return the student's text decoder (module with ``.layers``, ``.rotary_emb``, ``.config``).
+@dataclass(frozen=True)
+class _Student:
+    """What the Recalibrator needs of a student, as its :class:`Family` locates it."""
 
-    transformers 5 VLMs (Qwen2-VL, Qwen2.5-VL, LLaVA, Gemma3) expose it as
-    ``model.model.language_model``; text-only causal LMs as ``model.model``.
-    """
-    paths = [("model", "language_model"), ("language_model",), ("model",), ()]
-    for path in paths:
-        module = _follow(student, path)
-        if module is not None and _is_text_decoder(module):
-            return module
-    raise RecalibratorError(
-        f"cannot find the text decoder of student {type(student).__name__}: looked at "
-        f"{['.'.join(p) or '<root>' for p in paths]} for a module with `.layers`, `.rotary_emb` "
-        "and `.config`. Pass a transformers VLM (Qwen2-VL, Qwen2.5-VL, LLaVA, Gemma3) or a "
-        "causal LM.")
+    family: Family
+    text_model: nn.Module  # the decoder stack (owner of ``_init_weights`` for init="random")
+    layers: nn.ModuleList
+    layer_class: type[nn.Module]
+    rotary_class: type[nn.Module]
+    text_config: Any
 
 
-def _follow(module: nn.Module, path: tuple[str, ...]) -> nn.Module | None:
-    for name in path:
-        module = getattr(module, name, None)
-        if not isinstance(module, nn.Module):
-            return None
-    return module
-
-
-def _is_text_decoder(module: nn.Module) -> bool:
-    parts = ("layers", "rotary_emb")
-    has_parts = all(isinstance(getattr(module, a, None), nn.Module) for a in parts)
-    return has_parts and hasattr(module, "config")
-
-
-def _source_layers(num_layers: int, num_blocks: int, where: str) -> list[int]:
-    if num_blocks > num_layers:
+def _student(student: nn.Module) -> _Student:
+    """Locate the student's decoder through ``get_family(student.config)``."""
+    try:
+        config = getattr(student, "config", None)
+        if config is None:
+            raise ModelLoadError("it has no transformers `config`")
+        family = get_family(config)
+        return _Student(family=family, text_model=family.text_model(student),
+                        layers=family.decoder_layers(student),
+                        layer_class=family.decoder_layer_class(student),
+                        rotary_class=type(family.rotary_embedding(student)),
+                        text_config=family.text_config(config))
+    except ModelLoadError as exc:
         raise RecalibratorError(
-            f"RecalibratorConfig.num_blocks={num_blocks} exceeds the {num_layers} decoder layers "
-            f"of the student ({where}); lower num_blocks to at most {num_layers}.")
-    return list(range(num_layers - num_blocks, num_layers))
+            f"cannot find the text decoder of student {type(student).__name__}: {exc}. Pass a "
+            "transformers VLM of a family in genrecal.model.families.FAMILIES (Qwen2-VL, "
+            "Qwen2.5-VL, LLaVA, Gemma 3, InternVL).") from exc
+
+
+def _source_layers(num_layers: int, blocks: int, where: str) -> list[int]:
+    """The student's last ``blocks`` layers (docs/method.md §1.1 step 4, init R)."""
+    if blocks > num_layers:
+        raise RecalibratorError(
+            f"RecalibratorConfig.blocks={blocks} exceeds the {num_layers} decoder layers "
+            f"of the student ({where}); lower recalibrator.blocks to at most {num_layers}.")
+    return list(range(num_layers - blocks, num_layers))
 
 
 def _layer_types(text_cfg: Any, sources: list[int]) -> list[str]:
+    """Attention type (full / sliding window) of each source layer (docs/method.md §1.1 step 4)."""
     all_types = getattr(text_cfg, "layer_types", None)
     if all_types is None:
         return ["full_attention"] * len(sources)
@@ -182,32 +147,36 @@ def _block_config(text_cfg: Any, layer_types: list[str]) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 class RecBody(nn.Module):
-    """Decoder blocks of the student's own class and config, with their own rotary embedding.
+    """Decoder blocks of the student's own class and config, with their own rotary embedding
+    (docs/method.md §1.1 step 4).
 
     Built by :meth:`from_student`; ``source_layers`` records which student layers the block
     layer types (and, with init="copy", the weights) come from.
     """
 
-    def __init__(self, block_cls: type[nn.Module], rotary_cls: type[nn.Module], block_cfg: Any,
-                 source_layers: list[int]):
+    def __init__(self, family: Family, block_cls: type[nn.Module], rotary_cls: type[nn.Module],
+                 block_cfg: Any, source_layers: list[int]):
         super().__init__()
+        self.family = family
         self.config = block_cfg
         self.layer_types = _layer_types(block_cfg, list(range(len(source_layers))))
         self.source_layers = list(source_layers)
         self.blocks = nn.ModuleList(block_cls(block_cfg, i) for i in range(len(source_layers)))
         self.rotary_emb = rotary_cls(block_cfg)
-        self.is_mrope = hasattr(self.rotary_emb, "mrope_section")
-        rotary_params = inspect.signature(self.rotary_emb.forward).parameters
-        self._rotary_per_type = "layer_type" in rotary_params
+
+    @property
+    def is_mrope(self) -> bool:
+        """The rotary embedding takes [3, B, L] (M-RoPE) positions (``Family.multimodal_rope``)."""
+        return self.family.multimodal_rope
 
     @classmethod
-    def from_student(cls, student: nn.Module, num_blocks: int) -> RecBody:
+    def from_student(cls, student: nn.Module, blocks: int) -> RecBody:
         """Structure only (weights as constructed); see :func:`_init_body` for initialisation."""
-        decoder = text_decoder(student)
-        sources = _source_layers(len(decoder.layers), num_blocks, type(student).__name__)
-        types = _layer_types(decoder.config, sources)
-        block_cfg = _block_config(decoder.config, types)
-        return cls(type(decoder.layers[0]), type(decoder.rotary_emb), block_cfg, sources)
+        parts = _student(student)
+        sources = _source_layers(len(parts.layers), blocks, type(student).__name__)
+        types = _layer_types(parts.text_config, sources)
+        block_cfg = _block_config(parts.text_config, types)
+        return cls(parts.family, parts.layer_class, parts.rotary_class, block_cfg, sources)
 
     def forward(self, hidden: torch.Tensor, pad_mask: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
@@ -239,33 +208,33 @@ class RecBody(nn.Module):
 
     def _position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor
                              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(cos, sin) per layer type; mrope students get [3, B, L] positions (text-style)."""
-        if self.is_mrope and positions.dim() == 2:
-            positions = positions.unsqueeze(0).expand(3, -1, -1)
-        if not self._rotary_per_type:
-            cos_sin = self.rotary_emb(hidden, positions)
-            return {t: cos_sin for t in set(self.layer_types)}
-        return {t: self.rotary_emb(hidden, positions, t) for t in set(self.layer_types)}
+        """(cos, sin) per layer type at the positions of docs/method.md §1.2; [B, L] positions are
+        put in the family's rotary shape ([3, B, L] on every axis for M-RoPE students)."""
+        if positions.dim() == 2:
+            positions = self.family.rotary_position_ids(positions)
+        return {t: self.family.rotary_cos_sin(self.rotary_emb, hidden, positions, t)
+                for t in set(self.layer_types)}
 
 
 def _init_body(body: RecBody, student: nn.Module, init: str) -> None:
-    """init="copy": load the student's source layers' weights; "random": student's _init_weights."""
-    decoder = text_decoder(student)
+    """Initialisation (docs/method.md §1.1 step 4): init="copy" loads the student's source layers'
+    weights; "random" applies the student's ``_init_weights`` (seeded by the caller)."""
+    parts = _student(student)
     if init == "copy":
         for block, src in zip(body.blocks, body.source_layers):
-            block.load_state_dict(decoder.layers[src].state_dict(), strict=True)
+            block.load_state_dict(parts.layers[src].state_dict(), strict=True)
         return
-    init_fn = getattr(decoder, "_init_weights", None)
+    init_fn = getattr(parts.text_model, "_init_weights", None)
     if init_fn is None:
         raise RecalibratorError(
-            f"init='random' needs the student's text decoder ({type(decoder).__name__}) to have "
-            "`_init_weights` (transformers PreTrainedModel); use init='copy' instead.")
+            f"init='random' needs the student's text decoder ({type(parts.text_model).__name__}) "
+            "to have `_init_weights` (transformers PreTrainedModel); use init='copy' instead.")
     for module in body.blocks.modules():
         init_fn(module)
 
 
 # ----------------------------------------------------------------------------------------------
-# Packing: [q real | a real | pad] per sample
+# Packing: [q real | a real | pad] per sample (docs/method.md §1.1 steps 3 and 6)
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -311,9 +280,10 @@ def _unpack(packed: torch.Tensor, packing: _Packing, mask_cat: torch.Tensor) -> 
 # ----------------------------------------------------------------------------------------------
 
 class Recalibrator(nn.Module):
-    """P_pre -> RecBody -> P_post -> LayerNorm (method.md section 1, steps 1-5).
+    """P_pre -> RecBody -> P_post -> LayerNorm (docs/method.md §1.1, steps 1-6).
 
-    Parameters are float32 by default; inputs are cast to the parameter dtype.
+    ``cfg`` is the pipeline's :class:`genrecal.common.config.RecalibratorConfig`. Parameters
+    are float32 by default; inputs are cast to the parameter dtype.
     """
 
     def __init__(self, cfg: RecalibratorConfig, body: RecBody, d_student: int, d_teacher: int):
@@ -334,10 +304,15 @@ class Recalibrator(nn.Module):
                      dtype: torch.dtype = torch.float32) -> Recalibrator:
         """Build and initialise from a transformers student (not modified, never shared).
 
-        d_teacher: teacher hidden width d_l. seed: seeds P_pre/P_post (and random blocks)
-        without touching the global RNG. The module is placed on the student's device.
+        d_teacher: teacher hidden width d_l. cfg: the pipeline's ``recalibrator`` section
+        (default: its defaults). seed: seeds P_pre/P_post (and random blocks) without touching
+        the global RNG. The module is placed on the student's device.
         """
-        cfg = cfg or RecalibratorConfig()
+        cfg = RecalibratorConfig() if cfg is None else cfg
+        if not isinstance(cfg, RecalibratorConfig):
+            raise RecalibratorError(
+                f"cfg must be a genrecal.common.config.RecalibratorConfig (the pipeline's "
+                f"`recalibrator` section), got {type(cfg).__name__}; pass pipeline.recalibrator.")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             rec = cls._build(student_model, d_teacher, cfg)
@@ -351,7 +326,7 @@ class Recalibrator(nn.Module):
             raise RecalibratorError(
                 f"d_teacher must be the teacher hidden width (positive int), got {d_teacher!r}; "
                 "read it from the teacher cache metadata.")
-        body = RecBody.from_student(student_model, cfg.num_blocks)
+        body = RecBody.from_student(student_model, cfg.blocks)
         return cls(cfg, body, int(body.config.hidden_size), d_teacher)
 
     # -- forward -----------------------------------------------------------------------------
@@ -359,26 +334,27 @@ class Recalibrator(nn.Module):
     def forward(self, z_qs: torch.Tensor, q_mask: torch.Tensor, answer_input: torch.Tensor,
                 a_mask: torch.Tensor, q_positions: torch.Tensor | None = None,
                 a_positions: torch.Tensor | None = None) -> RecalOut:
-        """Student-question + teacher-answer pass (method.md section 1, steps 1-5).
+        """Student-question + teacher-answer pass (docs/method.md §1.1, steps 1-6).
 
         z_qs: [B, N_q, d_s] float, student post-norm question features (unprojected).
         q_mask: [B, N_q] bool, True at real question tokens.
         answer_input: [B, N_a, d_l] float, teacher answer hidden states z_al or answer token
             embeddings (cfg.answer_input). a_mask: [B, N_a] bool.
         q_positions / a_positions: [B, N] (or [3, B, N] for mrope students) long; only with
-            cfg.reset_positions=False, where they are required.
+            cfg.reassign_positions=False (docs/method.md §1.2 NPE ablation), where they are
+            required.
         Returns RecalOut(r_q [B, N_q, d_l], r_a [B, N_a, d_l]).
         """
         self._check_input("z_qs", z_qs, self.d_student, q_mask, "q_mask")
         self._check_input("answer_input", answer_input, self.d_teacher, a_mask, "a_mask")
-        x_q = z_qs.to(self.p_pre.weight.dtype)
+        x_q = z_qs.to(self.p_pre.weight.dtype)  # step 2: x_q = z_qs, not projected
         return self._recalibrate(x_q, q_mask, self._project_in(answer_input), a_mask,
                                  q_positions, a_positions)
 
     def forward_teacher_only(self, z_ql: torch.Tensor, q_mask: torch.Tensor, z_al: torch.Tensor,
                              a_mask: torch.Tensor, q_positions: torch.Tensor | None = None,
                              a_positions: torch.Tensor | None = None) -> RecalOut:
-        """Teacher-only pass Recalibrator'([z_ql, z_al]) for L_reg (method.md section 1).
+        """Teacher-only pass Recalibrator'([z_ql, z_al]) for L_reg (docs/method.md §1.1, last part).
 
         z_ql: [B, N_ql, d_l] float teacher question states; q_mask: [B, N_ql] bool.
         z_al: [B, N_al, d_l] float, the same kind of answer input as in :meth:`forward`
@@ -391,6 +367,7 @@ class Recalibrator(nn.Module):
                                  q_positions, a_positions)
 
     def _project_in(self, x: torch.Tensor) -> torch.Tensor:
+        """P_pre: Linear(d_l -> d_s) (docs/method.md §1.1 step 2)."""
         return self.p_pre(x.to(self.p_pre.weight.dtype))
 
     def _recalibrate(self, x_q: torch.Tensor, q_mask: torch.Tensor, x_a: torch.Tensor,
@@ -399,11 +376,11 @@ class Recalibrator(nn.Module):
         """x_q: [B, N_q, d_s], x_a: [B, N_a, d_s] -> RecalOut at width d_l."""
         mask_cat = torch.cat([q_mask, a_mask], dim=1).to(device=x_q.device, dtype=torch.bool)
         self._check_nonempty(mask_cat)
-        packing = _plan_packing(mask_cat)
+        packing = _plan_packing(mask_cat)  # step 3: [q real | a real | pad] per row
         packed = _gather_seq(torch.cat([x_q, x_a], dim=1), packing.order)
-        positions = self._packed_positions(packing, q_positions, a_positions)
-        hidden = self.body(packed, packing.mask, positions)
-        out = _unpack(self.norm(self.p_post(hidden)), packing, mask_cat)
+        positions = self._packed_positions(packing, q_positions, a_positions)  # §1.2
+        hidden = self.body(packed, packing.mask, positions)  # step 4: h = RecBody(x, positions)
+        out = _unpack(self.norm(self.p_post(hidden)), packing, mask_cat)  # steps 5-6
         n_q = x_q.shape[1]
         return RecalOut(r_q=out[:, :n_q], r_a=out[:, n_q:])
 
@@ -411,19 +388,21 @@ class Recalibrator(nn.Module):
 
     def _packed_positions(self, packing: _Packing, q_positions: torch.Tensor | None,
                           a_positions: torch.Tensor | None) -> torch.Tensor:
-        """Positions of the packed slots: 0..L-1 (reset, method.md step 3) or the caller's."""
+        """Positions of the packed slots (docs/method.md §1.2 "Positions inside RecBody"):
+        0..L-1 over the packed row (reassign_positions, the paper's default) or, in the NPE
+        ablation, the caller's positions gathered into the packed layout."""
         given = q_positions is not None or a_positions is not None
-        if self.cfg.reset_positions:
+        if self.cfg.reassign_positions:
             if given:
                 raise RecalibratorError(
-                    "q_positions/a_positions were passed but RecalibratorConfig.reset_positions "
-                    "is True (positions are re-assigned 0..N-1); drop them or set "
-                    "reset_positions=False.")
+                    "q_positions/a_positions were passed but "
+                    "RecalibratorConfig.reassign_positions is True (positions are re-assigned "
+                    "0..N-1); drop them or set reassign_positions: false.")
             bsz, length = packing.order.shape
             return torch.arange(length, device=packing.order.device).expand(bsz, -1)
         if q_positions is None or a_positions is None:
             raise RecalibratorError(
-                "RecalibratorConfig.reset_positions is False, so forward needs both q_positions "
+                "RecalibratorConfig.reassign_positions is False, so forward needs both q_positions "
                 "and a_positions (long [B, N] or [3, B, N]); pass the original position ids.")
         return _gather_positions(self._concat_positions(q_positions, a_positions), packing.order)
 
@@ -484,7 +463,7 @@ class Recalibrator(nn.Module):
         """Rebuild from :meth:`save` output for the same student architecture (no pickle)."""
         directory = Path(directory)
         meta = _read_meta(directory)
-        cfg = RecalibratorConfig.from_dict(meta["config"])
+        cfg = _saved_config(meta, directory / _CONFIG_FILE)
         rec = cls._build(student_model, int(meta["d_teacher"]), cfg)
         _check_compatible(rec, meta, directory)
         state = load_file(str(directory / _WEIGHTS_FILE))
@@ -516,6 +495,30 @@ def _read_meta(directory: Path) -> dict[str, Any]:
             f"{path} is not a {_FORMAT} v{_FORMAT_VERSION} file (format={meta.get('format')!r}, "
             f"version={meta.get('version')!r}); re-save it with this genrecal version.")
     return meta
+
+
+def _saved_config(meta: dict[str, Any], path: Path) -> RecalibratorConfig:
+    """The saved ``config`` through :meth:`RecalibratorConfig.from_dict` (what ``save`` wrote
+    with ``to_dict``). Files with the pre-pipeline-config keys are refused, naming the renames."""
+    data = meta.get("config")
+    if not isinstance(data, dict):
+        raise RecalibratorError(
+            f"{path}: 'config' must be a JSON object (RecalibratorConfig.to_dict()), got "
+            f"{data!r}; re-save the Recalibrator.")
+    old = [key for key in _OLD_CONFIG_KEYS if key in data]
+    if old:
+        renames = ", ".join(f"{key!r} -> {_OLD_CONFIG_KEYS[key]!r}" for key in old)
+        raise RecalibratorError(
+            f"{path} holds the old Recalibrator config keys {old}, which this genrecal no longer "
+            f"reads (the config is now the pipeline's RecalibratorConfig): rename {renames} in "
+            "its 'config' object (the weights are unaffected) or re-save the Recalibrator.")
+    try:
+        return RecalibratorConfig.from_dict(data, source=str(path))
+    except ConfigError as exc:
+        problems = "; ".join(f"config.{where}: {msg}" for where, msg in exc.problems)
+        raise RecalibratorError(
+            f"{path}: 'config' is not a valid RecalibratorConfig ({problems}); fix it or re-save "
+            "the Recalibrator.") from exc
 
 
 def _saved_dtype(meta: dict[str, Any], directory: Path) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""One forward pass of a training stage on a TrainBatch -> losses (method.md section 1).
+"""One forward pass of a training stage on a TrainBatch -> losses (docs/method.md §1).
 
 A stage trains some of: the Recalibrator and five student parameter groups (see
 :data:`STUDENT_PARTS`); :func:`configure_trainables` sets ``requires_grad`` accordingly.
@@ -8,9 +8,9 @@ teacher parts ever loaded) and computes the losses of one micro-batch:
 
 * the student runs ONCE over the batch (``output_hidden_states``; ``family.final_hidden`` is
   its post-norm ``z``). CE_s = next-token CE of ``head_s(z)`` against ``student_labels``
-  (method.md stages 2-3), computed chunk by chunk through the student head (equal to the CE of
+  (docs/method.md §1.3, eq. (1.4)), computed chunk by chunk through the student head (equal to the CE of
   the model's own logits, without materialising ``[B, L, V_s]``);
-* one Recalibrator row per (sample, assistant turn k) (method.md "Positions"):
+* one Recalibrator row per (sample, assistant turn k) (docs/method.md §1.2):
   question = student ``z[b, :s_k]``, answer input = the cached teacher window minus its first
   row (``z_al``) or the teacher embedding rows of the answer ids; ``genrecal_losses`` gives
   L_ar + L_kl, plus L_reg through ``forward_teacher_only`` on the cached teacher question.
@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from genrecal.store.vlm.families import Family
+from genrecal.common.config import AlignStage, DistillStage, FinetuneStage, TrainSwitches
+from genrecal.model.families import Family
 from genrecal.train.errors import BatchError, StageSetupError
 from genrecal.train.losses import (DEFAULT_CHUNK_SIZE, DEFAULT_ROW_BLOCK, IGNORE_INDEX,
                                    GenRecalLosses, GenRecalWeights, LmHead, answer_window,
@@ -40,14 +41,12 @@ from genrecal.train.losses import (DEFAULT_CHUNK_SIZE, DEFAULT_ROW_BLOCK, IGNORE
 from genrecal.train.recalibrator import Recalibrator
 
 if TYPE_CHECKING:
-    from genrecal.config import TrainSwitches
     from genrecal.store.artifacts import TeacherEmbeddings, TeacherHead
     from genrecal.train.data import TeacherTurn, TrainBatch
 
-#: Student parameter groups a stage can train (genrecal.config.TrainSwitches without the
-#: Recalibrator). student_body = decoder layers + final norm.
-STUDENT_PARTS = ("vision_encoder", "projector", "student_body", "student_embeddings",
-                 "student_head")
+#: Student parameter groups a stage can train: the switches of TrainSwitches but the
+#: Recalibrator's. student_body = decoder layers + final norm.
+STUDENT_PARTS = tuple(name for name in TrainSwitches.model_fields if name != "recalibrator")
 #: Loss terms normalised by teacher answer tokens / by student target tokens.
 TEACHER_TERMS = ("ar", "kl", "reg_ce", "reg_kl")
 STUDENT_TERMS = ("ce_student",)
@@ -152,7 +151,7 @@ class TokenCounts:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """Loss weights of a stage (method.md section 1, "Losses" and "Stages").
+    """Loss weights of a stage (docs/method.md §1.3, §1.4).
 
     genrecal: L_ar / L_kl / L_reg weights and temperature, None when the stage uses no
     teacher (finetune). ce_student: weight of CE_s (0: off). answer_input: "hidden" (z_al) or
@@ -166,7 +165,8 @@ class LossSpec:
     row_block: int = DEFAULT_ROW_BLOCK
 
     @classmethod
-    def for_stage(cls, stage: Any, answer_input: str = "hidden", **chunks: int) -> LossSpec:
+    def for_stage(cls, stage: AlignStage | DistillStage | FinetuneStage,
+                  answer_input: str = "hidden", **chunks: int) -> LossSpec:
         """From an AlignStage / DistillStage (``stage.losses``) or a FinetuneStage (CE_s only)."""
         losses = getattr(stage, "losses", None)
         if losses is None:
@@ -239,7 +239,7 @@ class RecalRows:
 
     z_q [R, Nq, d_s] student question features; answer_input [R, Na, d_l]; answer_ids [R, Na]
     long; z_window [R, Na + 1, d_l] cached teacher window; question [R, Nql, d_l] or None.
-    Original positions, long, only when the Recalibrator keeps them (``reset_positions`` False,
+    Original positions, long, only when the Recalibrator keeps them (``reassign_positions`` False,
     the NPE ablation), else None: q_positions [R, Nq] (student positions 0..s_k-1),
     a_positions [R, Na] (teacher positions s_k..e_k-1 of the answer tokens), question_positions
     [R, Nql] (teacher positions of the cached question rows).
@@ -316,7 +316,7 @@ def _answer_input(turn: TeacherTurn, teacher: TeacherSide, mode: str, where: str
 
 def build_rows(z: torch.Tensor, batch: TrainBatch, teacher: TeacherSide, answer_input: str,
                with_question: bool, with_positions: bool = False) -> RecalRows:
-    """Slice the student features per turn and pad the teacher tensors (method.md Positions).
+    """Slice the student features per turn and pad the teacher tensors (docs/method.md §1.2).
 
     z: [B, Ls, d_s] student post-norm features of the batch (float); with_positions: also the
     original position ids (:class:`RecalRows`).
@@ -436,7 +436,7 @@ class StageModel(nn.Module):
         return self.family.final_hidden(self.student, out.hidden_states)
 
     def _student_ce(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum over target tokens of CE(head_s(z_t), labels_t) (method.md stages 2-3, CE_s)."""
+        """Sum over target tokens of CE(head_s(z_t), labels_t) (docs/method.md §1.3, eq. (1.4))."""
         lm_head = self.family.lm_head(self.student)
         head = LmHead(weight=lm_head.weight, bias=lm_head.bias,
                       transform=self.family.logit_transform(self.student))
@@ -444,9 +444,9 @@ class StageModel(nn.Module):
                           chunk_size=self.spec.chunk_size, row_block=self.spec.row_block)
 
     def _genrecal(self, z: torch.Tensor, batch: TrainBatch) -> GenRecalLosses:
-        """L_ar + L_kl (+ L_reg) summed over teacher answer tokens (method.md section 1)."""
+        """L_ar + L_kl (+ L_reg) summed over teacher answer tokens (docs/method.md §1)."""
         spec, rec = self.spec, self.recalibrator
-        keep_positions = not rec.cfg.reset_positions  # NPE ablation: the original positions
+        keep_positions = not rec.cfg.reassign_positions  # NPE ablation: the original positions
         rows = build_rows(z, batch, self.teacher, spec.answer_input, spec.uses_reg, keep_positions)
         out = rec(rows.z_q, rows.q_mask, rows.answer_input, rows.a_mask, rows.q_positions, rows.a_positions)
         r_window, _ = answer_window(out.r_q, rows.q_mask, out.r_a, rows.a_mask)

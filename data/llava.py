@@ -18,9 +18,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from genrecal.store.data.normalise import Draft, clean_parts, normalise_role
-from genrecal.store.data.problems import RowProblem
-from genrecal.store.data.sample import Part, Turn
+from genrecal.data.normalise import Draft, clean_parts, normalise_role
+from genrecal.data.problems import RowProblem
+from genrecal.data.sample import Part, Turn
 from genrecal.store.errors import DatasetError
 
 PLACEHOLDER = "<image>"

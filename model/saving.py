@@ -1,4 +1,4 @@
-"""Save a VLM processor in the form :func:`genrecal.store.vlm.loading.load_vlm` loads back.
+"""Save a VLM processor in the form :func:`genrecal.model.loading.load_vlm` loads back.
 
 Families without a video slot save with ``processor.save_pretrained``. Processors with a video
 slot (Qwen2-VL, Qwen2.5-VL, InternVL) cannot: without torchvision their video processor is
@@ -6,7 +6,7 @@ absent, and ``ProcessorMixin.save_pretrained`` expects every slot filled. They a
 their parts instead -- the tokenizer (carrying the processor's chat template), the image
 processor and ``processor_config.json`` holding the processor's own settings (such as
 InternVL's ``image_seq_length``) -- which is what ``load_vlm`` reassembles
-(:func:`genrecal.store.vlm.loading.assemble_without_video`).
+(:func:`genrecal.model.loading.assemble_without_video`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from genrecal.store.vlm.families import Family
+from genrecal.model.families import Family
 
 __all__ = ["PROCESSOR_CONFIG", "save_processor"]
 

@@ -1,6 +1,6 @@
-"""Reading visual-instruction datasets into :class:`~genrecal.store.data.sample.Sample`.
+"""Reading visual-instruction datasets into :class:`~genrecal.data.sample.Sample`.
 
-Two formats (see :mod:`~genrecal.store.data.llava` and :mod:`~genrecal.store.data.messages`):
+Two formats (see :mod:`~genrecal.data.llava` and :mod:`~genrecal.data.messages`):
 
 * ``"llava"``: LLaVA conversation rows in ``.json`` (a list) or ``.jsonl`` files;
 * ``"messages"``: HF ``datasets`` messages + images rows in local ``.json``/``.jsonl``/
@@ -23,7 +23,7 @@ and ``data.parquet`` get the same ids.
 Image paths are relative to ``image_root`` (default: the folder of the dataset file, or the
 dataset folder) and may never escape it. Embedded image bytes are written once to the
 content-addressed folder ``image_cache`` (default
-:func:`~genrecal.store.data.images.default_image_cache`), so samples always refer to image
+:func:`~genrecal.data.images.default_image_cache`), so samples always refer to image
 files.
 
 Bad rows (missing / corrupt / escaping image, no or empty answer, unknown role, duplicate
@@ -43,12 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from genrecal.store.data.images import ImageResolver, default_image_cache
-from genrecal.store.data.llava import iter_llava_rows, llava_draft
-from genrecal.store.data.messages import BUILDERS, iter_dataset_rows, load_files, messages_draft
-from genrecal.store.data.normalise import Draft, build_sample
-from genrecal.store.data.problems import RowProblem, Skip
-from genrecal.store.data.sample import Sample
+from genrecal.data.images import ImageResolver, default_image_cache
+from genrecal.data.llava import iter_llava_rows, llava_draft
+from genrecal.data.messages import BUILDERS, iter_dataset_rows, load_files, messages_draft
+from genrecal.data.normalise import Draft, build_sample
+from genrecal.data.problems import RowProblem, Skip
+from genrecal.data.sample import Sample
 from genrecal.store.errors import DatasetError
 
 __all__ = ["DatasetRead", "Skip", "detect_format", "iter_dataset", "read_dataset"]

@@ -7,7 +7,7 @@ cache and what the teacher pass extracts into it (:class:`CacheConfig`), the Rec
 
 Every model is a frozen pydantic model that forbids unknown keys, with ``to_dict()`` /
 ``from_dict()``. Validation collects EVERY problem of a file before any work starts and raises
-one :class:`~genrecal.errors.ConfigError` whose problems name the YAML path
+one :class:`~genrecal.common.errors.ConfigError` whose problems name the YAML path
 (``pipelines.demo.stages[1].lr_start``), the expected form and the line in the file. Types are
 strict (``"8"`` is not an integer, ``1`` is not ``true``). The cross-field checks of a mapping
 (steps XOR epochs, stage order, features a loss needs...) run once its own keys are valid.
@@ -23,55 +23,26 @@ Conventions:
 
 from __future__ import annotations
 
-import difflib
 import re
-import types
-from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field
 from pydantic import model_validator
 from pydantic_core import PydanticCustomError
 from typing_extensions import Self
 
-from genrecal.errors import ConfigError
+from genrecal.common.errors import ConfigError
+from genrecal.common.vocabulary import (FAMILY_NAMES, FEATURE_CODECS, GENRECAL_STAGES, METRICS,
+                                         QUANT_MODULES, STAGE_ORDER, TINY_KINDS)
+from genrecal.common.yaml_validation import Context, choices, format_path, read_document, render, validate
 
-# --------------------------------------------------------------------------------------------
-# Vocabularies
-# --------------------------------------------------------------------------------------------
-
-#: VLM families (transformers ``model_type``) that a teacher or student may declare: those of
-#: genrecal.store.vlm.families (kept torch-free here; tests/test_config.py checks they agree).
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "gemma3", "internvl")
-#: Kinds of the tiny-VLM kit (genrecal.store.vlm.tiny.KINDS) -> the family each one builds.
-TINY_KINDS: dict[str, str] = {
-    "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_qwen2": "llava",
-    "llava_llama": "llava", "gemma3": "gemma3", "internvl": "internvl",
-}
-#: Storage codecs the cache accepts per feature: a copy of genrecal.store.schema.FEATURE_CODECS
-#: (the config stays torch-free; tests/test_config.py checks the two agree).
-FEATURE_CODECS: dict[str, tuple[str, ...]] = {
-    "answer_hidden": ("bf16", "fp8_e4m3", "int8"),
-    "question_hidden": ("bf16", "fp8_e4m3", "int8"),
-    "visual_gram": ("f32", "bf16"),
-    "logit_stats": ("f32", "bf16"),
-}
-#: Stage types, in the only order in which they may appear in a pipeline.
-STAGE_ORDER: tuple[str, ...] = ("align", "distill", "finetune", "grace")
-#: Decoder linears that GRACE's QAT may fake-quantise (method.md section 2).
-QUANT_MODULES: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-)
-#: Evaluation metrics.
-METRICS: tuple[str, ...] = ("exact_match", "contains", "token_f1", "answer_nll")
 #: Default location of the packaged pipelines file inside the ``genrecal`` package.
-PIPELINES_FILENAME = "pipelines.yaml"
+PIPELINESFILENAME = "pipelines.yaml"
 
-Family = Literal[FAMILIES]  # type: ignore[valid-type]
+Family = Literal[FAMILY_NAMES]  # type: ignore[valid-type]
 TinyKind = Literal[tuple(TINY_KINDS)]  # type: ignore[valid-type]
 Dtype = Literal["float32", "bfloat16", "float16"]
 Codec = Literal["f32", "bf16", "fp8_e4m3", "int8"]  # which ones a feature takes: FEATURE_CODECS
@@ -87,7 +58,6 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_FILE = "<file>"  # yaml path of problems that concern the file itself, not a key in it
 
 Problem = tuple[tuple[Union[str, int], ...], str]  # (location relative to a model, message)
 
@@ -108,7 +78,7 @@ class ConfigModel(BaseModel):
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "<dict>") -> Self:
         """Validate ``data``; raise ConfigError listing every problem (paths relative to it)."""
-        return _validate(cls, data, _Context(source=source))
+        return validate(cls, data, Context(source=source))
 
     def _problems(self) -> list[Problem]:
         """Cross-field problems as ``(location relative to this model, message)``."""
@@ -118,7 +88,7 @@ class ConfigModel(BaseModel):
     def _check_cross_fields(self):
         problems = self._problems()
         if problems:
-            summary = "; ".join(f"{_format_path(loc)}: {msg}" for loc, msg in problems)
+            summary = "; ".join(f"{format_path(loc)}: {msg}" for loc, msg in problems)
             raise PydanticCustomError("config", "{summary}",
                                       {"summary": summary, "problems": problems})
         return self
@@ -129,7 +99,7 @@ class ConfigModel(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 class TinySpec(ConfigModel):
-    """A tiny random VLM built by the kit (``genrecal.store.vlm.tiny.build_tiny_vlm``).
+    """A tiny random VLM built by the kit (``genrecal.model.tiny.build_tiny_vlm``).
 
     Sizes left out (None) take the kit's default for the kind."""
 
@@ -185,7 +155,7 @@ class ModelSpec(ConfigModel):
                              "hub id such as Qwen/Qwen2-VL-2B-Instruct) or 'tiny' (a tiny model "
                              "built by the kit)"))
         if self.source is not None and self.family is None:
-            problems.append((("family",), f"required with 'source'; one of {_choices(FAMILIES)}"))
+            problems.append((("family",), f"required with 'source'; one of {choices(FAMILY_NAMES)}"))
         elif self.tiny is not None and self.family != TINY_KINDS[self.tiny.kind]:
             problems.append((("family",), f"{self.family!r} contradicts tiny.kind "
                              f"{self.tiny.kind!r} (family {TINY_KINDS[self.tiny.kind]!r}); "
@@ -252,20 +222,20 @@ class DataConfig(ConfigModel):
 # Models: teacher cache
 # --------------------------------------------------------------------------------------------
 
-class LogitStats(ConfigModel):
-    """Per answer token: target logit, logsumexp at T=1 and T, entropy, top-k (method.md s2)."""
+class LogitStatsFeature(ConfigModel):
+    """Per answer token: target logit, logsumexp at T=1 and T, entropy, top-k (docs/method.md §2)."""
 
     top_k: Annotated[int, Field(ge=1, le=4096)] = 128
     temperature: PosFloat = 2.0
 
 
 class Features(ConfigModel):
-    """What the teacher pass stores per sample (method.md: 'What this puts in the cache')."""
+    """What the teacher pass stores per sample (docs/method.md §3)."""
 
     answer_hidden: bool = True  # z_al over the answer window
     question_hidden: Literal["all", "text", "none"] = "all"  # z_ql; 'all' includes image tokens
-    visual_gram: bool = False  # centred Gram of penultimate-layer visual states (GRACE RCKA)
-    logit_stats: LogitStats | None = None
+    visual_gram: bool = False  # uncentred Gram K = V V^T of block L-2 visual states (GRACE RCKA, docs/method.md §2.4)
+    logit_stats: LogitStatsFeature | None = None
     input_embeddings: bool = False  # teacher input-embedding matrix, a cache artifact
 
     def _problems(self) -> list[Problem]:
@@ -286,7 +256,7 @@ class Codecs(ConfigModel):
 
     def _problems(self) -> list[Problem]:
         return [((feature,), f"{getattr(self, feature)!r} is not a codec of {feature}; the cache "
-                 f"stores it as one of {_choices(allowed)}")
+                 f"stores it as one of {choices(allowed)}")
                 for feature, allowed in FEATURE_CODECS.items() if getattr(self, feature) not in allowed]
 
 
@@ -328,7 +298,7 @@ class CacheConfig(ConfigModel):
     def _problems(self) -> list[Problem]:
         unknown = _unknown_protocols(self.location)
         if unknown:
-            return [(("location",), f"unknown storage protocol(s) {_choices(unknown)} in "
+            return [(("location",), f"unknown storage protocol(s) {choices(unknown)} in "
                      f"{self.location!r}; use a local path or a URL fsspec knows (s3://, gs://, "
                      "memory://, file://...)")]
         return []
@@ -350,7 +320,20 @@ def _unknown_protocols(location: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 class RecalibratorConfig(ConfigModel):
-    """The Recalibrator shared by the align and distill stages (method.md section 1)."""
+    """The Recalibrator shared by the align and distill stages (docs/method.md §1.1, §1.2).
+
+    The one config type of :class:`genrecal.train.recalibrator.Recalibrator`: it is built from
+    it and saves it (``to_dict``) next to its weights.
+
+    blocks: decoder blocks in RecBody (paper: 2; 1 block 74.9, 20 blocks 76.7); at most the
+        student's decoder layers (checked when the Recalibrator is built).
+    init: ``copy`` = the student's last ``blocks`` decoder blocks (R); ``random`` = the
+        student's own ``_init_weights`` (normal, std=initializer_range), seeded.
+    answer_input: the answer input ``e`` fed to P_pre: ``hidden`` = z_al (paper),
+        ``embedding`` = the teacher's answer token embeddings (width d_l too).
+    reassign_positions: True = positions 0..N_qs+N_al-1 over the packed row (paper); False =
+        the caller's positions (NPE ablation, docs/method.md §1.2).
+    """
 
     blocks: Annotated[int, Field(ge=1, le=64)] = 2
     init: Literal["copy", "random"] = "copy"  # copy: the student's last `blocks` decoder blocks
@@ -374,7 +357,7 @@ class TrainSwitches(ConfigModel):
 
 
 class Losses(ConfigModel):
-    """GenRecal loss weights (0 turns a loss off) and the KL temperature (method.md s1).
+    """GenRecal loss weights (0 turns a loss off) and the KL temperature (docs/method.md §1).
 
     ``reg`` weighs L_reg; ``reg_terms`` picks its terms: ``ce+kl`` (the paper's choice),
     ``ce`` or ``kl`` alone (the paper's regulariser ablation).
@@ -399,7 +382,7 @@ class Losses(ConfigModel):
 
 
 class GdkdConfig(ConfigModel):
-    """Decoupled KD of GRACE: DKD = (alpha*TCKD + beta_dkd*NCKD) * T^2 (method.md s2)."""
+    """Decoupled KD of GRACE: DKD = (alpha*TCKD + beta_dkd*NCKD) * T^2 (docs/method.md §2)."""
 
     temperature: PosFloat = 2.0
     alpha: NonNegFloat = 1.0
@@ -407,7 +390,7 @@ class GdkdConfig(ConfigModel):
 
 
 class RckaConfig(ConfigModel):
-    """Relational CKA on visual tokens, weight omega with a linear warm-up (method.md s2)."""
+    """Relational CKA on visual tokens, weight omega with a linear warm-up (docs/method.md §2)."""
 
     omega: NonNegFloat = 3.0
     warmup_steps: NonNegInt = 400
@@ -441,7 +424,7 @@ class QuantConfig(ConfigModel):
 
     def _problems(self) -> list[Problem]:
         if not self.modules:
-            return [(("modules",), f"list at least one of {_choices(QUANT_MODULES)}")]
+            return [(("modules",), f"list at least one of {choices(QUANT_MODULES)}")]
         if len(set(self.modules)) != len(self.modules):
             return [(("modules",), f"lists a module twice: {self.modules}")]
         return []
@@ -491,7 +474,7 @@ class _StageBase(ConfigModel):
                              f"got {self.warmup}"))
         if not any(self.trains.model_dump().values()):
             problems.append((("trains",), "trains nothing: switch on at least one of "
-                             f"{_choices(TrainSwitches.model_fields)}"))
+                             f"{choices(TrainSwitches.model_fields)}"))
         return problems
 
     @property
@@ -516,7 +499,7 @@ class _GenRecalStage(_StageBase):
 
 
 class AlignStage(_GenRecalStage):
-    """Stage 1: trains the Recalibrator alone; L_ar + L_kl + L_reg (method.md s1)."""
+    """Stage 1: trains the Recalibrator alone; L_ar + L_kl + L_reg (docs/method.md §1)."""
 
     name: Literal["align"]
     block_defaults: ClassVar[dict[str, dict[str, Any]]] = {
@@ -526,7 +509,7 @@ class AlignStage(_GenRecalStage):
 
 
 class DistillStage(_GenRecalStage):
-    """Stage 2: Recalibrator + student body; L_ar + L_kl + CE_s (+ L_reg) (method.md s1)."""
+    """Stage 2: Recalibrator + student body; L_ar + L_kl + CE_s (+ L_reg) (docs/method.md §1)."""
 
     name: Literal["distill"]
     block_defaults: ClassVar[dict[str, dict[str, Any]]] = {
@@ -536,7 +519,7 @@ class DistillStage(_GenRecalStage):
 
 
 class FinetuneStage(_StageBase):
-    """Stage 3: every student part except the vision encoder, CE_s only (method.md s1)."""
+    """Stage 3: every student part except the vision encoder, CE_s only (docs/method.md §1)."""
 
     name: Literal["finetune"]
     block_defaults: ClassVar[dict[str, dict[str, Any]]] = {
@@ -566,12 +549,12 @@ class TeacherFinetune(FinetuneStage):
         problems = super()._problems()
         if self.data is not None and "train" not in self.data.splits():
             problems.append((("data", "sources"), "the teacher's data gives no 'train' split to "
-                             f"fine-tune on; splits given: {_choices(sorted(self.data.splits()))}"))
+                             f"fine-tune on; splits given: {choices(sorted(self.data.splits()))}"))
         return problems
 
 
 class GraceStage(_StageBase):
-    """GRACE: L = ce*CE + beta*L_GDKD + omega*L_RCKA, optional QAT (method.md section 2)."""
+    """GRACE: L = ce*CE + beta*L_GDKD + omega*L_RCKA, optional QAT (docs/method.md §2)."""
 
     name: Literal["grace"]
     block_defaults: ClassVar[dict[str, dict[str, Any]]] = {
@@ -594,7 +577,6 @@ class GraceStage(_StageBase):
 
 Stage = Annotated[Union[AlignStage, DistillStage, FinetuneStage, GraceStage],
                   Field(discriminator="name")]
-RECALIBRATOR_STAGES: tuple[str, ...] = ("align", "distill")
 
 
 class EvaluationConfig(ConfigModel):
@@ -608,7 +590,7 @@ class EvaluationConfig(ConfigModel):
 
     def _problems(self) -> list[Problem]:
         if not self.metrics:
-            return [(("metrics",), f"list at least one of {_choices(METRICS)}")]
+            return [(("metrics",), f"list at least one of {choices(METRICS)}")]
         if len(set(self.metrics)) != len(self.metrics):
             return [(("metrics",), f"lists a metric twice: {self.metrics}")]
         return []
@@ -652,7 +634,7 @@ class Pipeline(ConfigModel):
             if stage.name == name:
                 return stage
         raise KeyError(f"pipeline {self.name!r} has no stage {name!r}; it has "
-                       f"{_choices(s.name for s in self.stages)}")
+                       f"{choices(s.name for s in self.stages)}")
 
     def stage_dir(self, name: str) -> str:
         """Output directory of stage ``name``."""
@@ -686,7 +668,7 @@ def _stage_order_problems(stages: list) -> list[Problem]:
 def _cache_feature_problems(pipe: Pipeline) -> list[Problem]:
     """The GenRecal stages' losses need teacher features that the cache must extract."""
     features, problems = pipe.cache.features, []
-    feeding = _stage_labels(pipe, lambda s: s.name in RECALIBRATOR_STAGES)
+    feeding = _stage_labels(pipe, lambda s: s.name in GENRECAL_STAGES)
     if feeding and not features.answer_hidden:
         problems.append((("cache", "features", "answer_hidden"), f"must be true: {feeding} "
                          "feed z_al to the Recalibrator"))
@@ -703,7 +685,7 @@ def _stage_labels(pipe: Pipeline, predicate) -> str:
 
 
 def _recalibrator_problems(pipe: Pipeline) -> list[Problem]:
-    if not any(stage.name in RECALIBRATOR_STAGES for stage in pipe.stages):
+    if not any(stage.name in GENRECAL_STAGES for stage in pipe.stages):
         return []
     rec, problems = pipe.recalibrator, []
     if rec.answer_input == "embedding" and not pipe.cache.features.input_embeddings:
@@ -762,10 +744,10 @@ def _split_problems(pipe: Pipeline) -> list[Problem]:
     problems: list[Problem] = []
     if "train" not in provided:
         problems.append((("data", "sources"), f"no source gives the 'train' split that the "
-                         f"stages train on; splits given: {_choices(sorted(provided))}"))
+                         f"stages train on; splits given: {choices(sorted(provided))}"))
     if pipe.evaluation is not None and pipe.evaluation.split not in provided:
         problems.append((("evaluation", "split"), f"{pipe.evaluation.split!r} is not given by "
-                         f"the data; splits given: {_choices(sorted(provided))}"))
+                         f"the data; splits given: {choices(sorted(provided))}"))
     return problems
 
 
@@ -806,357 +788,38 @@ def locate_pipelines_file(path: str | Path | None = None) -> Path | Traversable:
     else the default packaged with genrecal."""
     if path is not None:
         return Path(path)
-    local = Path.cwd() / PIPELINES_FILENAME
+    local = Path.cwd() / PIPELINESFILENAME
     if local.is_file():
         return local
-    return resources.files("genrecal").joinpath(PIPELINES_FILENAME)
+    return resources.files("genrecal").joinpath(PIPELINESFILENAME)
 
 
 def pipelines_source(path: str | Path | None = None) -> str:
     """How messages name the file ``load_pipelines(path)`` reads."""
     where = locate_pipelines_file(path)
-    if path is None and where != Path.cwd() / PIPELINES_FILENAME:
+    if path is None and where != Path.cwd() / PIPELINESFILENAME:
         return f"{where} (packaged default)"
     return str(where)
 
 
 def load_pipelines(path: str | Path | None = None) -> PipelinesFile:
     """Read and validate a whole pipelines file; ConfigError lists every problem."""
-    doc = _read_document(path)
-    return _validate(PipelinesFile, doc.data, doc.context())
+    doc = read_document(locate_pipelines_file(path), pipelines_source(path))
+    return validate(PipelinesFile, doc.data, doc.context())
 
 
 def get_pipeline(name: str, path: str | Path | None = None) -> Pipeline:
     """Read one pipeline; only its own problems (and the file's shape) can make this fail."""
-    doc = _read_document(path)
+    doc = read_document(locate_pipelines_file(path), pipelines_source(path))
     raw = doc.data.get("pipelines") if isinstance(doc.data, dict) else None
     if not isinstance(raw, dict):
-        raise ConfigError(doc.source, _render([(("pipelines",), "expected a top-level "
+        raise ConfigError(doc.source, render([(("pipelines",), "expected a top-level "
                                                 "'pipelines:' mapping of name -> pipeline")],
                                               doc.context()))
     if name not in raw:
-        raise ConfigError(doc.source, _render([(("pipelines", name), f"no pipeline named "
-                                                f"{name!r}; the file has {_choices(raw)}")],
+        raise ConfigError(doc.source, render([(("pipelines", name), f"no pipeline named "
+                                                f"{name!r}; the file has {choices(raw)}")],
                                               doc.context()))
-    return _validate(Pipeline, _with_name(raw[name], name), doc.context(("pipelines", name)))
+    return validate(Pipeline, _with_name(raw[name], name), doc.context(("pipelines", name)))
 
 
-# --------------------------------------------------------------------------------------------
-# YAML reading with line numbers
-# --------------------------------------------------------------------------------------------
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-4 (an exponent without a dot) as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-@dataclass(frozen=True)
-class _Context:
-    """Where a validated mapping sits: file label, line map and path prefix."""
-
-    source: str
-    lines: dict[tuple, int] | None = None
-    prefix: tuple = ()
-    extra: tuple[tuple[tuple, str], ...] = ()  # problems found while reading (duplicate keys)
-
-
-@dataclass(frozen=True)
-class _Document:
-    source: str
-    data: Any
-    lines: dict[tuple, int]
-    duplicates: tuple[tuple[tuple, str], ...]
-
-    def context(self, prefix: tuple = ()) -> _Context:
-        extra = tuple(d for d in self.duplicates if d[0][:len(prefix)] == prefix)
-        return _Context(self.source, self.lines, prefix, extra)
-
-
-def _read_document(path: str | Path | None) -> _Document:
-    source = pipelines_source(path)
-    text = _read_text(locate_pipelines_file(path), source)
-    loader = _Loader(text)
-    lines: dict[tuple, int] = {}
-    duplicates: tuple[tuple[tuple, str], ...] = ()
-    try:
-        node = loader.get_single_node()
-        if node is not None:  # before construction, which rewrites merges ('<<') in place
-            lines, duplicates = _line_map(node, ()), tuple(_duplicate_keys(node, ()))
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        raise ConfigError(source, [(_FILE, _yaml_error_message(exc))]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, [(_FILE, f"cannot parse YAML: {exc}")]) from None
-    finally:
-        loader.dispose()
-    if data is None:
-        raise ConfigError(source, [(_FILE, "the file is empty; it needs a top-level "
-                                    "'pipelines:' mapping of name -> pipeline")])
-    return _Document(source, data, lines, duplicates)
-
-
-def _read_text(where: Path | Traversable, source: str) -> str:
-    try:
-        return where.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(source, [(_FILE, f"file not found (working directory {Path.cwd()}); "
-                                    "pass an existing file with --file PATH")]) from None
-    except IsADirectoryError:
-        raise ConfigError(source, [(_FILE, "is a directory; pass the YAML file itself")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, [(_FILE, f"cannot read the file: {exc}")]) from None
-
-
-def _yaml_error_message(exc: yaml.MarkedYAMLError) -> str:
-    message = f"YAML syntax error{_mark_text(exc.problem_mark)}: {exc.problem}"
-    if exc.context:
-        message += f" ({exc.context}{_mark_text(exc.context_mark, ' started')})"
-    return message
-
-
-def _mark_text(mark: yaml.Mark | None, verb: str = "") -> str:
-    return f"{verb} at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-
-
-def _line_map(node: yaml.Node, path: tuple) -> dict[tuple, int]:
-    """1-based line of every key (mappings) and item (sequences) under ``node``; keys merged
-    in with ``<<`` are left out, so they report the line of the mapping that merges them."""
-    lines = {path: node.start_mark.line + 1}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
-                lines.update(_line_map(value, path + (key.value,)))
-                lines[path + (key.value,)] = key.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines.update(_line_map(item, path + (i,)))
-    return lines
-
-
-def _duplicate_keys(node: yaml.Node, path: tuple) -> list[tuple[tuple, str]]:
-    """Keys given twice in one mapping (YAML would silently keep the last one)."""
-    found: list[tuple[tuple, str]] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            if key.tag == _MERGE_TAG or not isinstance(key, yaml.ScalarNode):
-                continue
-            line = key.start_mark.line + 1
-            if key.value in seen:
-                found.append((path + (key.value,), f"duplicate key {key.value!r} (first at line "
-                              f"{seen[key.value]}); YAML keeps only the last value (line {line})"))
-            seen.setdefault(key.value, line)
-            found += _duplicate_keys(value, path + (key.value,))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            found += _duplicate_keys(item, path + (i,))
-    return found
-
-
-# --------------------------------------------------------------------------------------------
-# Validation errors -> (yaml path, message)
-# --------------------------------------------------------------------------------------------
-
-def _validate(cls: type[ConfigModel], data: Any, ctx: _Context):
-    """``cls.model_validate(data)``, turning every problem into one ConfigError."""
-    try:
-        model = cls.model_validate(data)
-        problems: list[tuple[tuple, str]] = []
-    except ValidationError as exc:
-        model, problems = None, [p for err in exc.errors() for p in _explain(err, cls, data)]
-    found = [*((loc[len(ctx.prefix):], msg) for loc, msg in ctx.extra), *problems]
-    if found:
-        raise ConfigError(ctx.source, _render(found, ctx))
-    return model
-
-
-def _explain(err: dict, root: type[BaseModel], data: Any) -> list[tuple[tuple, str]]:
-    """One pydantic error as ``(location in the data, message)`` problems."""
-    kind = err["type"]
-    loc = _data_loc(err["loc"], data, missing_key=kind == "missing")
-    if kind == "config":
-        return [(loc + tuple(sub), msg) for sub, msg in err["ctx"]["problems"]]
-    if kind == "extra_forbidden":
-        return [(loc, _unknown_key_message(loc[-1], _model_at(root, err["loc"][:-1])))]
-    if kind == "missing":
-        return [(loc, _missing_message(_model_at(root, err["loc"][:-1]), loc[-1]))]
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        key = err["ctx"]["discriminator"].strip("'")
-        return [(loc + (key,), _tag_message(err, key))]
-    if err["loc"][-1:] == ("[key]",):
-        return [(loc, f"keys here must be strings; got {_got(err['input'])}")]
-    if len(err["loc"]) > len(loc) and loc and err["loc"][-1] != loc[-1]:
-        return [(loc, _union_message(root, err, loc))]
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return [(loc, f"expected a mapping (key: value), got {_got(err['input'])}")]
-    message = err["msg"].removeprefix("Value error, ")
-    return [(loc, f"{message}; got {_got(err['input'])}")]
-
-
-def _union_message(root: type[BaseModel], err: dict, loc: tuple) -> str:
-    """A value that matches no member of a union field: name every accepted form once."""
-    raw = err["loc"]
-    field_at = max(i for i, element in enumerate(raw) if element == loc[-1])
-    model = _model_at(root, raw[:field_at])
-    field = model.model_fields.get(loc[-1]) if model is not None else None
-    expected = _describe(field.annotation) if field is not None else err["msg"]
-    return f"expected {expected}; got {_got(err['input'])}"
-
-
-def _data_loc(loc: tuple, data: Any, *, missing_key: bool = False) -> tuple:
-    """Pydantic's location minus the labels it adds (union tags, member types, '[key]');
-    with ``missing_key`` the last element is kept although the data lacks it."""
-    out: list = []
-    node = data
-    for i, element in enumerate(loc):
-        last = i == len(loc) - 1
-        if isinstance(node, dict) and element in node:
-            out.append(element)
-            node = node[element]
-        elif isinstance(node, list) and isinstance(element, int) and 0 <= element < len(node):
-            out.append(element)
-            node = node[element]
-        elif isinstance(node, dict) and last and missing_key:
-            out.append(element)
-    return tuple(out)
-
-
-def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The model class that pydantic's location ``loc`` (tags included) points into."""
-    current: Any = root
-    for element in loc:
-        current = _child_type(current, element)
-        if current is None:
-            return None
-    models = [t for t in _members(current) if _is_model(t)]
-    return models[0] if len(models) == 1 else None
-
-
-def _child_type(tp: Any, element: Any) -> Any:
-    for member in _members(tp):
-        if _is_model(member):
-            if element in member.model_fields:
-                return member.model_fields[element].annotation
-            name = member.model_fields.get("name")
-            if name is not None and element in get_args(name.annotation):
-                return member  # a discriminated-union tag
-        elif get_origin(member) is list and isinstance(element, int):
-            return get_args(member)[0]
-        elif get_origin(member) is dict:
-            return get_args(member)[1]
-    return None
-
-
-def _members(tp: Any) -> list[Any]:
-    """``tp`` without Annotated and None, unions flattened."""
-    if get_origin(tp) is Annotated:
-        return _members(get_args(tp)[0])
-    if get_origin(tp) in (Union, types.UnionType):
-        return [m for arg in get_args(tp) for m in _members(arg)]
-    return [] if tp is type(None) else [tp]
-
-
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def _unknown_key_message(key: Any, model: type[BaseModel] | None) -> str:
-    if model is None:
-        return f"unknown key {key!r}"
-    allowed = list(model.model_fields)
-    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
-
-
-def _missing_message(model: type[BaseModel] | None, key: Any) -> str:
-    field = model.model_fields.get(key) if model is not None else None
-    expected = f"; expected {_describe(field.annotation)}" if field is not None else ""
-    return f"required key {key!r} is missing{expected}"
-
-
-def _tag_message(err: dict, key: str) -> str:
-    if err["type"] == "union_tag_not_found":
-        return f"required key {key!r} is missing; expected one of {_choices(STAGE_ORDER)}"
-    return f"unknown stage {err['ctx']['tag']!r}; expected one of {err['ctx']['expected_tags']}"
-
-
-def _describe(tp: Any) -> str:
-    """Short English form of an annotation, for messages."""
-    members = _members(tp)
-    tags = [get_args(m.model_fields["name"].annotation) for m in members
-            if _is_model(m) and "name" in m.model_fields]
-    if len(members) > 1 and len(tags) == len(members):
-        return f"a mapping whose 'name' is one of {_choices(t for group in tags for t in group)}"
-    if len(members) != 1:
-        return " or ".join(_describe(m) for m in members)
-    tp = members[0]
-    if get_origin(tp) is Literal:
-        return f"one of {_choices(get_args(tp))}"
-    if _is_model(tp):
-        return f"a mapping with keys {', '.join(tp.model_fields)}"
-    if get_origin(tp) is list:
-        return f"a list; each item {_describe(get_args(tp)[0])}"
-    if get_origin(tp) is dict:
-        return "a mapping"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _render(found: list[tuple[tuple, str]], ctx: _Context) -> list[tuple[str, str]]:
-    """Absolute YAML paths, line notes, same-path messages merged, in file order."""
-    merged: dict[tuple, list[str]] = {}
-    for loc, msg in found:
-        messages = merged.setdefault(ctx.prefix + tuple(loc), [])
-        if msg not in messages:
-            messages.append(msg)
-    order = sorted(merged, key=lambda loc: _line_of(ctx.lines, loc) or 0)
-    return [(_format_path(loc), "; ".join(merged[loc]) + _line_note(ctx.lines, loc))
-            for loc in order]
-
-
-def _line_of(lines: dict[tuple, int] | None, loc: tuple) -> int | None:
-    """Line of ``loc``, or of its nearest ancestor present in the file."""
-    if not lines:
-        return None
-    for end in range(len(loc), -1, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
-
-
-def _line_note(lines: dict[tuple, int] | None, loc: tuple) -> str:
-    line = _line_of(lines, loc)
-    return f" (line {line})" if line else ""
-
-
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
-
-
-def _format_path(loc: tuple) -> str:
-    """``('pipelines', 'demo', 'stages', 1, 'lr_start')`` -> ``pipelines.demo.stages[1].lr_start``."""
-    parts: list[str] = []
-    for element in loc:
-        if isinstance(element, int):
-            parts.append(f"[{element}]")
-        elif _PLAIN_KEY.fullmatch(str(element)):
-            parts.append(("." if parts else "") + str(element))
-        else:
-            parts.append(f"[{str(element)!r}]")
-    return "".join(parts) or "<top level>"
-
-
-def _got(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _choices(values: Any) -> str:
-    return ", ".join(repr(v) for v in values) or "(none)"

@@ -17,8 +17,8 @@ from genrecal.store import schema
 from genrecal.store.gram import gram_from_upper, visual_gram
 from genrecal.store.logit_stats import logit_statistics
 from genrecal.store.schema import FeatureSpec, TeacherFingerprint
-from genrecal.store.vlm.logits import LogitTransform
-from genrecal.store.vlm.spans import Spans
+from genrecal.store.logit_transform import LogitTransform
+from genrecal.store.spans import Spans
 
 VOCAB = 97
 HEAD_WIDTH = 16
@@ -103,7 +103,7 @@ def write_synthetic_cache(url, n: int, features: list[FeatureSpec] | None = None
     with CacheWriter(url, features=features, **writer_kwargs) as writer:
         for i in range(start, start + n):
             writer.add(sample_id(i), **synthetic_sample(i, features, seed))
-    from genrecal.store.reader import load_manifest
+    from genrecal.store.manifest import load_manifest
 
     return load_manifest(writer.storage) if writer.commit else None
 

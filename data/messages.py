@@ -21,10 +21,10 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
-from genrecal.store.data.images import ImageRef
-from genrecal.store.data.normalise import Draft, clean_parts, normalise_role
-from genrecal.store.data.problems import RowProblem
-from genrecal.store.data.sample import Part, Turn
+from genrecal.data.images import ImageRef
+from genrecal.data.normalise import Draft, clean_parts, normalise_role
+from genrecal.data.problems import RowProblem
+from genrecal.data.sample import Part, Turn
 
 BUILDERS: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet",
                             ".arrow": "arrow"}

@@ -15,7 +15,7 @@ teachers answer in the same canonical form.
 
 The set is written in the LLaVA conversation format (``train.jsonl`` / ``test.jsonl`` next
 to ``images/<split>/<index>.png``) and reads back with
-:func:`genrecal.store.data.readers.read_dataset`. Each row also records
+:func:`genrecal.data.readers.read_dataset`. Each row also records
 
 * ``type`` - the question type of its first question, and ``types`` - one type per
   question, in order (multi-turn rows ask 1-2 follow-ups, of any type, about the same image);

@@ -4,7 +4,7 @@ Everything extract/ and train/ need to know about a model family lives here: whi
 attribute holds the image-token id, which tokens close an assistant turn, which processor class
 the family uses (and whether that processor has a video slot that transformers can only fill
 with torchvision), where the decoder stack, its final norm, its rotary embedding and the
-lm_head sit, and how logits are post-processed (:class:`~genrecal.store.vlm.logits.LogitTransform`).
+lm_head sit, and how logits are post-processed (:class:`~genrecal.store.logit_transform.LogitTransform`).
 
 Hidden states. In transformers 5 every supported family builds its text model with
 ``@capture_outputs`` (``tie_last_hidden_states=True``), which overwrites
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from genrecal.store.errors import ModelLoadError
-from genrecal.store.vlm.logits import LogitTransform
+from genrecal.store.logit_transform import LogitTransform
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ class Family:
             VLM forward applies (``softcap * tanh(logits / softcap)``); None if it applies none.
         multimodal_rope: rotary embedding takes ``[3, B, N]`` (temporal, height, width)
             position ids (Qwen2-VL M-RoPE) instead of ``[B, N]``.
+        rotary_per_layer_type: the rotary embedding's forward takes a third argument, the layer
+            type (``full_attention`` / ``sliding_attention``), because each attention type has
+            its own frequencies (Gemma 3); see :meth:`rotary_cos_sin`.
         hidden_state_is_post_norm: ``hidden_states[-1]`` already went through the final norm.
     """
 
@@ -72,6 +75,7 @@ class Family:
     projector_path: str = "model.multi_modal_projector"
     softcap_attr: str | None = None
     multimodal_rope: bool = False
+    rotary_per_layer_type: bool = False
     hidden_state_is_post_norm: bool = True
 
     # ----- token ids -------------------------------------------------------------------------
@@ -147,6 +151,18 @@ class Family:
             raise ValueError(f"positions must be [B, N], got shape {tuple(positions.shape)}")
         return positions.unsqueeze(0).expand(3, -1, -1) if self.multimodal_rope else positions
 
+    def rotary_cos_sin(self, rotary: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor,
+                       layer_type: str = "full_attention") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of this family's rotary embedding module ``rotary`` (the student's or
+        a copy of its class) for decoder layers of ``layer_type``.
+
+        x: ``[B, N, d]`` (dtype/device only); position_ids: as :meth:`rotary_position_ids`
+        returns them. ``layer_type`` matters only where ``rotary_per_layer_type``.
+        """
+        if self.rotary_per_layer_type:
+            return rotary(x, position_ids, layer_type)
+        return rotary(x, position_ids)
+
 
 def _resolve(model: torch.nn.Module, path: str, family: Family) -> torch.nn.Module:
     obj = model
@@ -180,7 +196,7 @@ FAMILIES: dict[str, Family] = {
         Family(model_type="gemma3", title="Gemma 3", model_class="Gemma3ForConditionalGeneration",
                processor_class="Gemma3Processor",
                image_processor_classes=("Gemma3ImageProcessor", "Gemma3ImageProcessorPil"),
-               video_slot=False, end_of_turn=("<end_of_turn>",),
+               video_slot=False, end_of_turn=("<end_of_turn>",), rotary_per_layer_type=True,
                # transformers 5.23's Gemma3ForConditionalGeneration returns lm_head(z) as is: it
                # does NOT apply text_config.final_logit_softcapping (only Gemma3ForCausalLM does;
                # released Gemma 3 checkpoints set it to null anyway). So no soft-cap here; the

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from genrecal.store.errors import DistributedEnvError
+from genrecal.common.errors import DistributedEnvError
 
 _ENV = (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
 

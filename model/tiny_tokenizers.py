@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from genrecal.store.data.synthetic import corpus_lines
+from genrecal.data.synthetic import corpus_lines
 
 _GENERIC_ENGLISH = (
     "The quick brown fox jumps over the lazy dog.",

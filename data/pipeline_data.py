@@ -14,7 +14,7 @@ ids.
 * :func:`read_split` - one split of a pipeline's data: its sources of that split, then the
   synthetic set (generated if needed).
 
-Config objects are duck-typed so that genrecal.store does not import genrecal.config: a data
+Config objects are duck-typed so that genrecal.store does not import genrecal.common.config: a data
 config has ``sources`` (items with ``path``, ``format``, ``image_root``, ``split``, ``limit``),
 ``synthetic`` (``n_train``, ``n_test``, ``image_size``, ``seed``; or None) and ``on_error``.
 """
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from genrecal.store.atomic import write_json_atomic
-from genrecal.store.data.problems import Skip
-from genrecal.store.data.readers import DatasetRead, read_dataset
-from genrecal.store.data.sample import Sample
-from genrecal.store.data.synthetic import SyntheticVQA, make_synthetic_vqa
+from genrecal.common.atomic import write_json_atomic
+from genrecal.data.problems import Skip
+from genrecal.data.readers import DatasetRead, read_dataset
+from genrecal.data.sample import Sample
+from genrecal.data.synthetic import SyntheticVQA, make_synthetic_vqa
 from genrecal.store.errors import DatasetError, DuplicateSampleError
 
 __all__ = ["SYNTHETIC_SPEC", "SYNTHETIC_SPLITS", "SourceRef", "ensure_synthetic", "read_sources",

@@ -1,8 +1,9 @@
-"""Loading VLMs through transformers, per-family knowledge and the tiny-VLM kit.
+"""genrecal.model: model knowledge: VLM loading, per-family knowledge, sample encoding and spans,
+the teacher forward, padding, generation and the tiny-VLM kit.
 
-The public names below are imported lazily (PEP 562): most of them need torch and
-transformers, while the cache format only needs :mod:`genrecal.store.vlm.spans` and
-:mod:`genrecal.store.vlm.logits`, which must stay cheap to import.
+The public names below are imported lazily (PEP 562): most of them need torch and transformers.
+The types the cache stores (:class:`~genrecal.store.spans.Spans`,
+:class:`~genrecal.store.logit_transform.LogitTransform`) belong to :mod:`genrecal.store`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import importlib
 _EXPORTS = {
     "load_vlm": "loading", "LoadedVLM": "loading",
     "encode_sample": "encoding", "Encoded": "encoding",
-    "Spans": "spans",
     "get_family": "families", "FAMILIES": "families",
     "build_tiny_vlm": "tiny",
     "generate_answers": "generate", "Generation": "generate",

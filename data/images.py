@@ -3,7 +3,7 @@
 A reference is either a path (``str``, relative to the image root or absolute inside it)
 or the encoded bytes of an image embedded in the dataset (HF ``Image`` structs). Embedded
 bytes are written once into a content-addressed folder (``<sha256>.<ext>``, see
-:func:`store_image_bytes`), so every :class:`~genrecal.store.data.sample.Sample` refers to
+:func:`store_image_bytes`), so every :class:`~genrecal.data.sample.Sample` refers to
 its images by path, whatever the dataset format.
 
 Every image is decoded with PIL once when it is read, so a corrupt file fails at read time
@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from genrecal.store.data.problems import RowProblem
+from genrecal.data.problems import RowProblem
 
 ImageRef = str | bytes
 

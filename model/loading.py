@@ -5,7 +5,7 @@ is an ``AutoModelForImageTextToText`` in eval mode. It works without torchvision
 falls back to PIL image processors, and the processors with a video slot (Qwen2-VL,
 Qwen2.5-VL), which ``AutoProcessor`` cannot build without torchvision, are assembled from
 ``AutoImageProcessor`` + ``AutoTokenizer`` with the video slot left empty (see
-:func:`assemble_without_video`); :func:`genrecal.store.vlm.saving.save_processor`
+:func:`assemble_without_video`); :func:`genrecal.model.saving.save_processor`
 writes processors back in the form this module loads. Every failure is a :class:`ModelLoadError` with a fix hint.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from genrecal.store.errors import ModelLoadError
-from genrecal.store.vlm.encoding import Encoded, encode_sample
-from genrecal.store.vlm.families import Family, get_family
+from genrecal.model.encoding import Encoded, encode_sample
+from genrecal.model.families import Family, get_family
 
 __all__ = ["Encoded", "LoadedVLM", "assemble_without_video", "encode_sample", "load_processor",
            "load_vlm"]

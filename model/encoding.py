@@ -1,4 +1,4 @@
-"""Format a :class:`~genrecal.store.data.sample.Sample` for one VLM and find its spans.
+"""Format a :class:`~genrecal.data.sample.Sample` for one VLM and find its spans.
 
 The sample goes through the model's OWN chat template (``processor.apply_chat_template`` on
 ``sample.to_messages()``) and processor (image tokens expanded by the processor itself), so a
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from genrecal.store.data.sample import Sample
+from genrecal.data.sample import Sample
 from genrecal.store.errors import SpanError
-from genrecal.store.vlm.families import Family
-from genrecal.store.vlm.spans import Spans, end_of_turn_after, image_runs
+from genrecal.model.families import Family
+from genrecal.store.spans import Spans, end_of_turn_after, image_runs
 
 SENTINEL = "\ue000genrecal-answer\ue001"  # private-use code points: never in real text
 

@@ -1,12 +1,12 @@
-"""genrecal.store.distributed.RankInfo: torchrun environment, process group, validation."""
+"""genrecal.common.distributed.RankInfo: torchrun environment, process group, validation."""
 
 from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
 
-from genrecal.store.distributed import RankInfo
-from genrecal.store.errors import DistributedEnvError
+from genrecal.common.distributed import RankInfo
+from genrecal.common.errors import DistributedEnvError
 
 
 def test_from_the_torchrun_environment():

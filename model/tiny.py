@@ -5,13 +5,13 @@
 tokenizer trained here in the family's style (tiny_tokenizers.py), the family's chat template
 (tiny_templates.py) and its real image processor at a tiny image size (4-16 image tokens per
 image), saves everything with ``save_pretrained`` and returns the directory, which
-:func:`genrecal.store.vlm.loading.load_vlm` loads like any checkpoint.
+:func:`genrecal.model.loading.load_vlm` loads like any checkpoint.
 
 Kinds: ``qwen2_vl`` (teacher default: vocab 2000, hidden 256), ``qwen2_5_vl``, ``llava_qwen2``
 (student default: vocab 500, hidden 64), ``llava_llama``, ``gemma3`` (with a final-logit
 soft-cap) and ``internvl`` (InternViT + pixel-shuffle projector + Qwen2 decoder). Same kind + seed + sizes -> byte-identical files.
 
-The build records its resolved :class:`TinySpec` in ``tiny_spec.json``; :func:`ensure_tiny_vlm`
+The build records its resolved :class:`TinySizes` in ``tiny_spec.json``; :func:`ensure_tiny_vlm`
 (and :func:`model_dir_for`, for a pipeline's model spec) builds only when a directory lacks a
 complete model with that record, replacing a stale one atomically (temp dir + rename).
 """
@@ -27,12 +27,12 @@ from typing import Any, Callable
 
 import torch
 
-from genrecal.store.atomic import replace_dir
-from genrecal.store.vlm import tiny_templates as templates
-from genrecal.store.vlm.families import get_family
-from genrecal.store.vlm.loading import assemble_without_video
-from genrecal.store.vlm.saving import save_processor
-from genrecal.store.vlm.tiny_tokenizers import TokenizerStyle, train_tokenizer
+from genrecal.common.atomic import replace_dir
+from genrecal.model import tiny_templates as templates
+from genrecal.model.families import get_family
+from genrecal.model.loading import assemble_without_video
+from genrecal.model.saving import save_processor
+from genrecal.model.tiny_tokenizers import TokenizerStyle, train_tokenizer
 
 QWEN_VL_STYLE = TokenizerStyle(
     pre_tokenizer="byte_level", leading=(),
@@ -68,8 +68,11 @@ INTERNVL_STYLE = TokenizerStyle(
 
 
 @dataclass(frozen=True)
-class TinySpec:
-    """Sizes of one tiny VLM (text decoder; the vision tower is fixed per kind)."""
+class TinySizes:
+    """Resolved sizes of one tiny VLM (text decoder; the vision tower is fixed per kind).
+
+    :func:`tiny_spec` resolves a pipeline's :class:`genrecal.common.config.TinySpec` (sizes
+    left out take the kind's default here) into one of these."""
 
     kind: str
     vocab_size: int
@@ -92,8 +95,8 @@ class TinySpec:
 class _Kind:
     style: TokenizerStyle
     chat_template: str
-    defaults: TinySpec
-    build_config: Callable[[TinySpec, Callable[[str], int]], object]
+    defaults: TinySizes
+    build_config: Callable[[TinySizes, Callable[[str], int]], object]
     build_image_processor: Callable[[], object]
     build_processor: Callable[[object, object, str], object]
 
@@ -106,14 +109,14 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * hw, hw, hw]
 
 
-def _text_kwargs(spec: TinySpec) -> dict:
+def _text_kwargs(spec: TinySizes) -> dict:
     return dict(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                 intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
                 num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
                 max_position_embeddings=1024)
 
 
-def _qwen_text(spec: TinySpec, tid) -> dict:
+def _qwen_text(spec: TinySizes, tid) -> dict:
     rope = {"rope_type": "default", "rope_theta": 10000.0,
             "mrope_section": _mrope_section(spec.head_dim)}
     return dict(_text_kwargs(spec), rope_parameters=rope, bos_token_id=None,
@@ -126,7 +129,7 @@ def _qwen_vision_ids(tid) -> dict:
                 vision_end_token_id=tid("<|vision_end|>"))
 
 
-def _qwen2_vl_config(spec: TinySpec, tid):
+def _qwen2_vl_config(spec: TinySizes, tid):
     from transformers import Qwen2VLConfig
 
     vision = dict(depth=1, embed_dim=32, hidden_size=spec.hidden_size, num_heads=2, mlp_ratio=2,
@@ -135,7 +138,7 @@ def _qwen2_vl_config(spec: TinySpec, tid):
                          **_qwen_vision_ids(tid))
 
 
-def _qwen2_5_vl_config(spec: TinySpec, tid):
+def _qwen2_5_vl_config(spec: TinySizes, tid):
     from transformers import Qwen2_5_VLConfig
 
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
@@ -160,7 +163,7 @@ def _llava_config(text_config, tid):
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-def _llava_qwen2_config(spec: TinySpec, tid):
+def _llava_qwen2_config(spec: TinySizes, tid):
     from transformers import Qwen2Config
 
     text = Qwen2Config(**_text_kwargs(spec), bos_token_id=None, eos_token_id=tid("<|im_end|>"),
@@ -168,7 +171,7 @@ def _llava_qwen2_config(spec: TinySpec, tid):
     return _llava_config(text, tid)
 
 
-def _llava_llama_config(spec: TinySpec, tid):
+def _llava_llama_config(spec: TinySizes, tid):
     from transformers import LlamaConfig
 
     text = LlamaConfig(**_text_kwargs(spec), bos_token_id=tid("<s>"), eos_token_id=tid("</s>"),
@@ -179,7 +182,7 @@ def _llava_llama_config(spec: TinySpec, tid):
 GEMMA3_SOFTCAP = 1.0  # small, so the tanh is visibly non-linear on tiny random logits
 
 
-def _gemma3_config(spec: TinySpec, tid):
+def _gemma3_config(spec: TinySizes, tid):
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
     text = Gemma3TextConfig(
@@ -199,7 +202,7 @@ def _gemma3_config(spec: TinySpec, tid):
 INTERNVL_IMAGE_SEQ_LENGTH = 4  # (32 px / 8 px patches)^2 * downsample_ratio^2 tokens per tile
 
 
-def _internvl_config(spec: TinySpec, tid):
+def _internvl_config(spec: TinySizes, tid):
     from transformers import InternVLConfig, Qwen2Config
 
     text = Qwen2Config(**_text_kwargs(spec), bos_token_id=None, eos_token_id=tid("<|im_end|>"),
@@ -267,28 +270,28 @@ def _gemma3_processor(image_processor, tokenizer, chat_template: str):
 
 
 KINDS: dict[str, _Kind] = {
-    "qwen2_vl": _Kind(QWEN_VL_STYLE, templates.QWEN_VL, TinySpec("qwen2_vl", 2000, 256),
+    "qwen2_vl": _Kind(QWEN_VL_STYLE, templates.QWEN_VL, TinySizes("qwen2_vl", 2000, 256),
                       _qwen2_vl_config, _qwen_image_processor, _qwen_processor),
-    "qwen2_5_vl": _Kind(QWEN_VL_STYLE, templates.QWEN_VL, TinySpec("qwen2_5_vl", 1500, 128),
+    "qwen2_5_vl": _Kind(QWEN_VL_STYLE, templates.QWEN_VL, TinySizes("qwen2_5_vl", 1500, 128),
                         _qwen2_5_vl_config, _qwen_image_processor, _qwen2_5_processor),
-    "llava_qwen2": _Kind(LLAVA_QWEN2_STYLE, templates.LLAVA_QWEN2, TinySpec("llava_qwen2", 500, 64),
+    "llava_qwen2": _Kind(LLAVA_QWEN2_STYLE, templates.LLAVA_QWEN2, TinySizes("llava_qwen2", 500, 64),
                          _llava_qwen2_config, _clip_image_processor, _llava_processor),
     "llava_llama": _Kind(LLAVA_LLAMA_STYLE, templates.LLAVA_VICUNA,
-                         TinySpec("llava_llama", 600, 64, num_kv_heads=4),
+                         TinySizes("llava_llama", 600, 64, num_kv_heads=4),
                          _llava_llama_config, _clip_image_processor, _llava_processor),
-    "gemma3": _Kind(GEMMA3_STYLE, templates.GEMMA3, TinySpec("gemma3", 800, 64),
+    "gemma3": _Kind(GEMMA3_STYLE, templates.GEMMA3, TinySizes("gemma3", 800, 64),
                     _gemma3_config, _gemma3_image_processor, _gemma3_processor),
-    "internvl": _Kind(INTERNVL_STYLE, templates.INTERNVL, TinySpec("internvl", 700, 64),
+    "internvl": _Kind(INTERNVL_STYLE, templates.INTERNVL, TinySizes("internvl", 700, 64),
                       _internvl_config, _internvl_image_processor, _internvl_processor),
 }
 
 
-SPEC_FILE = "tiny_spec.json"  # the resolved TinySpec a directory was built from
+SPEC_FILE = "tiny_spec.json"  # the resolved TinySizes a directory was built from
 
 
 # ----- build -----------------------------------------------------------------------------------
-def tiny_spec(kind: str, *, seed: int = 0, **sizes) -> TinySpec:
-    """The kind's default :class:`TinySpec` with ``sizes`` (those not None) and ``seed`` applied."""
+def tiny_spec(kind: str, *, seed: int = 0, **sizes) -> TinySizes:
+    """The kind's default :class:`TinySizes` with ``sizes`` (those not None) and ``seed`` applied."""
     if kind not in KINDS:
         raise ValueError(f"unknown tiny VLM kind '{kind}'; choose one of {sorted(KINDS)}")
     spec = replace(KINDS[kind].defaults, seed=seed, **{k: v for k, v in sizes.items() if v is not None})
@@ -317,7 +320,7 @@ def build_tiny_vlm(kind: str, out_dir: str | Path, *, seed: int = 0, vocab_size:
     return out
 
 
-def _hf_tokenizer(recipe: _Kind, spec: TinySpec):
+def _hf_tokenizer(recipe: _Kind, spec: TinySizes):
     from transformers import TokenizersBackend
 
     backend = train_tokenizer(recipe.style, spec.vocab_size, seed=spec.seed, salt=spec.kind)
@@ -349,7 +352,7 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def tiny_vlm_is_complete(out_dir: str | Path, spec: TinySpec) -> bool:
+def tiny_vlm_is_complete(out_dir: str | Path, spec: TinySizes) -> bool:
     """Whether ``out_dir`` holds a whole tiny model (config, weights, tokenizer) built from
     ``spec`` (as recorded in its ``tiny_spec.json``)."""
     out = Path(out_dir)
@@ -389,7 +392,7 @@ def model_dir_for(spec: Any, location: str | Path) -> Path:
     ensured tiny model at ``location`` (:func:`ensure_tiny_vlm`) for a ``tiny`` one.
 
     ``spec`` is duck-typed: ``.tiny`` is None or has ``.kind`` and ``.build_kwargs()``
-    (``genrecal.config.ModelSpec``); ``location`` is ``Pipeline.model_location(role)``."""
+    (``genrecal.common.config.ModelSpec``); ``location`` is ``Pipeline.model_location(role)``."""
     if spec.tiny is None:
         return Path(location)
     return ensure_tiny_vlm(spec.tiny.kind, location, **spec.tiny.build_kwargs())

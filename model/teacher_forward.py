@@ -9,7 +9,7 @@ hidden states. Transformers 5 accepts a list for ``output_hidden_states`` but ap
 vision tower too, so a LLaVA projector that reads ``vision_feature_layer`` would get ``None``.
 Instead two forward hooks read what the cache needs while the forward runs:
 
-* ``z``, the post-norm last hidden state that the head reads (method.md, section 1, "Forward"):
+* ``z``, the post-norm last hidden state that the head reads (docs/method.md §1.1):
   the output of the decoder's final norm (:meth:`Family.final_norm`);
 * the output of block L-2 (0-based blocks), which GRACE's L_RCKA reads at image positions
   (docs/method.md, GRACE, "L_RCKA"): the input of the last decoder block, i.e.
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from genrecal.store.schema import answer_window_positions, question_positions
-from genrecal.store.vlm.families import Family
-from genrecal.store.vlm.padding import pad_batch, pad_offsets
-from genrecal.store.vlm.spans import Spans
+from genrecal.model.families import Family
+from genrecal.model.padding import pad_batch, pad_offsets
+from genrecal.store.spans import Spans
 
 
 @dataclass(frozen=True)

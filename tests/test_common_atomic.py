@@ -2,7 +2,7 @@
 
 import json
 
-from genrecal.store.atomic import replace_dir, write_json_atomic, write_text_atomic
+from genrecal.common.atomic import replace_dir, write_json_atomic, write_text_atomic
 
 
 def test_text_and_json_replace_the_target_and_leave_no_temporary(tmp_path):

@@ -1,4 +1,4 @@
-"""Batched answer generation for a :class:`~genrecal.store.vlm.loading.LoadedVLM` over Samples.
+"""Batched answer generation for a :class:`~genrecal.model.loading.LoadedVLM` over Samples.
 
 For assistant turn k of a sample the prompt is the conversation up to (not including) that
 turn, rendered with the model's OWN chat template and ``add_generation_prompt=True``, with
@@ -30,9 +30,9 @@ from typing import Literal
 
 import torch
 
-from genrecal.store.data.sample import Sample
+from genrecal.data.sample import Sample
 from genrecal.store.errors import GenerationError
-from genrecal.store.vlm.encoding import _check_control_tokens
+from genrecal.model.encoding import _check_control_tokens
 
 __all__ = ["Generation", "Prompt", "TurnSelection", "answers_match", "build_prompts",
            "generate_answers", "normalise_answer", "selected_turns", "stop_token_ids"]

@@ -1,7 +1,7 @@
 """The internal signal for one bad dataset row, and the public skip record.
 
 Row parsers raise :class:`RowProblem` (what is wrong + how to fix it) without knowing the
-sample id or file; :mod:`genrecal.store.data.readers` adds both and turns it into a
+sample id or file; :mod:`genrecal.data.readers` adds both and turns it into a
 :class:`~genrecal.store.errors.DatasetError` (``on_error="raise"``) or a :class:`Skip`
 (``on_error="skip"``).
 """

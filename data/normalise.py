@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from genrecal.store.data.images import ImageRef, ImageResolver
-from genrecal.store.data.problems import RowProblem
-from genrecal.store.data.sample import Part, Sample, Turn, content_hash
+from genrecal.data.images import ImageRef, ImageResolver
+from genrecal.data.problems import RowProblem
+from genrecal.data.sample import Part, Sample, Turn, content_hash
 
 ROLE_ALIASES: dict[str, str] = {
     "human": "user", "user": "user",

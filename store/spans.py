@@ -8,7 +8,7 @@ All spans are half-open ``(start, end)`` ranges into ``input_ids``:
 - ``questions[k]``: everything from the end of answer k-1 (or 0) to the start of answer k
   (system prompt, user text, image tokens, assistant header).
 
-The *answer window* of turn k (method.md, "Positions, precisely") is every position from the
+The *answer window* of turn k (docs/method.md §1.2) is every position from the
 last token before the answer through its last token: ``(answers[k][0] - 1, answers[k][1])``.
 """
 
@@ -47,7 +47,7 @@ class Spans:
         return len(self.answers)
 
     def answer_window(self, k: int) -> Range:
-        """Positions whose next token is an answer token, plus the answer tokens (method.md)."""
+        """Positions whose next token is an answer token, plus the answer tokens (docs/method.md §1.2)."""
         start, end = self.answers[k]
         return start - 1, end
 

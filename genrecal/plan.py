@@ -1,0 +1,180 @@
+"""The plan of one ``genrecal run``: the pipelines each phase runs, derived from the pipeline
+(the teacher's fine-tuning, one pipeline per seed, the SFT-only baseline), and where their
+outputs and the evaluated models live. :mod:`genrecal.runner` runs it; :mod:`genrecal.report`
+reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genrecal.common.config import Pipeline
+from genrecal.common.vocabulary import TRAINER_STAGES
+from genrecal.errors import RunError
+
+ROWS = ("teacher", "student_init", "student_sft", "student_genrecal")
+ROW_TITLES = {"teacher": "teacher", "student_init": "student before training",
+              "student_sft": "student, SFT only", "student_genrecal": "student, GenRecal"}
+EVAL_DIR = "eval"
+REPORT_DIR = "report"
+
+
+# ==============================================================================================
+# The plan: the pipelines each phase runs, derived from the pipeline
+# ==============================================================================================
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The derived pipelines and paths of one ``genrecal run`` of ``pipeline`` over ``seeds``."""
+
+    pipeline: Pipeline
+    seeds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_runnable(self.pipeline, self.seeds)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.pipeline.output_dir).resolve()
+
+    def _derive(self, suffix: str, **changes: Any) -> Pipeline:
+        data = {**self.pipeline.to_dict(), "teacher_finetune": None, **changes}
+        data["name"] = f"{self.pipeline.name}.{suffix}" if suffix else self.pipeline.name
+        return Pipeline.from_dict(data, source=f"genrecal run {self.pipeline.name} ({suffix or 'cache'})")
+
+    def teacher_pipeline(self) -> Pipeline | None:
+        """The teacher fine-tuning as a one-stage pipeline whose student is the teacher."""
+        tf = self.pipeline.teacher_finetune
+        if tf is None:
+            return None
+        stage = {k: v for k, v in tf.to_dict().items() if k not in ("data", "output")}
+        teacher = _pinned_model(self.pipeline.teacher.to_dict(), self.base_teacher_dir)
+        data = tf.data.to_dict() if tf.data is not None else materialised_data(self.pipeline)
+        return self._derive("teacher", student=teacher, teacher=teacher, data=data,
+                            stages=[stage], evaluation=None,
+                            output=tf.output or str(self.root / "teacher"))
+
+    @property
+    def base_teacher_dir(self) -> str:
+        """The teacher as configured (tiny: where the kit builds it)."""
+        location = self.pipeline.model_location("teacher")
+        return str(Path(location).resolve()) if self.pipeline.teacher.tiny is not None else location
+
+    @property
+    def teacher_dir(self) -> str:
+        """The teacher the cache is extracted from: the fine-tuned one, else as configured."""
+        tp = self.teacher_pipeline()
+        if tp is None:
+            return self.base_teacher_dir
+        from genrecal.train.export import STUDENT_DIR
+
+        return str(Path(tp.stage_dir("finetune")).resolve() / STUDENT_DIR)
+
+    def _teacher_spec(self) -> dict:
+        spec = self.pipeline.teacher.to_dict()
+        if self.pipeline.teacher_finetune is None:
+            return spec
+        spec.pop("revision", None)  # a local checkpoint: no hub revision
+        return {**spec, "tiny": None, "source": self.teacher_dir}
+
+    def cache_pipeline(self) -> Pipeline:
+        """The pipeline with the (fine-tuned) teacher: what the cache is extracted from."""
+        return self._derive("", teacher=self._teacher_spec())
+
+    def student_dir(self, seed: int) -> str:
+        """The initial student of seed ``seed``."""
+        if self.pipeline.student.tiny is None:
+            return self.pipeline.model_location("student")
+        return str(self.root / f"seed-{seed}" / "models" / "student")
+
+    def _seed_changes(self, seed: int) -> dict:
+        student = self.pipeline.student.to_dict()
+        if student.get("tiny") is not None:
+            student["tiny"] = {**student["tiny"], "seed": seed, "path": self.student_dir(seed)}
+        return {"teacher": self._teacher_spec(), "student": student,
+                "data": materialised_data(self.pipeline)}
+
+    def seed_pipeline(self, seed: int) -> Pipeline:
+        """The pipeline's stages for seed ``seed``, under ``<output>/seed-<seed>``."""
+        stages = [{**s.to_dict(), "seed": seed, "output": None} for s in self.pipeline.stages]
+        return self._derive(f"seed-{seed}", **self._seed_changes(seed), stages=stages,
+                            output=str(self.root / f"seed-{seed}"))
+
+    def sft_pipeline(self, seed: int) -> Pipeline:
+        """The SFT-only baseline of seed ``seed`` (module docstring)."""
+        return self._derive(f"seed-{seed}.sft", **self._seed_changes(seed),
+                            stages=[{**sft_stage(self.pipeline), "seed": seed}],
+                            output=str(self.root / f"seed-{seed}" / "sft"))
+
+    def model_dirs(self, seed: int) -> dict[str, str]:
+        """Row -> the model directory evaluated for it (seed ``seed``)."""
+        seed_pipe, last = self.seed_pipeline(seed), self.pipeline.stages[-1].name
+        from genrecal.train.export import STUDENT_DIR
+
+        return {"teacher": self.teacher_dir, "student_init": self.student_dir(seed),
+                "student_sft": str(Path(self.sft_pipeline(seed).stage_dir("finetune")) / STUDENT_DIR),
+                "student_genrecal": str(Path(seed_pipe.stage_dir(last)) / STUDENT_DIR)}
+
+
+def _check_runnable(pipe: Pipeline, seeds: tuple[int, ...]) -> None:
+    problems = [f"stage {s.name!r} is not run by genrecal run (it runs {list(TRAINER_STAGES)})"
+                for s in pipe.stages if s.name not in TRAINER_STAGES]
+    if "finetune" not in [s.name for s in pipe.stages]:
+        problems.append("it needs a finetune stage: its settings define the SFT-only baseline")
+    if pipe.evaluation is None:
+        problems.append("it needs an evaluation block: the run ends with the results table")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        problems.append(f"seeds must be distinct integers >= 0; got {list(seeds)}")
+    if problems:
+        raise RunError(f"pipeline {pipe.name!r} cannot be run end to end: " + "; ".join(problems))
+
+
+def _pinned_model(spec: dict, location: str) -> dict:
+    """A model spec whose tiny model is built at ``location`` (so derived pipelines share it)."""
+    if spec.get("tiny") is None:
+        return spec
+    return {**spec, "tiny": {**spec["tiny"], "path": location}}
+
+
+def materialised_data(pipe: Pipeline) -> dict:
+    """The pipeline's data with its synthetic set given as the files it was generated into, so
+    that derived pipelines (other output directories) read the same files, ids and hashes."""
+    from genrecal.data.pipeline_data import split_sources
+
+    data, root = pipe.data, Path(pipe.output_dir).resolve()
+    splits = sorted(data.splits())
+    sources = [_source_dict(s) for split in splits
+               for s in split_sources(data, split, output_dir=root)]
+    return {"sources": sources, "on_error": data.on_error}
+
+
+def _source_dict(source: Any) -> dict:
+    return {"path": str(source.path), "format": source.format, "image_root": source.image_root,
+            "split": source.split, "limit": source.limit}
+
+
+def student_training_stages(pipe: Pipeline) -> list:
+    """The stages that change student parameters (every stage whose trains has a student part)."""
+    return [s for s in pipe.stages if s.trains.student_parts()]
+
+
+def sft_stage(pipe: Pipeline) -> dict:
+    """The SFT-only baseline stage (module docstring) as a config dict."""
+    finetune = pipe.stage("finetune").to_dict()
+    training = student_training_stages(pipe)
+    if all(s.steps is not None for s in training):
+        length = {"steps": sum(s.steps for s in training), "epochs": None}
+    elif all(s.epochs is not None for s in training):
+        length = {"epochs": sum(s.epochs for s in training), "steps": None}
+    else:
+        raise RunError(f"pipeline {pipe.name!r}: the stages that train the student mix 'steps' "
+                       "and 'epochs', so the SFT-only baseline's length is undefined; give them "
+                       "all steps or all epochs")
+    return {**finetune, **length, "output": None}
+
+
+# ==============================================================================================
+# Steps
+# ==============================================================================================
