@@ -105,6 +105,7 @@ class TinySpec(ConfigModel):
 
     kind: TinyKind
     seed: NonNegInt = 0
+    tokenizer_seed: NonNegInt | None = None  # None: seed; equal ones give one tokenizer (GRACE)
     vocab_size: PosInt | None = None
     hidden_size: PosInt | None = None
     num_layers: PosInt | None = None
@@ -382,11 +383,20 @@ class Losses(ConfigModel):
 
 
 class GdkdConfig(ConfigModel):
-    """Decoupled KD of GRACE: DKD = (alpha*TCKD + beta_dkd*NCKD) * T^2 (docs/method.md §2)."""
+    """Confidence-gated decoupled KD of GRACE: DKD = (alpha*TCKD + beta_dkd*NCKD) * T^2, gated by
+    the teacher's entropy (docs/method.md §2.1, eqs. (2.2)-(2.6)).
+
+    ``source``: where the teacher's logits come from: ``exact`` (the cached ``answer_hidden``
+    through the cached teacher head, chunked over the vocabulary) or ``logit_stats`` (TCKD and
+    the gate exact, NCKD over the top-k plus one tail bucket, docs/method.md §2.4).
+    ``warmup_steps``: w_d of (2.1) rises linearly from 0 to 1 over this many optimizer steps.
+    """
 
     temperature: PosFloat = 2.0
     alpha: NonNegFloat = 1.0
     beta_dkd: NonNegFloat = 4.0
+    source: Literal["exact", "logit_stats"] = "logit_stats"
+    warmup_steps: NonNegInt = 0
 
 
 class RckaConfig(ConfigModel):
@@ -415,11 +425,21 @@ class ControllerConfig(ConfigModel):
 
 
 class QuantConfig(ConfigModel):
-    """Weight-only fake quantisation of the student's decoder linears (GRACE QAT)."""
+    """Weight-only fake quantisation of the student's decoder linears: quantisation-aware
+    training in any stage (docs/method.md §2.3).
+
+    Symmetric signed codes of ``bits`` bits, one learnable log-scale per group of
+    ``group_size`` input columns (initialised by an MSE grid search), straight-through
+    rounding; the scales train in their own optimizer group at ``scale_lr_mult`` times the
+    stage's learning rate, without weight decay. ``scale_dtype``: the precision the exported
+    checkpoint stores scales in; the fake-quantiser rounds to it, so training sees the scales
+    the export carries.
+    """
 
     bits: Literal[4, 8] = 4
     group_size: PosInt = 128
     scale_lr_mult: PosFloat = 10.0
+    scale_dtype: Dtype = "bfloat16"
     modules: list[QuantModule] = Field(default_factory=lambda: list(QUANT_MODULES))
 
     def _problems(self) -> list[Problem]:
@@ -451,6 +471,7 @@ class _StageBase(ConfigModel):
     seed: NonNegInt = 0
     output: NonEmptyStr | None = None  # None: <pipeline output>/<stage name>
     trains: TrainSwitches = Field(default_factory=TrainSwitches)
+    quantize: QuantConfig | None = None  # QAT of the student's decoder linears; None: off
 
     @model_validator(mode="before")
     @classmethod
@@ -566,7 +587,6 @@ class GraceStage(_StageBase):
     gdkd: GdkdConfig = Field(default_factory=GdkdConfig)
     rcka: RckaConfig = Field(default_factory=RckaConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
-    quant: QuantConfig | None = Field(default_factory=QuantConfig)  # None: BF16 GRACE
 
     def _problems(self) -> list[Problem]:
         problems = super()._problems()
@@ -712,10 +732,15 @@ def _grace_problems(pipe: Pipeline) -> list[Problem]:
             problems.append((("student", "family"), f"{where} needs teacher and student of the "
                              f"same family and tokenizer; got {pipe.teacher.family!r} and "
                              f"{pipe.student.family!r}"))
-        if not features.answer_hidden and features.logit_stats is None:
-            problems.append((("cache", "features", "logit_stats"), f"{where} needs teacher "
-                             "logits: set logit_stats or answer_hidden: true"))
-        elif not features.answer_hidden and \
+        if stage.gdkd.source == "exact" and not features.answer_hidden:
+            problems.append((("cache", "features", "answer_hidden"), f"must be true: {where} has "
+                             "gdkd.source 'exact' (teacher logits from the cached z and head); or "
+                             "set gdkd.source: logit_stats"))
+        elif stage.gdkd.source == "logit_stats" and features.logit_stats is None:
+            problems.append((("cache", "features", "logit_stats"), f"must be set: {where} has "
+                             "gdkd.source 'logit_stats'; or set gdkd.source: exact with "
+                             "answer_hidden: true"))
+        elif stage.gdkd.source == "logit_stats" and \
                 features.logit_stats.temperature != stage.gdkd.temperature:
             problems.append((("cache", "features", "logit_stats", "temperature"),
                              f"must equal {where} gdkd.temperature ({stage.gdkd.temperature})"))

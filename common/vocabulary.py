@@ -28,8 +28,8 @@ FEATURE_CODECS: dict[str, tuple[str, ...]] = {
 STAGE_ORDER: tuple[str, ...] = ("align", "distill", "finetune", "grace")
 #: Stages that train through the Recalibrator with the GenRecal losses (they read the cache).
 GENRECAL_STAGES: tuple[str, ...] = ("align", "distill")
-#: Stages the GenRecal trainer runs (genrecal.train.loop).
-TRAINER_STAGES: tuple[str, ...] = ("align", "distill", "finetune")
+#: Stages the trainer runs (genrecal.train.loop): every stage type.
+TRAINER_STAGES: tuple[str, ...] = ("align", "distill", "finetune", "grace")
 #: Decoder linears that GRACE's QAT may fake-quantise (docs/method.md §2.3).
 QUANT_MODULES: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",

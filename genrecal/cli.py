@@ -352,6 +352,30 @@ def extract_command(
     typer.echo(result.summary())
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", show_default=False,
+        help="Student directory (a QAT student for int4/int8) or a stage output holding student/.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", file_okay=False, show_default=False,
+        help="Directory to write (replaced if it exists).")],
+    fmt: Annotated[Optional[str], typer.Option(
+        "--format", show_default=False,
+        help="bf16, int4 or int8 (compressed-tensors pack-quantized W4A16 / W8A16); default: "
+             "int<bits> for a QAT student, else bf16.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", show_default=False,
+        help="int4/int8: dtype of the unquantised weights and the scales (default: the QAT "
+             "scale_dtype).")] = None,
+) -> None:
+    """Export a trained student as a deployable checkpoint (bf16, or int4 / int8 packed with
+    compressed-tensors from the QAT codes and scales, verified bit for bit)."""
+    from genrecal.train.export import export_checkpoint
+
+    typer.echo(export_checkpoint(checkpoint, out, fmt, dtype=dtype).summary())
+
+
 def _parse_seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(part) for part in text.split(","))

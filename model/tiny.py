@@ -81,6 +81,7 @@ class TinySizes:
     num_heads: int = 4
     num_kv_heads: int = 2
     seed: int = 0
+    tokenizer_seed: int | None = None  # None: ``seed``; equal ones give the same tokenizer
 
     @property
     def head_dim(self) -> int:
@@ -303,10 +304,16 @@ def tiny_spec(kind: str, *, seed: int = 0, **sizes) -> TinySizes:
 
 def build_tiny_vlm(kind: str, out_dir: str | Path, *, seed: int = 0, vocab_size: int | None = None,
                    hidden_size: int | None = None, num_layers: int | None = None,
-                   num_heads: int | None = None, num_kv_heads: int | None = None) -> Path:
-    """Build, save and return the directory of a tiny ``kind`` VLM (see module docstring)."""
+                   num_heads: int | None = None, num_kv_heads: int | None = None,
+                   tokenizer_seed: int | None = None) -> Path:
+    """Build, save and return the directory of a tiny ``kind`` VLM (see module docstring).
+
+    ``seed`` draws the weights and, unless ``tokenizer_seed`` is given, trains the tokenizer:
+    two kits of one kind, vocabulary size and tokenizer seed share their tokenizer (GRACE's
+    same-tokenizer pairs)."""
     spec = tiny_spec(kind, seed=seed, vocab_size=vocab_size, hidden_size=hidden_size,
-                     num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads)
+                     num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                     tokenizer_seed=tokenizer_seed)
     recipe = KINDS[kind]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +330,8 @@ def build_tiny_vlm(kind: str, out_dir: str | Path, *, seed: int = 0, vocab_size:
 def _hf_tokenizer(recipe: _Kind, spec: TinySizes):
     from transformers import TokenizersBackend
 
-    backend = train_tokenizer(recipe.style, spec.vocab_size, seed=spec.seed, salt=spec.kind)
+    seed = spec.seed if spec.tokenizer_seed is None else spec.tokenizer_seed
+    backend = train_tokenizer(recipe.style, spec.vocab_size, seed=seed, salt=spec.kind)
     tokenizer = TokenizersBackend(tokenizer_object=backend, **recipe.style.named)
     tokenizer.chat_template = recipe.chat_template
     return tokenizer

@@ -118,7 +118,7 @@ def test_grace_pipeline_uses_the_paper_values():
     pipeline = config.get_pipeline("llava-1.5-13b_to_llava-1.5-7b", REPO_FILE)
     (stage,) = pipeline.stages
     assert isinstance(stage, config.GraceStage)
-    assert (stage.quant.bits, stage.quant.group_size) == (4, 128)
+    assert (stage.quantize.bits, stage.quantize.group_size) == (4, 128)
     assert (stage.controller.tau, stage.controller.eta, stage.controller.beta_init) == (3.0, 0.003, 0.5)
     assert (stage.rcka.omega, stage.rcka.warmup_steps, stage.gdkd.temperature) == (3.0, 400, 2.0)
     assert not stage.trains.vision_encoder
@@ -431,7 +431,8 @@ def grace_pipeline(features: dict, **stage) -> dict:
 def test_grace_needs_its_cache_features_and_one_tokenizer():
     good = {"answer_hidden": False, "question_hidden": "none", "visual_gram": True,
             "logit_stats": {"top_k": 64, "temperature": 2.0}}
-    assert config.Pipeline.from_dict(grace_pipeline(good)).stages[0].quant.bits == 4
+    assert config.Pipeline.from_dict(grace_pipeline(good)).stages[0].quantize is None  # QAT is opt-in
+    assert config.Pipeline.from_dict(grace_pipeline(good, quantize={"bits": 8})).stages[0].quantize.bits == 8
     with pytest.raises(ConfigError) as info:
         config.Pipeline.from_dict(grace_pipeline(
             {**good, "visual_gram": False, "logit_stats": {"temperature": 1.0}}))
@@ -449,9 +450,9 @@ def test_grace_needs_its_cache_features_and_one_tokenizer():
 
 @pytest.mark.parametrize("block, path", [
     ({"controller": {"beta_init": 2.0}}, "stages[0].controller.beta_init"),
-    ({"quant": {"bits": 3}}, "stages[0].quant.bits"),
-    ({"quant": {"modules": []}}, "stages[0].quant.modules"),
-    ({"quant": {"modules": ["q_proj", "lm_head"]}}, "stages[0].quant.modules[1]"),
+    ({"quantize": {"bits": 3}}, "stages[0].quantize.bits"),
+    ({"quantize": {"modules": []}}, "stages[0].quantize.modules"),
+    ({"quantize": {"modules": ["q_proj", "lm_head"]}}, "stages[0].quantize.modules[1]"),
     ({"controller": {"ema": 1.0}}, "stages[0].controller.ema"),
 ])
 def test_grace_block_problems(block, path):
@@ -461,9 +462,13 @@ def test_grace_block_problems(block, path):
     assert path in dict(info.value.problems)
 
 
-def test_bf16_grace_has_no_quantisation():
-    pipeline = config.Pipeline.from_dict(grace_pipeline({"visual_gram": True}, quant=None))
-    assert pipeline.stages[0].quant is None
+def test_bf16_grace_has_no_quantisation_and_any_stage_may_quantize():
+    pipeline = config.Pipeline.from_dict(grace_pipeline({"visual_gram": True, "logit_stats": {"temperature": 2.0}},
+                                                        quantize=None))
+    assert pipeline.stages[0].quantize is None
+    for name in ("align", "distill", "finetune"):
+        stage = config.FinetuneStage if name == "finetune" else (config.AlignStage if name == "align" else config.DistillStage)
+        assert stage.from_dict({"name": name, "steps": 1, "quantize": {"bits": 8}}).quantize.bits == 8
 
 
 @pytest.mark.parametrize("location, ok", [

@@ -8,6 +8,7 @@ rotary and mask code) on the Recalibrator's blocks.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -491,3 +492,25 @@ def test_cuda_padding_invariance_and_bf16_autocast():
         fast = rec(z_q, q_m, z_a.bfloat16(), a_m)
     assert torch.isfinite(fast.r_a).all()
     assert (fast.r_a.float() - out.r_a).abs().max() < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# No deprecated calls into transformers
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llava_llama", "gemma3"])
+def test_forward_emits_no_deprecation_warning(family):
+    """transformers 5.24 renamed `past_key_values` to `cache` in `create_causal_mask` /
+    `create_sliding_window_causal_mask` (the old keyword warns, and goes in 5.40). The body
+    builds its masks with both (gemma3 has full and sliding-window layers); padding makes them
+    real masks. Every deprecation category is an error here."""
+    rec = _rec(family, blocks=2)
+    z_q, q_m, z_a, a_m = _inputs(4, 3, batch=2)
+    q_m[1, :2] = False
+    a_m[1, 2:] = False
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+            warnings.simplefilter("error", category)
+        out = rec(z_q, q_m, z_a, a_m)
+        rec.forward_teacher_only(torch.randn(2, 5, D_TEACHER), _ones(2, 5), z_a, a_m)
+    assert torch.isfinite(out.r_a).all()

@@ -72,6 +72,7 @@ from genrecal.data.readers import DatasetRead
 from genrecal.data.sample import Sample
 from genrecal.store.errors import DatasetError, FingerprintMismatchError, SpanError
 from genrecal.store.fingerprint import weight_files, weights_identity_files
+from genrecal.store.logit_stats import LogitStats
 from genrecal.store.manifest import load_manifest
 from genrecal.store.reader import CachedSample, CacheReader
 from genrecal.store.schema import MANIFEST
@@ -79,7 +80,7 @@ from genrecal.store.storage import CacheStorage
 from genrecal.model.encoding import Encoded, encode_sample
 from genrecal.model.families import Family
 from genrecal.model.padding import pad_batch
-from genrecal.train.errors import ContentHashMismatchError, DataJoinError
+from genrecal.train.errors import ContentHashMismatchError, DataJoinError, StageSetupError
 from genrecal.train.losses import IGNORE_INDEX
 from genrecal.train.sampler import BatchPlan, SamplerState
 
@@ -87,7 +88,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CacheSource", "Collator", "DataWait", "Example", "JoinReport", "JoinedDataset", "LoaderConfig",
            "StudentSide", "TeacherRequest", "TeacherFeed", "TeacherTurn", "TrainBatch", "TrainLoader",
-           "check_cache_teacher", "join_with_cache", "make_loader", "pad_student", "pad_token_id", "student_labels",
+           "GraceFeed", "GraceTarget", "check_cache_teacher", "check_same_tokenizer", "grace_target", "join_with_cache", "make_loader", "pad_student", "pad_token_id", "student_labels",
            "teacher_turns"]
 
 
@@ -310,6 +311,31 @@ def check_cache_teacher(url, location: str, revision: str | None = None, *,
     return None
 
 
+def check_same_tokenizer(url, tokenizer) -> None:
+    """Refuse a teacher whose tokenizer differs from the student's (GRACE reads one input for
+    both models, docs/method.md §2.4). Compares the cached teacher tokenizer's vocabulary and
+    added tokens with ``tokenizer``'s; padded embedding rows beyond the vocabulary may differ
+    (the teacher's logits are sliced to the student's vocabulary)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from genrecal.store.artifacts import load_tokenizer_files
+
+    with tempfile.TemporaryDirectory(prefix="genrecal-teacher-tokenizer-") as tmp:
+        for name, data in load_tokenizer_files(url).items():
+            Path(tmp, name).write_bytes(data)
+        teacher = AutoTokenizer.from_pretrained(tmp)
+    mine, theirs = tokenizer.get_vocab(), teacher.get_vocab()
+    if mine != theirs:
+        differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:5]
+        raise StageSetupError(
+            f"GRACE needs teacher and student to share the tokenizer, but the teacher of cache {url} "
+            f"has {len(theirs)} tokens and the student {len(mine)}; first differences "
+            f"(token, id): {differ}. Use a same-tokenizer pair (the GenRecal stages distil across "
+            "tokenizers).")
+
+
 class CacheSource:
     """The teacher cache as seen by one process: a :class:`CacheReader` opened lazily, once per process.
 
@@ -319,9 +345,11 @@ class CacheSource:
     """
 
     def __init__(self, url, *, dtype: torch.dtype = torch.float32, load_question: bool = True,
-                 expect_teacher=None, verify: bool = True, storage_options: dict | None = None):
+                 expect_teacher=None, verify: bool = True, storage_options: dict | None = None,
+                 read: Sequence[str] | None = None):
         self.url, self.dtype, self.load_question = str(url), dtype, load_question
         self.expect_teacher, self.verify, self.storage_options = expect_teacher, verify, storage_options
+        self.read = None if read is None else tuple(read)
         self._reader: CacheReader | None = None
         self._pid: int | None = None
 
@@ -336,8 +364,15 @@ class CacheSource:
         return self._reader
 
     def features(self) -> list[str]:
-        """The cached features this source reads (answer_hidden, and question_hidden if asked and cached)."""
+        """The cached features this source reads: ``read`` when given (each must be cached), else
+        the GenRecal stages' answer_hidden, and question_hidden if asked and cached."""
         available = self.reader().features
+        if self.read is not None:
+            missing = [name for name in self.read if name not in available]
+            if missing:
+                raise DataJoinError(f"teacher cache {self.url} holds no {missing} (it has {sorted(available)}), "
+                                    "which this stage reads; re-extract with those cache.features on")
+            return list(self.read)
         if "answer_hidden" not in available:
             raise DataJoinError(f"teacher cache {self.url} holds no answer_hidden (it has {sorted(available)}); "
                                 "the GenRecal stages need it. Re-extract with cache.features.answer_hidden: true")
@@ -366,6 +401,80 @@ class CacheSource:
                 f"or the cache belongs to other data. Fix: re-extract the cache from this data, or point the "
                 f"trainer at the dataset (and image files) the cache was extracted from.", sample_id=sample.id)
         return cached
+
+
+@dataclass
+class GraceTarget:
+    """One sample's teacher signal for GRACE, from the cache (docs/method.md §2.4).
+
+    input_ids: int64 ``[L]`` the teacher's input ids (GRACE needs them equal to the student's);
+    answer_ids: int64 ``[n]`` the supervised tokens (answers of the kept turns, end-of-turn
+    included) in position order, whose predicting positions ``t`` (next token at ``t + 1``)
+    carry the rows below; stats: the cached :class:`~genrecal.store.logit_stats.LogitStats` of
+    those ``n`` rows, or None; hidden: float ``[n, d_l]`` the teacher's post-norm z at those
+    positions (the exact path), or None; grams: per image, the cached uncentred Gram ``[n_i,
+    n_i]`` of the teacher's block L-2 states, or None; image_spans: each image's token range.
+    gate: float ``[n]``, the confidence gate (2.5), filled on the device before the forward
+    (:meth:`genrecal.train.step.StageModel.token_counts`).
+    """
+
+    input_ids: torch.Tensor
+    answer_ids: torch.Tensor
+    stats: LogitStats | None = None
+    hidden: torch.Tensor | None = None
+    grams: list[torch.Tensor] | None = None
+    image_spans: tuple[tuple[int, int], ...] = ()
+    gate: torch.Tensor | None = None
+
+    def _apply(self, fn) -> "GraceTarget":
+        stats = None if self.stats is None else LogitStats(**{k: fn(v) for k, v in self.stats.to_dict().items()})
+        return replace(self, input_ids=fn(self.input_ids), answer_ids=fn(self.answer_ids), stats=stats,
+                       hidden=None if self.hidden is None else fn(self.hidden),
+                       grams=None if self.grams is None else [fn(g) for g in self.grams],
+                       gate=None if self.gate is None else fn(self.gate))
+
+    def to(self, device, non_blocking: bool = False) -> "GraceTarget":
+        return self._apply(lambda t: _move(t, device, non_blocking))
+
+    def pin_memory(self) -> "GraceTarget":
+        return self._apply(_pin)
+
+
+def grace_target(cached: CachedSample, n_turns: int) -> GraceTarget:
+    """The :class:`GraceTarget` of the first ``n_turns`` turns of a cache record."""
+    answers = cached.spans.answers[:n_turns]
+    n = sum(e - s for s, e in answers)  # target rows of the kept turns: the first n, in order
+    answer_ids = torch.cat([cached.input_ids[s:e] for s, e in answers])
+    stats = None
+    if cached.logit_stats is not None:
+        stats = LogitStats(**{k: v[:n] for k, v in cached.logit_stats.to_dict().items()})
+    hidden = None
+    if cached.answer_hidden is not None:  # window k = rows of positions s_k-1 .. e_k-1; targets: all but the last
+        rows = cached.answer_turn_rows()[:n_turns]
+        hidden = torch.cat([cached.answer_hidden[a:b - 1] for a, b in rows])
+    return GraceTarget(input_ids=cached.input_ids, answer_ids=answer_ids, stats=stats, hidden=hidden,
+                       grams=cached.visual_gram, image_spans=tuple(cached.spans.images))
+
+
+class GraceFeed:
+    """The teacher side of a GRACE stage: cached logit information and Grams per sample.
+
+    A :class:`TeacherFeed` over a :class:`CacheSource` that reads ``features`` (``logit_stats``
+    or ``answer_hidden``, and ``visual_gram`` when RCKA is on); each sample's entry in
+    ``TrainBatch.teacher`` is ``[GraceTarget]``.
+    """
+
+    def __init__(self, cache: CacheSource):
+        self.cache = cache
+
+    def join(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Skip], int]:
+        return self.cache.join(samples)
+
+    def record(self, sample: Sample) -> CachedSample:
+        return self.cache.record(sample)
+
+    def turns(self, cached: CachedSample, n_turns: int) -> list[GraceTarget]:
+        return [grace_target(cached, n_turns)]
 
 
 # ============================================================================ student side

@@ -44,13 +44,16 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from genrecal.common.config import AlignStage, DistillStage, FinetuneStage, Pipeline
-from genrecal.common.vocabulary import GENRECAL_STAGES, TRAINER_STAGES
+from genrecal.common.config import AlignStage, DistillStage, FinetuneStage, GraceStage, Pipeline
 from genrecal.common.distributed import RankInfo
+from genrecal.common.vocabulary import GENRECAL_STAGES, TRAINER_STAGES
 from genrecal.train.checkpoint import (CheckpointData, RngState, latest_checkpoint,
                                        load_checkpoint, prune_checkpoints, restore_weights,
                                        save_checkpoint)
+from genrecal.train.controller import LagrangianController, linear_warmup
 from genrecal.train.errors import StageSetupError
+from genrecal.train.quant import (is_qat_dir, load_qat_scales, param_groups, qat_modules,
+                                  quantize_model, read_qat_config, save_qat, set_lr)
 from genrecal.train.export import (RECALIBRATOR_DIR, STUDENT_DIR, export_recalibrator,
                                    export_student, read_done, write_done)
 from genrecal.train.metrics import MetricsLog, Progress, plot_losses
@@ -70,7 +73,7 @@ METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 
 #: The stage configs the trainer runs (:data:`~genrecal.common.vocabulary.TRAINER_STAGES`).
-TrainerStage = AlignStage | DistillStage | FinetuneStage
+TrainerStage = AlignStage | DistillStage | FinetuneStage | GraceStage
 
 
 # ==============================================================================================
@@ -299,8 +302,10 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
         # buffers (rotary inv_freq) are equal on every rank: no sync needed in the forward
         module = DistributedDataParallel(model, find_unused_parameters=bool(unused),
                                          forward_sync_buffers=False)
-    optimizer = torch.optim.AdamW([p for _, p in params], lr=schedule(0),
-                                  weight_decay=stage.weight_decay)
+    # QAT's log-scales train in their own group: no weight decay, LR x scale_lr_mult (§2.3)
+    scale_lr_mult = stage.quantize.scale_lr_mult if stage.quantize is not None else 1.0
+    optimizer = torch.optim.AdamW(param_groups(model.student, params, weight_decay=stage.weight_decay,
+                                               scale_lr_mult=scale_lr_mult), lr=schedule(0))
     if saved is not None:
         optimizer.load_state_dict(saved.optimizer)
     metrics = MetricsLog(job.out_dir / METRICS, None if saved is None else step,
@@ -309,6 +314,10 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
         saved.rng.restore()
     else:
         _seed_everything(stage.seed, dist.rank)
+    # GRACE: beta by the Lagrangian controller (docs/method.md §2.2), restored with the step
+    controller = LagrangianController(stage.controller) if isinstance(stage, GraceStage) else None
+    if controller is not None and saved is not None:
+        controller.load_state_dict(saved.trainer["controller"])
 
     # ---- The loop: one iteration = one optimizer step ---------------------------------------
     input_dtype = next(model.student.parameters()).dtype  # floating student inputs cast to it
@@ -326,9 +335,17 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
             batches = [next(stream) for _ in range(n_micro)]
             wait = time.perf_counter() - started
 
+            # GRACE's weights of this step (1-based n): beta * w_d(n), omega * w_r(n), (2.1)
+            if controller is not None:
+                w_d = linear_warmup(step + 1, stage.gdkd.warmup_steps)
+                w_r = linear_warmup(step + 1, stage.rcka.warmup_steps)
+                model.set_grace_weights(gdkd=controller.beta * w_d, rcka=stage.rcka.omega * w_r)
+
             # Loss denominators of the GLOBAL batch: N_l teacher answer tokens, N_s student
-            # target tokens, summed over the micro-batches, then over ranks (§1.3, (1.5)).
-            local = sum((TokenCounts.of_batch(b) for b in batches), TokenCounts())
+            # target tokens (GRACE: the gate sum and the kept images too), summed over the
+            # micro-batches, then over ranks (§1.3, (1.5); §2.1, (2.6), (2.9)).
+            batches = [batch_to(b, device, input_dtype) for b in batches]
+            local = sum((model.token_counts(b) for b in batches), TokenCounts())
             counts = TokenCounts.from_tensor(all_reduce_sum(dist, local.to_tensor()))
             # sums: float64 [n_terms + 2] on the device (no host sync until the step is done):
             # per-term loss sums over tokens, then samples, then samples the workers skipped
@@ -338,7 +355,6 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
 
             # Forward / backward of each micro-batch; gradients accumulate in .grad.
             for i, batch in enumerate(batches):
-                batch = batch_to(batch, device, input_dtype)
                 last = i == n_micro - 1
                 # DDP all-reduces the gradients in the backward of the last micro-batch only
                 sync = module.no_sync() if dist.distributed and not last \
@@ -367,8 +383,7 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
 
             # Optimizer step at the LR of this step (a pure function of it, §1.4).
             lr = schedule(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sums = all_reduce_sum(dist, sums).cpu()  # now global: all ranks' micro-batches
@@ -376,15 +391,21 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
 
             # Log: loss terms as per-token means over the global batch (the terms of (1.5)
             # the stage weighs), the weighted total, LR, norm, throughput.
-            means = {t: float(sums[i]) / max(counts.of_term(t), 1)
+            means = {t: float(sums[i]) / (counts.of_term(t) or 1)
                      for i, t in enumerate(TERMS) if spec.weight(t) > 0}
+            weights = model.term_weights()  # this step's (GRACE's beta * w_d, omega * w_r)
+            grace = {}
+            if controller is not None:  # the global L_GDKD of this step updates beta (2.10)-(2.11)
+                grace = {"beta": controller.beta, "w_gdkd": weights["gdkd"], "w_rcka": weights["rcka"]}
+                controller.update(means["gdkd"])
             n_samples = int(sums[n_terms])
             counters["samples"] += n_samples
             counters["tokens_teacher"] += counts.teacher
             counters["tokens_student"] += counts.student
             seconds = time.perf_counter() - started
             record = {"stage": stage.name, "step": step, "epoch": loader.state.epoch,
-                      "loss": spec.total(means), **means, "lr": lr, "grad_norm": grad_norm,
+                      "loss": spec.total(means, weights), **means, **grace, "lr": lr,
+                      "grad_norm": grad_norm,
                       "samples": n_samples, "tokens_teacher": counts.teacher,
                       "tokens_student": counts.student,
                       "samples_per_s": n_samples / max(seconds, 1e-9), "data_wait_s": wait,
@@ -397,6 +418,8 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
             if step == total_steps or step == options.stop_after \
                     or (every is not None and step % every == 0):
                 trainer = _trainer_state(stage, step, total_steps, schedule, dist.world, counters)
+                if controller is not None:
+                    trainer["controller"] = controller.state_dict()
                 _save_checkpoint(job, options, step, params, optimizer, trainer)
 
             # stop_after: leave unfinished (the checkpoint above is where a resume continues).
@@ -412,7 +435,10 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
         out = job.out_dir
         plot_losses(metrics.records, out / LOSS_PLOT, f"{stage.name} losses")
         student = str(job.inputs.get("student", ""))
-        if student_trains:
+        if student_trains and qat_modules(model.student):  # master weights + learned scales
+            student = str(save_qat(model.student, out / STUDENT_DIR, processor=job.processor,
+                                   cfg=stage.quantize or read_qat_config(job.inputs["student"])[0]))
+        elif student_trains:
             student = str(export_student(model.student, job.processor, model.family,
                                          out / STUDENT_DIR, job.export_dtype))
         recalibrator = None
@@ -558,6 +584,23 @@ def _recalibrator(pipeline: Pipeline, student_model: torch.nn.Module, d_teacher:
     return Recalibrator.from_student(student_model, d_teacher, pipeline.recalibrator, seed=seed)
 
 
+def _quantize_student(student: torch.nn.Module, stage: TrainerStage, source: str) -> None:
+    """QAT (docs/method.md §2.3): fake-quantise the student's decoder linears as the stage's
+    ``quantize`` says, or, for a student a QAT stage saved, as it was saved, with its learned
+    scales (a QAT student stays one)."""
+    if not is_qat_dir(source):
+        if stage.quantize is not None:
+            quantize_model(student, stage.quantize)
+        return
+    saved, wrapped = read_qat_config(source)
+    if stage.quantize is not None and stage.quantize != saved:
+        raise StageSetupError(f"stage {stage.name!r} sets quantize {stage.quantize.to_dict()} but its "
+                              f"student {source} was trained with {saved.to_dict()}; use the same "
+                              "settings, or leave quantize out to keep them.")
+    quantize_model(student, saved, init=False)
+    load_qat_scales(student, source, wrapped)
+
+
 def build_stage_job(pipeline: Pipeline, name: str, dist: RankInfo,
                     options: LoopOptions) -> StageJob:
     """Load everything stage ``name`` of ``pipeline`` needs (student, teacher head, loader);
@@ -565,7 +608,8 @@ def build_stage_job(pipeline: Pipeline, name: str, dist: RankInfo,
     features replace the cache's (:mod:`genrecal.train.online`)."""
     from genrecal.store.artifacts import load_teacher_embeddings, load_teacher_head
     from genrecal.model.loading import load_vlm
-    from genrecal.train.data import LoaderConfig, check_cache_teacher, make_loader
+    from genrecal.train.data import (CacheSource, GraceFeed, LoaderConfig, check_cache_teacher,
+                                     check_same_tokenizer, make_loader)
 
     stage, spec = pipeline.stage(name), pipeline.student
     if not isinstance(stage, TrainerStage):
@@ -592,15 +636,29 @@ def build_stage_job(pipeline: Pipeline, name: str, dist: RankInfo,
             expect = check_cache_teacher(cache, pipeline.model_location("teacher"), pipeline.teacher.revision)
         embeddings = load_teacher_embeddings(cache) if answer_input == "embedding" else None
         teacher = TeacherSide.from_artifacts(load_teacher_head(cache), embeddings, device)
-    if teacher is not None:
+    elif isinstance(stage, GraceStage):
+        cache = pipeline.cache.location
+        if not options.allow_teacher_mismatch:
+            expect = check_cache_teacher(cache, pipeline.model_location("teacher"), pipeline.teacher.revision)
+        check_same_tokenizer(cache, student.tokenizer)
+        if stage.gdkd.source == "exact":
+            teacher = TeacherSide.from_artifacts(load_teacher_head(cache), None, device)
+    if teacher is not None and not isinstance(stage, GraceStage):
         rec = _recalibrator(pipeline, student.model, teacher.hidden_size,
                             inputs["recalibrator"], stage.seed)
+    _quantize_student(student.model, stage, inputs["student"])  # after the Recalibrator's copy
     model = StageModel(student.model, student.family, loss_spec, rec, teacher)
     config = LoaderConfig(batch_size=stage.batch_size, seed=stage.seed,
                           num_workers=options.num_workers, max_length=pipeline.cache.max_length,
                           load_question=loss_spec.uses_reg, on_error=pipeline.data.on_error,
                           pin_memory=device.type == "cuda")
-    if online is None:
+    if isinstance(stage, GraceStage):  # logit information (+ Grams for RCKA), docs/method.md §2.4
+        read = ["answer_hidden" if stage.gdkd.source == "exact" else "logit_stats"]
+        read += ["visual_gram"] if stage.rcka.omega > 0 else []
+        feed = GraceFeed(CacheSource(cache, dtype=config.dtype, expect_teacher=expect, read=read))
+        loader = make_loader(pipeline_train_data(pipeline), student, source=feed, config=config,
+                             world_size=dist.world, rank=dist.rank)
+    elif online is None:
         loader = make_loader(pipeline_train_data(pipeline), student, cache=cache, config=config,
                              world_size=dist.world, rank=dist.rank, expect_teacher=expect)
     else:

@@ -15,11 +15,17 @@ teacher parts ever loaded) and computes the losses of one micro-batch:
   row (``z_al``) or the teacher embedding rows of the answer ids; ``genrecal_losses`` gives
   L_ar + L_kl, plus L_reg through ``forward_teacher_only`` on the cached teacher question.
 
+GRACE (docs/method.md §2.1) uses the same student forward: CE = CE_s, L_GDKD (2.6) between the
+cached teacher logits (exact from ``z`` and ``head_l``, or from ``logit_stats``) and ``head_s(z)``
+at the supervised positions, and L_RCKA (2.9) between the cached teacher Grams and the student's
+own block L-2 states (``hidden_states[-2]``) at each image's tokens. The weights beta * w_d(n)
+and omega * w_r(n) change per optimizer step (:meth:`StageModel.set_grace_weights`).
+
 Normalisation is token-correct over any set of micro-batches and ranks: the forward returns
-per-term SUMS over tokens, and ``total = sum_t w_t * sum_t / N_kind(t)`` where ``N`` is the
-number of teacher answer tokens (L_ar, L_kl, L_reg) or student target tokens (CE_s) of the
-whole global batch (``denominators``; default: this micro-batch, i.e. the paper's mean over
-answer tokens).
+per-term SUMS, and ``total = sum_t w_t * sum_t / N_kind(t)`` where ``N`` is the number of
+teacher answer tokens (L_ar, L_kl, L_reg), student target tokens (CE_s), the sum of the
+confidence gates (L_GDKD, a gated mean) or the number of images RCKA keeps (L_RCKA) of the
+whole global batch (``denominators``; default: this micro-batch).
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from genrecal.common.config import AlignStage, DistillStage, FinetuneStage, TrainSwitches
+from genrecal.common.config import AlignStage, DistillStage, FinetuneStage, GraceStage, TrainSwitches
 from genrecal.model.families import Family
+from genrecal.store.logit_stats import LogitStats
 from genrecal.train.errors import BatchError, StageSetupError
+from genrecal.train.grace_losses import gdkd_exact, gdkd_from_stats, rcka_loss, teacher_logit_stats
 from genrecal.train.losses import (DEFAULT_CHUNK_SIZE, DEFAULT_ROW_BLOCK, IGNORE_INDEX,
                                    GenRecalLosses, GenRecalWeights, LmHead, answer_window,
                                    genrecal_losses, student_ce, window_targets)
@@ -42,15 +50,17 @@ from genrecal.train.recalibrator import Recalibrator
 
 if TYPE_CHECKING:
     from genrecal.store.artifacts import TeacherEmbeddings, TeacherHead
-    from genrecal.train.data import TeacherTurn, TrainBatch
+    from genrecal.train.data import GraceTarget, TeacherTurn, TrainBatch
 
 #: Student parameter groups a stage can train: the switches of TrainSwitches but the
 #: Recalibrator's. student_body = decoder layers + final norm.
 STUDENT_PARTS = tuple(name for name in TrainSwitches.model_fields if name != "recalibrator")
-#: Loss terms normalised by teacher answer tokens / by student target tokens.
+#: Loss terms normalised by teacher answer tokens / by student target tokens / by the sum of the
+#: confidence gates (GRACE's gated mean (2.6)) / by the images RCKA keeps (GRACE (2.9)).
 TEACHER_TERMS = ("ar", "kl", "reg_ce", "reg_kl")
 STUDENT_TERMS = ("ce_student",)
-TERMS = TEACHER_TERMS + STUDENT_TERMS
+GRACE_TERMS = ("gdkd", "rcka")
+TERMS = TEACHER_TERMS + STUDENT_TERMS + GRACE_TERMS
 
 
 # ==============================================================================================
@@ -122,31 +132,51 @@ def configure_trainables(student: nn.Module, family: Family, recalibrator: Recal
 
 @dataclass(frozen=True)
 class TokenCounts:
-    """Loss denominators. teacher: teacher answer tokens (targets of L_ar / L_kl / L_reg);
-    student: student target tokens (``student_labels != -100``, CE_s)."""
+    """Loss denominators. teacher: teacher answer tokens (targets of L_ar / L_kl / L_reg; GRACE:
+    its supervised tokens); student: student target tokens (``student_labels != -100``, CE_s);
+    gate: the sum of GRACE's confidence gates (L_GDKD); images: the images RCKA keeps."""
 
     teacher: int = 0
     student: int = 0
+    gate: float = 0.0
+    images: int = 0
 
     @classmethod
     def of_batch(cls, batch: TrainBatch) -> TokenCounts:
+        """Token counts; GRACE's gate and image counts come from :meth:`StageModel.token_counts`."""
         teacher = sum(int(t.answer_ids.numel()) for turns in (batch.teacher or []) for t in turns)
         student = int((batch.student_labels != IGNORE_INDEX).sum())
         return cls(teacher=teacher, student=student)
 
     def __add__(self, other: TokenCounts) -> TokenCounts:
-        return TokenCounts(self.teacher + other.teacher, self.student + other.student)
+        return TokenCounts(self.teacher + other.teacher, self.student + other.student,
+                           self.gate + other.gate, self.images + other.images)
 
-    def of_term(self, term: str) -> int:
-        return self.student if term in STUDENT_TERMS else self.teacher
+    def of_term(self, term: str) -> float:
+        return {"gdkd": self.gate, "rcka": self.images}.get(
+            term, self.student if term in STUDENT_TERMS else self.teacher)
 
     def to_tensor(self) -> torch.Tensor:
-        """[2] float64 (exact for any realistic count), for all-reduce."""
-        return torch.tensor([self.teacher, self.student], dtype=torch.float64)
+        """[4] float64 (exact for any realistic count), for all-reduce."""
+        return torch.tensor([self.teacher, self.student, self.gate, self.images], dtype=torch.float64)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> TokenCounts:
-        return cls(teacher=int(t[0].item()), student=int(t[1].item()))
+        return cls(teacher=int(t[0].item()), student=int(t[1].item()), gate=float(t[2].item()),
+                   images=int(t[3].item()))
+
+
+@dataclass(frozen=True)
+class GraceSpec:
+    """GRACE's loss settings (docs/method.md §2.1): GDKD temperature, alpha, beta_dkd and teacher
+    source (``exact`` or ``logit_stats``), RCKA's min_tokens and whether RCKA is on (omega > 0)."""
+
+    temperature: float
+    alpha: float
+    beta_dkd: float
+    source: str
+    min_tokens: int
+    rcka: bool
 
 
 @dataclass(frozen=True)
@@ -163,11 +193,19 @@ class LossSpec:
     answer_input: str = "hidden"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     row_block: int = DEFAULT_ROW_BLOCK
+    grace: GraceSpec | None = None
 
     @classmethod
-    def for_stage(cls, stage: AlignStage | DistillStage | FinetuneStage,
+    def for_stage(cls, stage: AlignStage | DistillStage | FinetuneStage | GraceStage,
                   answer_input: str = "hidden", **chunks: int) -> LossSpec:
-        """From an AlignStage / DistillStage (``stage.losses``) or a FinetuneStage (CE_s only)."""
+        """From an AlignStage / DistillStage (``stage.losses``), a FinetuneStage (CE_s only) or a
+        GraceStage (CE_s weighted ``ce``, L_GDKD, L_RCKA)."""
+        if isinstance(stage, GraceStage):
+            grace = GraceSpec(temperature=stage.gdkd.temperature, alpha=stage.gdkd.alpha,
+                              beta_dkd=stage.gdkd.beta_dkd, source=stage.gdkd.source,
+                              min_tokens=stage.rcka.min_tokens, rcka=stage.rcka.omega > 0)
+            return cls(genrecal=None, ce_student=stage.ce, answer_input=answer_input, grace=grace,
+                       **chunks)
         losses = getattr(stage, "losses", None)
         if losses is None:
             return cls(genrecal=None, ce_student=1.0, answer_input=answer_input, **chunks)
@@ -183,13 +221,19 @@ class LossSpec:
         return self.genrecal is not None and (self.genrecal.reg_ce > 0 or self.genrecal.reg_kl > 0)
 
     def weight(self, term: str) -> float:
+        """The term's fixed weight; GRACE's gdkd / rcka weights change per step: 1.0 here
+        (on), see :meth:`StageModel.term_weights`."""
         if term in STUDENT_TERMS:
             return self.ce_student
+        if term in GRACE_TERMS:
+            return float(self.grace is not None and (term == "gdkd" or self.grace.rcka))
         return 0.0 if self.genrecal is None else float(getattr(self.genrecal, term))
 
-    def total(self, means: dict[str, float]) -> float:
-        """The weighted loss from per-term means (what the optimizer minimised)."""
-        return sum(self.weight(term) * value for term, value in means.items())
+    def total(self, means: dict[str, float], weights: dict[str, float] | None = None) -> float:
+        """The weighted loss from per-term means (what the optimizer minimised); ``weights``
+        overrides the fixed weights (GRACE's per-step ones, :meth:`StageModel.term_weights`)."""
+        weights = weights or {}
+        return sum(weights.get(term, self.weight(term)) * value for term, value in means.items())
 
 
 @dataclass(frozen=True)
@@ -357,6 +401,20 @@ def _question_positions(turn: TeacherTurn, where: str) -> torch.Tensor:
     return turn.question_positions.long()
 
 
+def _check_same_inputs(batch: TrainBatch, targets: list[GraceTarget]) -> None:
+    """GRACE needs one input for both models: the student's input ids equal the cached ones."""
+    ids = batch.student_inputs["input_ids"]
+    for b, target in enumerate(targets):
+        n = int(target.input_ids.numel())
+        mine = ids[b, :n].to(target.input_ids.device)
+        if n > ids.shape[1] or not torch.equal(mine, target.input_ids) or \
+                int(batch.student_inputs["attention_mask"][b].sum()) != n:
+            raise BatchError(f"sample {batch.ids[b]!r}: the student's input ids differ from the ones "
+                             "the teacher cache holds; GRACE needs teacher and student to share the "
+                             "tokenizer and chat template. Extract the cache with a teacher of the "
+                             "student's tokenizer, or use the GenRecal stages for this pair.")
+
+
 def _question(turn: TeacherTurn, where: str) -> torch.Tensor:
     if turn.question is None:
         raise BatchError(f"{where}: L_reg is on (losses.reg > 0) but the batch has no cached "
@@ -400,18 +458,66 @@ class StageModel(nn.Module):
             raise StageSetupError(
                 f"the teacher head has width {teacher.hidden_size} but the Recalibrator was "
                 f"built for d_teacher={recalibrator.d_teacher}; rebuild it from this cache.")
+        if spec.grace is not None and spec.grace.source == "exact" and teacher is None:
+            raise StageSetupError("GRACE with gdkd.source 'exact' needs the cached teacher head; "
+                                  "load it with load_teacher_head (or use gdkd.source: logit_stats).")
         self.student = student
         self.recalibrator = recalibrator
         self.family = family
         self.spec = spec
         self.teacher = teacher
+        self.grace_weights = {"gdkd": 0.0, "rcka": 0.0}  # beta * w_d(n), omega * w_r(n) of (2.1)
+
+    # -- GRACE -------------------------------------------------------------------------------
+
+    def set_grace_weights(self, gdkd: float, rcka: float) -> None:
+        """The weights of L_GDKD and L_RCKA for the coming optimizer step (docs/method.md (2.1))."""
+        self.grace_weights = {"gdkd": float(gdkd), "rcka": float(rcka)}
+
+    def term_weights(self) -> dict[str, float]:
+        """Every term's weight in the current step (GRACE's change per step)."""
+        weights = {t: self.spec.weight(t) for t in TERMS}
+        if self.spec.grace is not None:
+            weights.update({t: self.grace_weights[t] * weights[t] for t in GRACE_TERMS})
+        return weights
+
+    def student_head(self) -> LmHead:
+        """``head_s``: the student's lm_head (weight, bias) and logit transform."""
+        lm_head = self.family.lm_head(self.student)
+        return LmHead(weight=lm_head.weight, bias=lm_head.bias,
+                      transform=self.family.logit_transform(self.student))
+
+    @torch.no_grad()
+    def token_counts(self, batch: TrainBatch) -> TokenCounts:
+        """The loss denominators of ``batch`` (on the training device). GRACE: fills each
+        target's confidence gate (2.5) from the teacher's T=1 entropy over the student's
+        vocabulary (cached, or from ``z`` and ``head_l`` for the exact source) and counts
+        the images RCKA keeps (teacher side: at least ``min_tokens`` tokens)."""
+        counts = TokenCounts.of_batch(batch)
+        grace = self.spec.grace
+        if grace is None or not batch.ids:
+            return counts
+        vocab = int(self.family.lm_head(self.student).weight.shape[0])
+        gate_sum, images = 0.0, 0
+        for (target,) in batch.teacher:
+            if grace.source == "exact":
+                entropy = teacher_logit_stats(target.hidden, self.teacher.head, target.answer_ids,
+                                              top_k=1, temperature=grace.temperature,
+                                              vocab_size=vocab).entropy
+            else:
+                entropy = target.stats.entropy
+            target.gate = torch.exp(-entropy.float() / torch.log(torch.tensor(float(vocab))))
+            gate_sum += float(target.gate.sum())
+            images += sum(e - s >= grace.min_tokens for s, e in target.image_spans) if grace.rcka else 0
+        return dataclasses.replace(counts, gate=gate_sum, images=images)
 
     def forward(self, batch: TrainBatch,
                 denominators: TokenCounts | None = None) -> dict[str, torch.Tensor]:
         counts = denominators or TokenCounts.of_batch(batch)
         if not batch.ids:  # every sample skipped: a zero loss that still reaches every
             return {"total": self._zero_loss()}  # trainable (DDP expects their gradients)
-        z = self.student_features(batch)
+        z, penultimate = self.student_features(batch, penultimate=self.spec.grace is not None
+                                               and self.spec.grace.rcka)
         total = z.new_zeros((), dtype=torch.float32)
         sums: dict[str, torch.Tensor] = {}
         if self.spec.ce_student > 0:
@@ -421,27 +527,69 @@ class StageModel(nn.Module):
             out = self._genrecal(z, batch)
             total = total + out.total / max(counts.teacher, 1)
             sums.update({t: getattr(out, t) for t in TEACHER_TERMS if getattr(out, t) is not None})
+        if self.spec.grace is not None:
+            grace = self._grace(z, penultimate, batch)
+            sums.update(grace)
+            total = total + self.grace_weights["gdkd"] * grace["gdkd"] / max(counts.gate, 1e-12)
+            if "rcka" in grace:
+                total = total + self.grace_weights["rcka"] * grace["rcka"] / max(counts.images, 1)
         return {"total": total, **{f"sum.{k}": v.detach().float() for k, v in sums.items()}}
 
     def _zero_loss(self) -> torch.Tensor:
         trainable = [p for p in self.parameters() if p.requires_grad]
         return sum((p.sum() * 0.0 for p in trainable), torch.zeros((), dtype=torch.float32))
 
-    def student_features(self, batch: TrainBatch) -> torch.Tensor:
-        """Post-norm last hidden states z [B, Ls, d_s] (no graph when the student is frozen)."""
+    def student_features(self, batch: TrainBatch, penultimate: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Post-norm last hidden states z [B, Ls, d_s] and, if asked, the output of block L-2
+        [B, Ls, d_s] (``hidden_states[-2]``, GRACE's RCKA); no graph when the student is frozen."""
         trains = any(p.requires_grad for p in self.student.parameters())
         with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
             out = self.student(**batch.student_inputs, output_hidden_states=True,
                                use_cache=False, logits_to_keep=1)
-        return self.family.final_hidden(self.student, out.hidden_states)
+        z = self.family.final_hidden(self.student, out.hidden_states)
+        return z, out.hidden_states[-2] if penultimate else None
 
     def _student_ce(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over target tokens of CE(head_s(z_t), labels_t) (docs/method.md §1.3, eq. (1.4))."""
-        lm_head = self.family.lm_head(self.student)
-        head = LmHead(weight=lm_head.weight, bias=lm_head.bias,
-                      transform=self.family.logit_transform(self.student))
-        return student_ce(z, labels, head=head, reduction="sum",
+        return student_ce(z, labels, head=self.student_head(), reduction="sum",
                           chunk_size=self.spec.chunk_size, row_block=self.spec.row_block)
+
+    def _grace(self, z: torch.Tensor, penultimate: torch.Tensor | None,
+               batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """GRACE's sums (docs/method.md §2.1): ``gdkd`` = sum_i g_i * DKD_i over the supervised
+        positions (the numerator of (2.6)), ``rcka`` = sum over kept images of (1 - CKA).
+
+        z: [B, Ls, d_s] student post-norm states; penultimate: [B, Ls, d_s] block L-2 output
+        (RCKA on) or None. Teacher and student read the same input ids, so the supervised
+        positions (``student_labels != -100``) are the cached target rows, in the same order.
+        """
+        grace, labels = self.spec.grace, batch.student_labels
+        targets = [target for (target,) in batch.teacher]
+        _check_same_inputs(batch, targets)
+        mask = labels != IGNORE_INDEX  # [B, Ls]; row order (b, t) = the cached rows' order
+        rows, ids = z[mask], labels[mask]  # [N, d_s], [N]
+        gate = torch.cat([t.gate for t in targets]).to(rows.device)  # [N], filled by token_counts
+        settings = dict(temperature=grace.temperature, alpha=grace.alpha, beta_dkd=grace.beta_dkd,
+                        chunk_size=self.spec.chunk_size, row_block=self.spec.row_block)
+        if grace.source == "exact":
+            z_t = torch.cat([t.hidden for t in targets]).to(rows.device)
+            out = gdkd_exact(z_t, self.teacher.head, rows, self.student_head(), ids, **settings)
+        else:
+            stats = LogitStats(**{k: torch.cat([getattr(t.stats, k) for t in targets]).to(rows.device)
+                                  for k in targets[0].stats.to_dict()})
+            out = gdkd_from_stats(stats, rows, self.student_head(), ids, **settings)
+        sums = {"gdkd": (gate * out.dkd).sum()}
+        if grace.rcka:
+            grams, states = [], []
+            for b, target in enumerate(targets):
+                for (start, end), gram in zip(target.image_spans, target.grams or []):
+                    if end - start >= grace.min_tokens:
+                        grams.append(gram.to(rows.device))
+                        states.append(penultimate[b, start:end].float())
+            kept = rcka_loss(grams, states, grace.min_tokens)
+            sums["rcka"] = kept.loss * kept.n_images_used  # skipped (degenerate) images add 0
+        return sums
 
     def _genrecal(self, z: torch.Tensor, batch: TrainBatch) -> GenRecalLosses:
         """L_ar + L_kl (+ L_reg) summed over teacher answer tokens (docs/method.md §1)."""
