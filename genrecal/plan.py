@@ -10,13 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from genrecal.common.config import Pipeline
-from genrecal.common.vocabulary import TRAINER_STAGES
+from genrecal.common.config import FinetuneStage, Pipeline
 from genrecal.errors import RunError
 
+#: The rows of a GenRecal run (stages align -> distill -> finetune) and of a GRACE run (one
+#: grace stage with quantize: the configured INT4 GRACE beside its BF16 and QAT-only ablations).
 ROWS = ("teacher", "student_init", "student_sft", "student_genrecal")
+GRACE_ROWS = ("teacher", "student_init", "grace_bf16", "grace_int4", "qat_int4")
 ROW_TITLES = {"teacher": "teacher", "student_init": "student before training",
-              "student_sft": "student, SFT only", "student_genrecal": "student, GenRecal"}
+              "student_sft": "student, SFT only", "student_genrecal": "student, GenRecal",
+              "grace_bf16": "GRACE bf16", "grace_int4": "GRACE int4", "qat_int4": "QAT-only int4"}
+#: GRACE run variants: the row, what the stage becomes, where its model is evaluated from.
+GRACE_VARIANTS = ("grace_bf16", "grace_int4", "qat_int4")
+EXPORTS_DIR = "exports"
 EVAL_DIR = "eval"
 REPORT_DIR = "report"
 
@@ -108,20 +114,59 @@ class RunPlan:
                             stages=[{**sft_stage(self.pipeline), "seed": seed}],
                             output=str(self.root / f"seed-{seed}" / "sft"))
 
+    @property
+    def is_grace(self) -> bool:
+        """A GRACE run: the pipeline's one stage is grace (else: GenRecal stages + SFT)."""
+        return [s.name for s in self.pipeline.stages] == ["grace"]
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return GRACE_ROWS if self.is_grace else ROWS
+
+    def grace_pipeline(self, seed: int, variant: str) -> Pipeline:
+        """One GRACE variant of seed ``seed`` (docs/method.md §2): ``grace_int4`` the grace stage
+        as configured (with its ``quantize``), ``grace_bf16`` the same without QAT,
+        ``qat_int4`` a finetune stage with the grace stage's schedule, trainables and
+        ``quantize``: CE only, no teacher."""
+        stage = {**self.pipeline.stages[0].to_dict(), "seed": seed, "output": None}
+        if variant == "grace_bf16":
+            stage["quantize"] = None
+        elif variant == "qat_int4":
+            keep = set(FinetuneStage.model_fields) - {"name"}
+            stage = {"name": "finetune", **{k: v for k, v in stage.items() if k in keep}}
+        return self._derive(f"seed-{seed}.{variant}", **self._seed_changes(seed), stages=[stage],
+                            output=str(self.root / f"seed-{seed}" / variant))
+
+    def export_dir(self, seed: int, variant: str) -> str:
+        """Where the INT4 export of a QAT variant is written (what its row evaluates)."""
+        return str(self.root / f"seed-{seed}" / EXPORTS_DIR / variant)
+
     def model_dirs(self, seed: int) -> dict[str, str]:
         """Row -> the model directory evaluated for it (seed ``seed``)."""
-        seed_pipe, last = self.seed_pipeline(seed), self.pipeline.stages[-1].name
         from genrecal.train.export import STUDENT_DIR
 
+        if self.is_grace:
+            bf16 = self.grace_pipeline(seed, "grace_bf16")
+            return {"teacher": self.teacher_dir, "student_init": self.student_dir(seed),
+                    "grace_bf16": str(Path(bf16.stage_dir("grace")) / STUDENT_DIR),
+                    "grace_int4": self.export_dir(seed, "grace_int4"),
+                    "qat_int4": self.export_dir(seed, "qat_int4")}
+        seed_pipe, last = self.seed_pipeline(seed), self.pipeline.stages[-1].name
         return {"teacher": self.teacher_dir, "student_init": self.student_dir(seed),
                 "student_sft": str(Path(self.sft_pipeline(seed).stage_dir("finetune")) / STUDENT_DIR),
                 "student_genrecal": str(Path(seed_pipe.stage_dir(last)) / STUDENT_DIR)}
 
 
 def _check_runnable(pipe: Pipeline, seeds: tuple[int, ...]) -> None:
-    problems = [f"stage {s.name!r} is not run by genrecal run (it runs {list(TRAINER_STAGES)})"
-                for s in pipe.stages if s.name not in TRAINER_STAGES]
-    if "finetune" not in [s.name for s in pipe.stages]:
+    names = [s.name for s in pipe.stages]
+    problems = []
+    if "grace" in names:
+        if names != ["grace"]:
+            problems.append(f"a GRACE run has one stage, grace; got {names}")
+        elif pipe.stages[0].quantize is None:
+            problems.append("its grace stage needs quantize: the run compares that QAT student "
+                            "with BF16 GRACE and QAT alone")
+    elif "finetune" not in names:
         problems.append("it needs a finetune stage: its settings define the SFT-only baseline")
     if pipe.evaluation is None:
         problems.append("it needs an evaluation block: the run ends with the results table")

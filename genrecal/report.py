@@ -7,7 +7,7 @@ writes it as ``results.json`` and ``results.md`` with two plots into ``<output>/
 ``accuracy.png`` (exact-match accuracy per row and question type, mean with the seeds' std as
 error bars).
 
-Table: one row per model (:data:`genrecal.plan.ROWS`), columns ``all`` (exact match over every
+Table: one row per model (:attr:`genrecal.plan.RunPlan.rows`), columns ``all`` (exact match over every
 question) and one per question type; each cell is the mean over seeds +- the sample standard
 deviation (ddof 1; none with a single value: the teacher is shared by every seed).
 """
@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from genrecal.plan import EVAL_DIR, ROW_TITLES, ROWS, RunPlan, sft_stage, student_training_stages
+from genrecal.plan import (EVAL_DIR, GRACE_VARIANTS, ROW_TITLES, RunPlan, sft_stage,
+                           student_training_stages)
 
 OVERALL = "all"
 
@@ -50,6 +51,21 @@ def _row(plan: RunPlan, row: str) -> dict[str, Any]:
 
 def _definitions(plan: RunPlan) -> dict[str, str]:
     pipe = plan.pipeline
+    if plan.is_grace:
+        stage = pipe.stages[0]
+        quant = f"{stage.quantize.bits}-bit, group {stage.quantize.group_size}"
+        return {
+            "teacher": "the teacher the cache was extracted from" + (
+                " (after teacher_finetune)" if pipe.teacher_finetune else ""),
+            "student_init": "the student as built / loaded, before any training",
+            "grace_bf16": "the grace stage without QAT: CE + beta*GDKD + omega*RCKA",
+            "grace_int4": f"the grace stage with QAT ({quant}), evaluated as its real INT4 export "
+                          "(compressed-tensors pack-quantized, loaded by transformers)",
+            "qat_int4": f"QAT ({quant}) with CE alone (a finetune stage with the grace stage's "
+                        "schedule and trainables), evaluated as its INT4 export",
+            "seeds": "seed k = the tiny student's init seed and the stage's seed (data order); "
+                     "mean +- sample std over seeds",
+        }
     training = student_training_stages(pipe)
     sft = sft_stage(pipe)
     length = f"{sft['steps']} steps" if sft.get("steps") else f"{sft['epochs']} epochs"
@@ -85,7 +101,7 @@ def _step_details(phases, step_id: str) -> dict[str, Any]:
 
 def build_report(plan: RunPlan, phases, seconds: float) -> dict[str, Any]:
     """The report dict of a finished run (see the module docstring)."""
-    rows = [_row(plan, row) for row in ROWS]
+    rows = [_row(plan, row) for row in plan.rows]
     types = sorted({t for r in rows for t in r["per_type"]})
     return {"pipeline": plan.pipeline.name, "summary": plan.pipeline.summary(),
             "seeds": list(plan.seeds), "types": types, "rows": rows,
@@ -166,6 +182,12 @@ def _stage_curves(plan: RunPlan) -> dict[str, dict[str, list[tuple[int, float]]]
         panels["teacher finetune"] = {"teacher": _points(read_metrics(
             Path(tp.stage_dir("finetune")) / METRICS))}
     for seed in plan.seeds:
+        if plan.is_grace:  # one panel per variant: GRACE bf16 / int4, QAT-only int4
+            for variant in GRACE_VARIANTS:
+                pipe = plan.grace_pipeline(seed, variant)
+                records = read_metrics(Path(pipe.stage_dir(pipe.stages[0].name)) / METRICS)
+                panels.setdefault(ROW_TITLES[variant], {})[f"seed {seed}"] = _points(records)
+            continue
         seed_pipe = plan.seed_pipeline(seed)
         for stage in seed_pipe.stages:
             records = read_metrics(Path(seed_pipe.stage_dir(stage.name)) / METRICS)

@@ -40,7 +40,7 @@ from typing import Any
 from genrecal.common.config import Pipeline
 from genrecal.errors import RunError
 from genrecal.phases import MarkerBook, Step, StepOutcome, config_hash, run_step
-from genrecal.plan import EVAL_DIR, REPORT_DIR, ROW_TITLES, RunPlan
+from genrecal.plan import EVAL_DIR, GRACE_VARIANTS, REPORT_DIR, ROW_TITLES, RunPlan
 from genrecal.report import build_report, write_report
 from genrecal.common.atomic import write_text_atomic
 
@@ -195,7 +195,40 @@ class StepBuilder:
     def _student_upstream(self, seed: int) -> list[str]:
         return ["data", *([f"model-student-seed-{seed}"] if self.pipe.student.tiny else [])]
 
+    def grace_steps(self, seed: int) -> list[Step]:
+        """GRACE run (docs/method.md §2): per variant, its stage; the QAT variants' INT4 export
+        (compressed-tensors pack-quantized, what their rows evaluate)."""
+        steps = []
+        for variant in GRACE_VARIANTS:
+            pipe = self.plan.grace_pipeline(seed, variant)
+            stage_dir = str(Path(pipe.stage_dir(pipe.stages[0].name)).resolve())
+            uses_cache = pipe.stages[0].name == "grace"
+            steps.append(self._step(
+                f"{variant}-seed-{seed}", f"{ROW_TITLES[variant]}, seed {seed}",
+                {"stages": [s.to_dict() for s in pipe.stages], "student": pipe.student.to_dict()},
+                [*self._student_upstream(seed), *(["cache"] if uses_cache else [])], [stage_dir],
+                self._trainer(pipe, stage_dir), _stage_check(stage_dir)))
+            if pipe.stages[0].quantize is not None:
+                steps.append(self._export_step(seed, variant, stage_dir))
+        return steps
+
+    def _export_step(self, seed: int, variant: str, stage_dir: str) -> Step:
+        out = self.plan.export_dir(seed, variant)
+
+        def run(_resume: bool) -> dict:
+            from genrecal.train.export import STUDENT_DIR, export_checkpoint
+
+            report = export_checkpoint(Path(stage_dir) / STUDENT_DIR, out, "int4")
+            return {"path": str(report.path), "quantized": report.quantized, "dtype": report.dtype}
+
+        return self._step(f"export-{variant}-seed-{seed}", f"INT4 export of {ROW_TITLES[variant]}, "
+                          f"seed {seed}", {"format": "int4", "source": stage_dir},
+                          [f"{variant}-seed-{seed}"], [out], run,
+                          lambda _d: (Path(out) / "config.json").is_file())
+
     def train_steps(self, seed: int) -> list[Step]:
+        if self.plan.is_grace:
+            return self.grace_steps(seed)
         gen, sft = self.plan.seed_pipeline(seed), self.plan.sft_pipeline(seed)
         gen_dirs = [str(Path(gen.stage_dir(s.name)).resolve()) for s in gen.stages]
         sft_dir = str(Path(sft.stage_dir("finetune")).resolve())
@@ -241,11 +274,13 @@ class StepBuilder:
         steps = [self.eval_step("teacher", None, self.plan.teacher_dir, cache_pipe, teacher_up)]
         for seed in self.plan.seeds:
             dirs, pipe = self.plan.model_dirs(seed), self.plan.seed_pipeline(seed)
-            init_up = self._student_upstream(seed)[1:]
-            steps += [self.eval_step("student_init", seed, dirs["student_init"], pipe, init_up),
-                      self.eval_step("student_sft", seed, dirs["student_sft"], pipe, [f"sft-seed-{seed}"]),
-                      self.eval_step("student_genrecal", seed, dirs["student_genrecal"], pipe,
-                                     [f"genrecal-seed-{seed}"])]
+            made_by = {"student_init": self._student_upstream(seed)[1:],
+                       "student_sft": [f"sft-seed-{seed}"], "student_genrecal": [f"genrecal-seed-{seed}"],
+                       "grace_bf16": [f"grace_bf16-seed-{seed}"],
+                       "grace_int4": [f"export-grace_int4-seed-{seed}"],
+                       "qat_int4": [f"export-qat_int4-seed-{seed}"]}
+            steps += [self.eval_step(row, seed, dirs[row], pipe, made_by[row])
+                      for row in self.plan.rows if row != "teacher"]
         return steps
 
     def phases(self) -> list[Phase]:
@@ -256,7 +291,8 @@ class StepBuilder:
                 Phase("models", "build the tiny teacher and students", models),
                 Phase("teacher", "fine-tune the teacher on the task", (teacher,) if teacher else ()),
                 Phase("cache", "extract and validate the teacher cache", (self.cache_step(),)),
-                Phase("train", "train: GenRecal stages and the SFT-only baseline",
+                Phase("train", "train: GRACE bf16 / int4 and QAT-only int4 (then their INT4 exports)"
+                      if self.plan.is_grace else "train: GenRecal stages and the SFT-only baseline",
                       tuple(s for seed in self.plan.seeds for s in self.train_steps(seed))),
                 Phase("evaluate", "evaluate every model", tuple(self.eval_steps()))]
 
