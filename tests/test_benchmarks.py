@@ -92,6 +92,31 @@ def test_bench_train_smoke(tmp_path):
     assert "online / cache" in stdout
 
 
+def test_bench_grace_smoke(tmp_path):
+    data, stdout = run_smoke("bench_grace.py", tmp_path)
+    check_numbers(data["setup"], ("student_params", "decoder_params"), where="bench_grace.setup")
+    for mode in ("none", "int4", "int8"):
+        assert data[mode]["mode"] == mode
+        check_numbers(data[mode], ("steps", "setup_s", "step_ms", "compute_ms", "rss_mib"),
+                      ("own_mib", "quantized_linears"), where=f"bench_grace.{mode}")
+    assert data["int4"]["quantized_linears"] > 0 and data["none"]["quantized_linears"] == 0
+    export = data["export"]
+    check_numbers(export, ("linears", "linear_weights"), where="bench_grace.export")
+    for fmt in ("bf16", "int8", "int4"):
+        check_numbers(export[fmt], ("linear_bytes", "total_bytes", "bits_per_weight", "linear_ratio",
+                                    "total_ratio", "export_s"), where=f"bench_grace.export.{fmt}")
+    nckd = data["nckd"]
+    check_numbers(nckd["teacher"], ("entropy", "top1", "mass_top16", "mass_top64", "mass_top256"),
+                  where="bench_grace.nckd.teacher")
+    for student in ("peaks", "isotropic"):
+        assert set(nckd[student]) == {"16", "64", "256"}
+        for k, row in nckd[student].items():
+            check_numbers(row, ("k", "mean_exact", "mean_topk"), ("mean_abs", "max_abs", "rel"),
+                          where=f"bench_grace.nckd.{student}[{k}]")
+    for row in ("QAT int4 / no QAT", "Export size", "NCKD top-k vs exact"):
+        assert row in stdout
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in BENCHMARKS.glob("bench_*.py")))
 def test_every_benchmark_has_a_smoke_test(name):
     assert f"test_{name.removesuffix('.py')}_smoke" in globals(), f"add a smoke test for benchmarks/{name}"
