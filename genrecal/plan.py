@@ -18,8 +18,11 @@ from genrecal.errors import RunError
 ROWS = ("teacher", "student_init", "student_sft", "student_genrecal")
 GRACE_ROWS = ("teacher", "student_init", "grace_bf16", "grace_int4", "qat_int4")
 ROW_TITLES = {"teacher": "teacher", "student_init": "student before training",
-              "student_sft": "student, SFT only", "student_genrecal": "student, GenRecal",
+              "student_sft": "SFT on labels", "student_genrecal": "GenRecal",
               "grace_bf16": "GRACE bf16", "grace_int4": "GRACE int4", "qat_int4": "QAT-only int4"}
+#: The pairs of rows the report compares (a - b, paired over seeds), when a run has both.
+COMPARISONS = (("student_genrecal", "student_sft"), ("grace_int4", "qat_int4"),
+               ("grace_int4", "grace_bf16"), ("grace_int4", "student_sft"))
 #: GRACE run variants: the row, what the stage becomes, where its model is evaluated from.
 GRACE_VARIANTS = ("grace_bf16", "grace_int4", "qat_int4")
 EXPORTS_DIR = "exports"

@@ -10,6 +10,11 @@ error bars).
 Table: one row per model (:attr:`genrecal.plan.RunPlan.rows`), columns ``all`` (exact match over every
 question) and one per question type; each cell is the mean over seeds +- the sample standard
 deviation (ddof 1; none with a single value: the teacher is shared by every seed).
+
+``results.json`` contract (any tool may read it): ``rows``: ``[{name, mean, std, per_seed,
+per_type}, ...]`` (more keys may follow); ``comparisons``: ``[{a, b, mean_diff, ci_low,
+ci_high, n_seeds}]`` (paired over seeds, 95% CI, :mod:`genrecal.statistics`); ``teacher``:
+``{accuracy, per_type}``; ``phases``: ``[{name, seconds, ...}]``.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from genrecal.plan import (EVAL_DIR, GRACE_VARIANTS, ROW_TITLES, RunPlan, sft_stage,
+from genrecal.plan import (COMPARISONS, EVAL_DIR, GRACE_VARIANTS, ROW_TITLES, RunPlan, sft_stage,
                            student_training_stages)
+from genrecal.statistics import Comparison, paired_comparison
 
 OVERALL = "all"
 
@@ -39,14 +45,27 @@ def _eval_file(plan: RunPlan, row: str, seed: int | None) -> Path:
 
 
 def _row(plan: RunPlan, row: str) -> dict[str, Any]:
+    """One row: ``name`` (its title), ``mean``, ``std``, ``per_seed`` (accuracy over every
+    question) and ``per_type`` ({type: {mean, std, values}}); the teacher has one value."""
     seeds = [None] if row == "teacher" else list(plan.seeds)
     results = [json.loads(_eval_file(plan, row, seed).read_text(encoding="utf-8")) for seed in seeds]
     types = sorted({t for r in results for t in r["per_type"]})
     per_type = {t: _stats([r["per_type"][t]["accuracy"] for r in results if t in r["per_type"]])
                 for t in types}
-    return {"row": row, "title": ROW_TITLES[row], "seeds": seeds,
-            "n_questions": results[0]["n"], OVERALL: _stats([r["accuracy"] for r in results]),
-            "per_type": per_type}
+    overall = _stats([r["accuracy"] for r in results])
+    return {"name": ROW_TITLES[row], "mean": overall["mean"], "std": overall["std"],
+            "per_seed": overall["values"], "per_type": per_type, "row": row,
+            "title": ROW_TITLES[row], "seeds": seeds, "n_questions": results[0]["n"],
+            OVERALL: overall}
+
+
+def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired differences with 95% CIs (genrecal.statistics) for the pairs in :data:`COMPARISONS`
+    that the run has."""
+    by_row = {r["row"]: r for r in rows}
+    return [paired_comparison(ROW_TITLES[a], ROW_TITLES[b], by_row[a]["per_seed"],
+                              by_row[b]["per_seed"]).to_dict()
+            for a, b in COMPARISONS if a in by_row and b in by_row]
 
 
 def _definitions(plan: RunPlan) -> dict[str, str]:
@@ -103,8 +122,12 @@ def build_report(plan: RunPlan, phases, seconds: float) -> dict[str, Any]:
     """The report dict of a finished run (see the module docstring)."""
     rows = [_row(plan, row) for row in plan.rows]
     types = sorted({t for r in rows for t in r["per_type"]})
+    teacher = next(r for r in rows if r["row"] == "teacher")
     return {"pipeline": plan.pipeline.name, "summary": plan.pipeline.summary(),
             "seeds": list(plan.seeds), "types": types, "rows": rows,
+            "comparisons": _comparisons(rows),
+            "teacher": {"accuracy": teacher["mean"],
+                        "per_type": {k: v["mean"] for k, v in teacher["per_type"].items()}},
             "definitions": _definitions(plan), "data": _step_details(phases, "data"),
             "cache": _step_details(phases, "cache"),
             "phases": [_phase_dict(p) for p in phases], "seconds": seconds}
@@ -160,8 +183,11 @@ def format_markdown(report: dict[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in report["seeds"])
     out = [f"# genrecal run {report['pipeline']}", "", f"`{report['summary']}`", "",
            f"Exact-match accuracy on the evaluation split, mean ± sample std over seeds {seeds} "
-           "(the teacher is shared by every seed).", "", format_table(report), "",
-           "## Rows", ""]
+           "(the teacher is shared by every seed).", "", format_table(report), ""]
+    if report.get("comparisons"):
+        out += ["## Paired differences", "",
+                *(f"- {Comparison(**c).sentence()}" for c in report["comparisons"]), ""]
+    out += ["## Rows", ""]
     out += [f"- **{ROW_TITLES.get(k, k)}**: {v}" for k, v in report["definitions"].items()]
     out += ["", "## Data", "", ", ".join(f"{k}: {v} samples" for k, v in report["data"].items()),
             "", "## Teacher cache", "", *_cache_lines(report["cache"]), "", "## Phases", "",

@@ -18,7 +18,7 @@ from genrecal.common import config
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-ROW_TITLES = ["teacher", "student before training", "student, SFT only", "student, GenRecal"]
+ROW_TITLES = ["teacher", "student before training", "SFT on labels", "GenRecal"]
 
 
 def shrunken_demo(tmp_path: Path, finetune_steps: int = 2) -> Path:
@@ -71,12 +71,16 @@ def test_demo_runs_end_to_end_and_reuses_its_phases(tmp_path, monkeypatch):
     assert [row["title"] for row in results["rows"]] == ROW_TITLES
     assert results["seeds"] == [0, 1] and results["cache"]["problems"] == 0
     assert results["cache"]["samples"] == 6 and results["cache"]["bytes_per_input_token"] > 0
-    for row in results["rows"][1:]:
-        assert len(row["all"]["values"]) == 2 and row["all"]["std"] is not None
-        assert 0.0 <= row["all"]["mean"] <= 1.0
-    table = [line for line in output.splitlines() if line.startswith("| student") or
-             line.startswith("| teacher")]
-    assert [line.split(" | ")[0][2:] for line in table] == ROW_TITLES
+    for row in results["rows"][1:]:  # the results.json contract
+        assert row["name"] == row["title"] and len(row["per_seed"]) == 2 and row["std"] is not None
+        assert 0.0 <= row["mean"] <= 1.0 and set(row["per_type"]) <= set(results["types"])
+    assert results["teacher"]["accuracy"] == results["rows"][0]["mean"]
+    (comparison,) = results["comparisons"]
+    assert (comparison["a"], comparison["b"], comparison["n_seeds"]) == ("GenRecal", "SFT on labels", 2)
+    assert comparison["ci_low"] <= comparison["mean_diff"] <= comparison["ci_high"]
+    assert all({"name", "seconds"} <= set(p) for p in results["phases"])
+    table = [line for line in output.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [line.split(" | ")[0][2:] for line in table[:len(ROW_TITLES)]] == ROW_TITLES
     assert "| " + ROW_TITLES[0] in (report / "results.md").read_text()
     steps = {s["step"]: s["action"] for p in results["phases"] for s in p["steps"]}
     assert set(steps.values()) == {"run"} and "teacher-finetune" in steps

@@ -53,7 +53,9 @@ def test_demo_grace_runs_end_to_end(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "out" / "report" / "results.json").read_text())
     assert [row["title"] for row in results["rows"]] == TITLES
     for row in results["rows"][1:]:
-        assert len(row["all"]["values"]) == 2 and 0.0 <= row["all"]["mean"] <= 1.0
+        assert len(row["per_seed"]) == 2 and 0.0 <= row["mean"] <= 1.0
+    assert [(c["a"], c["b"]) for c in results["comparisons"]] == [("GRACE int4", "QAT-only int4"),
+                                                                   ("GRACE int4", "GRACE bf16")]
     for seed in (0, 1):
         for variant in ("grace_int4", "qat_int4"):
             exported = json.loads((tmp_path / "out" / f"seed-{seed}" / "exports" / variant / "config.json").read_text())
