@@ -620,6 +620,19 @@ class EvaluationConfig(ConfigModel):
 # Models: pipeline and file
 # --------------------------------------------------------------------------------------------
 
+class RunConfig(ConfigModel):
+    """How ``genrecal run`` compares its student rows (the data regime of the demo).
+
+    ``labelled``: how many samples of the train split keep their labels for the label-only row
+    (SFT on labels: the first ``labelled`` ones; None: all). With ``cache.generate_answers``
+    the teacher answers the whole train split (an image pool mostly without labels), and the
+    rows that learn from the teacher (SFT on teacher answers, GenRecal) read its answers: every
+    row sees the same images, only the label-only row is limited to the labelled ones.
+    """
+
+    labelled: PosInt | None = None
+
+
 class Pipeline(ConfigModel):
     """One teacher -> student recipe. ``name`` is the pipeline's key in the file."""
 
@@ -634,6 +647,7 @@ class Pipeline(ConfigModel):
     evaluation: EvaluationConfig | None = Field(default_factory=EvaluationConfig)
     output: NonEmptyStr | None = None  # None: runs/<name>
     teacher_finetune: TeacherFinetune | None = None  # genrecal run only; tiny / local teachers
+    run: RunConfig = Field(default_factory=RunConfig)  # genrecal run only: the rows' data regime
 
     def _problems(self) -> list[Problem]:
         bad_name = [] if _NAME_RE.fullmatch(self.name) else [

@@ -16,12 +16,16 @@ from genrecal.errors import RunError
 #: The rows of a GenRecal run (stages align -> distill -> finetune) and of a GRACE run (one
 #: grace stage with quantize: the configured INT4 GRACE beside its BF16 and QAT-only ablations).
 ROWS = ("teacher", "student_init", "student_sft", "student_genrecal")
+#: With teacher answers (cache.generate_answers): SFT on the teacher's answers joins them.
+ANSWER_ROWS = ("teacher", "student_init", "student_sft", "student_sft_answers", "student_genrecal")
 GRACE_ROWS = ("teacher", "student_init", "grace_bf16", "grace_int4", "qat_int4")
 ROW_TITLES = {"teacher": "teacher", "student_init": "student before training",
-              "student_sft": "SFT on labels", "student_genrecal": "GenRecal",
+              "student_sft": "SFT on labels", "student_sft_answers": "SFT on teacher answers",
+              "student_genrecal": "GenRecal",
               "grace_bf16": "GRACE bf16", "grace_int4": "GRACE int4", "qat_int4": "QAT-only int4"}
 #: The pairs of rows the report compares (a - b, paired over seeds), when a run has both.
-COMPARISONS = (("student_genrecal", "student_sft"), ("grace_int4", "qat_int4"),
+COMPARISONS = (("student_genrecal", "student_sft_answers"), ("student_genrecal", "student_sft"),
+               ("grace_int4", "qat_int4"),
                ("grace_int4", "grace_bf16"), ("grace_int4", "student_sft"))
 #: GRACE run variants: the row, what the stage becomes, where its model is evaluated from.
 GRACE_VARIANTS = ("grace_bf16", "grace_int4", "qat_int4")
@@ -89,7 +93,10 @@ class RunPlan:
         return {**spec, "tiny": None, "source": self.teacher_dir}
 
     def cache_pipeline(self) -> Pipeline:
-        """The pipeline with the (fine-tuned) teacher: what the cache is extracted from."""
+        """The pipeline with the (fine-tuned) teacher: what the cache is extracted from (the
+        teacher's answers, with ``cache.generate_answers``)."""
+        if self.uses_answers:
+            return self._derive("", teacher=self._teacher_spec(), data=self._answers_data())
         return self._derive("", teacher=self._teacher_spec())
 
     def student_dir(self, seed: int) -> str:
@@ -98,24 +105,35 @@ class RunPlan:
             return self.pipeline.model_location("student")
         return str(self.root / f"seed-{seed}" / "models" / "student")
 
-    def _seed_changes(self, seed: int) -> dict:
+    def _seed_changes(self, seed: int, data: dict | None = None) -> dict:
         student = self.pipeline.student.to_dict()
         if student.get("tiny") is not None:
             student["tiny"] = {**student["tiny"], "seed": seed, "path": self.student_dir(seed)}
         return {"teacher": self._teacher_spec(), "student": student,
-                "data": materialised_data(self.pipeline)}
+                "data": data or materialised_data(self.pipeline)}
+
+    def _teacher_data(self) -> dict:
+        """What the rows that learn from the teacher read: its answers, else the data."""
+        return self._answers_data() if self.uses_answers else materialised_data(self.pipeline)
 
     def seed_pipeline(self, seed: int) -> Pipeline:
         """The pipeline's stages for seed ``seed``, under ``<output>/seed-<seed>``."""
         stages = [{**s.to_dict(), "seed": seed, "output": None} for s in self.pipeline.stages]
-        return self._derive(f"seed-{seed}", **self._seed_changes(seed), stages=stages,
-                            output=str(self.root / f"seed-{seed}"))
+        return self._derive(f"seed-{seed}", **self._seed_changes(seed, self._teacher_data()),
+                            stages=stages, output=str(self.root / f"seed-{seed}"))
 
     def sft_pipeline(self, seed: int) -> Pipeline:
-        """The SFT-only baseline of seed ``seed`` (module docstring)."""
-        return self._derive(f"seed-{seed}.sft", **self._seed_changes(seed),
+        """The SFT-only baseline of seed ``seed`` on the labels (module docstring)."""
+        return self._derive(f"seed-{seed}.sft", **self._seed_changes(seed, self._labelled_data()),
                             stages=[{**sft_stage(self.pipeline), "seed": seed}],
                             output=str(self.root / f"seed-{seed}" / "sft"))
+
+    def sft_answers_pipeline(self, seed: int) -> Pipeline:
+        """SFT on the teacher's answers (sequence-level KD), seed ``seed``: the SFT baseline's
+        stage on the data the GenRecal stages read."""
+        return self._derive(f"seed-{seed}.sft-answers", **self._seed_changes(seed, self._answers_data()),
+                            stages=[{**sft_stage(self.pipeline), "seed": seed}],
+                            output=str(self.root / f"seed-{seed}" / "sft-answers"))
 
     @property
     def is_grace(self) -> bool:
@@ -124,7 +142,47 @@ class RunPlan:
 
     @property
     def rows(self) -> tuple[str, ...]:
-        return GRACE_ROWS if self.is_grace else ROWS
+        if self.is_grace:
+            return GRACE_ROWS
+        return ANSWER_ROWS if self.uses_answers else ROWS
+
+    @property
+    def uses_answers(self) -> bool:
+        """The rows that learn from the teacher read its answers (``cache.generate_answers``)."""
+        return self.pipeline.cache.generate_answers is not None and not self.is_grace
+
+    @property
+    def answers_path(self) -> Path:
+        """The teacher's answers to the whole train split (a LLaVA JSONL dataset)."""
+        return self.root / "data" / "teacher_answers" / "train.jsonl"
+
+    @property
+    def answers_image_root(self) -> str:
+        """The image root the answers file names its images under: the train sources' common one."""
+        import os
+
+        roots = [s["image_root"] or str(Path(s["path"]).parent)
+                 for s in materialised_data(self.pipeline)["sources"] if s["split"] == "train"]
+        return os.path.commonpath(roots)
+
+    def _answers_data(self) -> dict:
+        """The materialised data with the train split read from the teacher's answers."""
+        data = materialised_data(self.pipeline)
+        answers = {"path": str(self.answers_path), "format": "llava", "split": "train",
+                   "image_root": self.answers_image_root, "limit": None}
+        return {**data, "sources": [answers, *(s for s in data["sources"] if s["split"] != "train")]}
+
+    def _labelled_data(self) -> dict:
+        """The materialised data with the train split cut to its first ``run.labelled`` samples."""
+        data, limit = materialised_data(self.pipeline), self.pipeline.run.labelled
+        if limit is None:
+            return data
+        train = [s for s in data["sources"] if s["split"] == "train"]
+        if len(train) != 1:
+            raise RunError(f"pipeline {self.pipeline.name!r}: run.labelled needs one train source "
+                           f"(it has {len(train)}); merge them or leave run.labelled out")
+        return {**data, "sources": [{**s, "limit": limit} if s["split"] == "train" else s
+                                    for s in data["sources"]]}
 
     def grace_pipeline(self, seed: int, variant: str) -> Pipeline:
         """One GRACE variant of seed ``seed`` (docs/method.md §2): ``grace_int4`` the grace stage
@@ -155,9 +213,13 @@ class RunPlan:
                     "grace_int4": self.export_dir(seed, "grace_int4"),
                     "qat_int4": self.export_dir(seed, "qat_int4")}
         seed_pipe, last = self.seed_pipeline(seed), self.pipeline.stages[-1].name
-        return {"teacher": self.teacher_dir, "student_init": self.student_dir(seed),
+        dirs = {"teacher": self.teacher_dir, "student_init": self.student_dir(seed),
                 "student_sft": str(Path(self.sft_pipeline(seed).stage_dir("finetune")) / STUDENT_DIR),
                 "student_genrecal": str(Path(seed_pipe.stage_dir(last)) / STUDENT_DIR)}
+        if self.uses_answers:
+            dirs["student_sft_answers"] = str(Path(self.sft_answers_pipeline(seed).stage_dir("finetune"))
+                                              / STUDENT_DIR)
+        return dirs
 
 
 def _check_runnable(pipe: Pipeline, seeds: tuple[int, ...]) -> None:

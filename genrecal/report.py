@@ -95,9 +95,14 @@ def _definitions(plan: RunPlan) -> dict[str, str]:
         "student_init": "the student as built / loaded, before any training",
         "student_sft": f"one finetune stage with the pipeline's finetune settings for {length} = "
                        f"the sum over the stages that train the student "
-                       f"({', '.join(s.name for s in training)}), same data, same initial student, "
-                       "same seed; no teacher",
-        "student_genrecal": f"the student after {stages}",
+                       f"({', '.join(s.name for s in training)}), same initial student, same seed, "
+                       + (f"on the labels of the first {pipe.run.labelled} train samples"
+                          if pipe.run.labelled else "on the labels") + "; no teacher",
+        "student_genrecal": f"the student after {stages}"
+                            + (" on the teacher's answers" if plan.uses_answers else ""),
+        **({"student_sft_answers": "the SFT baseline's stage on the teacher's answers to the whole "
+                                   "train split (sequence-level KD); no cache, no Recalibrator"}
+           if plan.uses_answers else {}),
         "seeds": "seed k = the tiny student's init seed and every stage's seed (data order, "
                  "Recalibrator init); mean +- sample std over seeds",
     }
@@ -219,8 +224,12 @@ def _stage_curves(plan: RunPlan) -> dict[str, dict[str, list[tuple[int, float]]]
             records = read_metrics(Path(seed_pipe.stage_dir(stage.name)) / METRICS)
             panels.setdefault(stage.name, {})[f"seed {seed}"] = _points(records)
         sft = plan.sft_pipeline(seed)
-        panels.setdefault("SFT only", {})[f"seed {seed}"] = _points(
+        panels.setdefault("SFT on labels", {})[f"seed {seed}"] = _points(
             read_metrics(Path(sft.stage_dir("finetune")) / METRICS))
+        if plan.uses_answers:
+            answers = plan.sft_answers_pipeline(seed)
+            panels.setdefault("SFT on teacher answers", {})[f"seed {seed}"] = _points(
+                read_metrics(Path(answers.stage_dir("finetune")) / METRICS))
     return panels
 
 

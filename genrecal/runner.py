@@ -172,12 +172,39 @@ class StepBuilder:
                           ["data", *self._teacher_upstream()], [stage_dir], run,
                           _stage_check(stage_dir))
 
+    def answers_step(self) -> Step | None:
+        """The teacher answers the whole train split (``cache.generate_answers``): the data of
+        the rows that learn from the teacher (:attr:`RunPlan.uses_answers`)."""
+        if not self.plan.uses_answers:
+            return None
+        out, options = str(self.plan.answers_path), self.pipe.cache.generate_answers
+        upstream = ["data", *(["teacher-finetune"] if self.pipe.teacher_finetune else []),
+                    *self._teacher_upstream()]
+
+        def run(_resume: bool) -> dict:
+            from genrecal.data import read_split
+            from genrecal.extract.answers import write_teacher_answers
+            from genrecal.train.evaluate import load_pipeline_model
+
+            pipe = self.plan.cache_pipeline()
+            read = read_split(self.pipe.data, "train", output_dir=self.plan.root)
+            teacher = load_pipeline_model(pipe, "teacher", source=self.plan.teacher_dir)
+            report = write_teacher_answers(teacher, read, out, options, batch_size=pipe.cache.batch_size,
+                                           image_root=self.plan.answers_image_root,
+                                           progress=self.options.progress)
+            return {"path": report.path, "samples": report.samples, "replaced": report.replaced,
+                    "kept": report.kept, "matched": report.matched}
+
+        config = {"generate_answers": options.to_dict(), "teacher": self.plan.teacher_dir}
+        return self._step("teacher-answers", "teacher answers", config, upstream, [out], run,
+                          lambda _d: Path(out).is_file())
+
     # -- phase 4: cache ---------------------------------------------------------------------
     def cache_step(self) -> Step:
         pipe = self.plan.cache_pipeline()
         location = _location(pipe.cache.location)
         upstream = ["data", *(["teacher-finetune"] if self.pipe.teacher_finetune else []),
-                    *self._teacher_upstream()]
+                    *self._teacher_upstream(), *(["teacher-answers"] if self.plan.uses_answers else [])]
 
         def run(resume: bool) -> dict:
             from genrecal.extract.job import job_from_pipeline
@@ -239,11 +266,21 @@ class StepBuilder:
                         "recalibrator": gen.recalibrator.to_dict()},
                        [*self._student_upstream(seed), *(["cache"] if uses_cache else [])],
                        gen_dirs, self._trainer(gen, gen_dirs[-1]), _stage_check(gen_dirs[-1])),
-            self._step(f"sft-seed-{seed}", f"SFT-only baseline, seed {seed}",
-                       {"stages": [s.to_dict() for s in sft.stages], "student": sft.student.to_dict()},
+            self._step(f"sft-seed-{seed}", f"SFT on labels, seed {seed}",
+                       {"stages": [s.to_dict() for s in sft.stages], "student": sft.student.to_dict(),
+                        "data": sft.data.to_dict()},
                        self._student_upstream(seed), [sft_dir], self._trainer(sft, sft_dir),
                        _stage_check(sft_dir)),
+            *([self._sft_answers_step(seed)] if self.plan.uses_answers else []),
         ]
+
+    def _sft_answers_step(self, seed: int) -> Step:
+        pipe = self.plan.sft_answers_pipeline(seed)
+        stage_dir = str(Path(pipe.stage_dir("finetune")).resolve())
+        return self._step(f"sft-answers-seed-{seed}", f"SFT on teacher answers, seed {seed}",
+                          {"stages": [s.to_dict() for s in pipe.stages], "student": pipe.student.to_dict()},
+                          [*self._student_upstream(seed), "teacher-answers"], [stage_dir],
+                          self._trainer(pipe, stage_dir), _stage_check(stage_dir))
 
     def _trainer(self, pipe: Pipeline, last_dir: str):
         def run(resume: bool) -> dict:
@@ -276,6 +313,7 @@ class StepBuilder:
             dirs, pipe = self.plan.model_dirs(seed), self.plan.seed_pipeline(seed)
             made_by = {"student_init": self._student_upstream(seed)[1:],
                        "student_sft": [f"sft-seed-{seed}"], "student_genrecal": [f"genrecal-seed-{seed}"],
+                       "student_sft_answers": [f"sft-answers-seed-{seed}"],
                        "grace_bf16": [f"grace_bf16-seed-{seed}"],
                        "grace_int4": [f"export-grace_int4-seed-{seed}"],
                        "qat_int4": [f"export-qat_int4-seed-{seed}"]}
@@ -286,10 +324,10 @@ class StepBuilder:
     def phases(self) -> list[Phase]:
         """Every phase of the run, in order (steps are built upstream first, for the hashes)."""
         data, models = self.data_step(), tuple(self.model_steps())
-        teacher = self.teacher_step()
+        teacher = tuple(step for step in (self.teacher_step(), self.answers_step()) if step)
         return [Phase("data", "build the synthetic visual QA data", (data,)),
                 Phase("models", "build the tiny teacher and students", models),
-                Phase("teacher", "fine-tune the teacher on the task", (teacher,) if teacher else ()),
+                Phase("teacher", "fine-tune the teacher on the task; its answers", teacher),
                 Phase("cache", "extract and validate the teacher cache", (self.cache_step(),)),
                 Phase("train", "train: GRACE bf16 / int4 and QAT-only int4 (then their INT4 exports)"
                       if self.plan.is_grace else "train: GenRecal stages and the SFT-only baseline",

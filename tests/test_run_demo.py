@@ -100,3 +100,41 @@ def test_demo_runs_end_to_end_and_reuses_its_phases(tmp_path, monkeypatch):
     assert redone == {f"{kind}-seed-{seed}" for seed in (0, 1) for kind in
                       ("genrecal", "sft", "eval-student_genrecal", "eval-student_sft")}
     assert manifest_state(tmp_path) == cache_before
+
+
+def test_teacher_answers_rows(tmp_path, monkeypatch):
+    """With cache.generate_answers and run.labelled: the teacher answers the whole train split;
+    SFT on labels reads the first `labelled` samples' labels, SFT on teacher answers and GenRecal
+    the answers (the cache is extracted from them); the table has five rows and two comparisons."""
+    monkeypatch.chdir(tmp_path)
+    path = shrunken_demo(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    demo = data["pipelines"]["demo"]
+    demo["cache"]["generate_answers"] = {"max_new_tokens": 3, "replace": "always"}
+    demo["run"] = {"labelled": 3}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    run(path)
+    results = json.loads((tmp_path / "out" / "report" / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ["teacher", "student before training", "SFT on labels",
+                                                    "SFT on teacher answers", "GenRecal"]
+    assert [(c["a"], c["b"]) for c in results["comparisons"]] == [("GenRecal", "SFT on teacher answers"),
+                                                                   ("GenRecal", "SFT on labels")]
+    answers = [json.loads(line) for line in (tmp_path / "out" / "data" / "teacher_answers" / "train.jsonl")
+               .read_text().splitlines()]
+    assert len(answers) == 6  # the whole train split: the pool
+    from genrecal.data import read_dataset
+    from genrecal.store.reader import CacheReader
+
+    reader = CacheReader(tmp_path / "out" / "cache")
+    cached = {s.sample_id: s.content_hash for s in reader}
+    answered = read_dataset(tmp_path / "out" / "data" / "teacher_answers" / "train.jsonl", format="llava",
+                            image_root=next((tmp_path / "out").rglob("images")).parent)
+    assert {s.id: s.content_hash for s in answered.samples} == cached  # cache = the teacher's answers
+    from genrecal.data import read_split
+    from genrecal.plan import RunPlan
+
+    plan = RunPlan(config.get_pipeline("demo", path), (0, 1))
+    labelled = read_split(plan.sft_pipeline(0).data, "train", output_dir=plan.root).samples
+    pool = read_split(plan.sft_answers_pipeline(0).data, "train", output_dir=plan.root).samples
+    assert len(labelled) == 3 and len(pool) == 6
+    assert [s.id for s in labelled] == [s.id for s in pool][:3]  # the same images, fewer labels
