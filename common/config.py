@@ -472,6 +472,13 @@ class _StageBase(ConfigModel):
     output: NonEmptyStr | None = None  # None: <pipeline output>/<stage name>
     trains: TrainSwitches = Field(default_factory=TrainSwitches)
     quantize: QuantConfig | None = None  # QAT of the student's decoder linears; None: off
+    #: How the processes of a torchrun job share the work (one process: no difference but the
+    #: checkpoint format). ``ddp``: every rank holds the whole model and optimizer, gradients
+    #: are all-reduced. ``fsdp``: FSDP2 shards parameters, gradients and AdamW states over the
+    #: ranks, one unit per decoder block of the student and of the Recalibrator plus the root;
+    #: checkpoints are sharded (torch.distributed.checkpoint) and resume at another world size.
+    #: See genrecal/train/loop.py and docs/memory.md.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="before")
     @classmethod
@@ -628,9 +635,13 @@ class RunConfig(ConfigModel):
     the teacher answers the whole train split (an image pool mostly without labels), and the
     rows that learn from the teacher (SFT on teacher answers, GenRecal) read its answers: every
     row sees the same images, only the label-only row is limited to the labelled ones.
+    ``grace``: the name of a GRACE pipeline in the same file whose rows (GRACE bf16, GRACE int4,
+    QAT-only int4) join this run's table; it runs on this run's fine-tuned teacher and on the
+    data its teacher-learning rows read, with its own same-tokenizer student, cache and stage.
     """
 
     labelled: PosInt | None = None
+    grace: NonEmptyStr | None = None  # a GRACE pipeline of the same file whose rows join the table
 
 
 class Pipeline(ConfigModel):

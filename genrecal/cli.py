@@ -408,9 +408,10 @@ def run_command(
     from transformers.utils import logging as hf_logging
 
     pipe = config.get_pipeline(name, pipelines_file(ctx, file))
+    companion = config.get_pipeline(pipe.run.grace, pipelines_file(ctx, file)) if pipe.run.grace else None
     torch.set_num_threads(threads or 1)
     hf_logging.disable_progress_bar()  # weight loading / saving bars; the phases show their own
-    result = run_pipeline(pipe, _parse_seeds(seeds), echo=typer.echo)
+    result = run_pipeline(pipe, _parse_seeds(seeds), echo=typer.echo, companion=companion)
     typer.echo("\n" + format_table(result.report) + "\n\n" + format_phases(result.report))
     for path in result.files:
         typer.echo(f"wrote {path}")

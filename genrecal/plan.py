@@ -7,6 +7,7 @@ reads it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,29 @@ class RunPlan:
 
     pipeline: Pipeline
     seeds: tuple[int, ...]
+    companion: Pipeline | None = None  # run.grace's pipeline: its rows join the table
 
     def __post_init__(self) -> None:
         _check_runnable(self.pipeline, self.seeds)
+        if (self.companion is None) != (self.pipeline.run.grace is None) or (
+                self.companion is not None and self.companion.name != self.pipeline.run.grace):
+            raise RunError(f"pipeline {self.pipeline.name!r}: run.grace names "
+                           f"{self.pipeline.run.grace!r}; pass that pipeline as the companion")
+
+    @cached_property
+    def grace_plan(self) -> RunPlan | None:
+        """The companion GRACE run, on this run's fine-tuned teacher and teacher data, under
+        ``<output>/grace`` (its evaluations go to this run's ``eval/``)."""
+        if self.companion is None:
+            return None
+        data = self.companion.to_dict()
+        root = self.root / "grace"
+        cache = {**data["cache"], "location": str(root / "cache")}
+        derived = {**data, "teacher": self._teacher_spec(), "teacher_finetune": None,
+                   "data": self._teacher_data(), "cache": cache, "output": str(root),
+                   "evaluation": self.pipeline.evaluation.to_dict(), "run": {}}
+        return RunPlan(Pipeline.from_dict(derived, source=f"genrecal run {self.pipeline.name} "
+                                                         f"(run.grace: {self.companion.name})"), self.seeds)
 
     @property
     def root(self) -> Path:
@@ -144,7 +165,8 @@ class RunPlan:
     def rows(self) -> tuple[str, ...]:
         if self.is_grace:
             return GRACE_ROWS
-        return ANSWER_ROWS if self.uses_answers else ROWS
+        rows = ANSWER_ROWS if self.uses_answers else ROWS
+        return rows + (GRACE_VARIANTS if self.companion is not None else ())
 
     @property
     def uses_answers(self) -> bool:
@@ -219,6 +241,9 @@ class RunPlan:
         if self.uses_answers:
             dirs["student_sft_answers"] = str(Path(self.sft_answers_pipeline(seed).stage_dir("finetune"))
                                               / STUDENT_DIR)
+        if self.companion is not None:
+            grace = self.grace_plan.model_dirs(seed)
+            dirs.update({row: grace[row] for row in GRACE_VARIANTS})
         return dirs
 
 

@@ -69,6 +69,16 @@ def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _definitions(plan: RunPlan) -> dict[str, str]:
+    if plan.companion is not None:
+        companion = {k: v for k, v in _definitions(plan.grace_plan).items() if k in GRACE_VARIANTS}
+        companion = {k: f"{v}; a same-tokenizer student ({plan.companion.student.label}) of the "
+                        f"companion pipeline {plan.companion.name!r}, on the same teacher and data"
+                     for k, v in companion.items()}
+        return {**_own_definitions(plan), **companion}
+    return _own_definitions(plan)
+
+
+def _own_definitions(plan: RunPlan) -> dict[str, str]:
     pipe = plan.pipeline
     if plan.is_grace:
         stage = pipe.stages[0]
@@ -230,6 +240,11 @@ def _stage_curves(plan: RunPlan) -> dict[str, dict[str, list[tuple[int, float]]]
             answers = plan.sft_answers_pipeline(seed)
             panels.setdefault("SFT on teacher answers", {})[f"seed {seed}"] = _points(
                 read_metrics(Path(answers.stage_dir("finetune")) / METRICS))
+        if plan.companion is not None:
+            for variant in GRACE_VARIANTS:
+                pipe = plan.grace_plan.grace_pipeline(seed, variant)
+                panels.setdefault(ROW_TITLES[variant], {})[f"seed {seed}"] = _points(
+                    read_metrics(Path(pipe.stage_dir(pipe.stages[0].name)) / METRICS))
     return panels
 
 

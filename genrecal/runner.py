@@ -71,18 +71,37 @@ def _dir_check(*dirs: str) -> Callable[[dict], bool]:
 
 
 class StepBuilder:
-    """Builds the steps of a plan; ``hashes`` maps every step id to its config hash."""
+    """Builds the steps of a plan; ``hashes`` maps every step id to its config hash.
 
-    def __init__(self, plan: RunPlan, options: RunOptions):
-        self.plan, self.options = plan, options
+    A companion run (``run.grace``) is built by a child builder whose step ids carry the
+    prefix ``grace.``; an upstream id it does not have is the parent's (the data, the
+    fine-tuned teacher, its answers), and its evaluations write into the parent's ``eval/``.
+    """
+
+    def __init__(self, plan: RunPlan, options: RunOptions, *, parent: StepBuilder | None = None):
+        self.plan, self.options, self.parent = plan, options, parent
         self.pipe = plan.pipeline
+        self.prefix = "grace." if parent is not None else ""
+        self.eval_root = parent.eval_root if parent is not None else plan.root
         self.hashes: dict[str, str] = {}
+
+    def _hash_of(self, step_id: str) -> str:
+        if self.prefix + step_id in self.hashes:
+            return self.hashes[self.prefix + step_id]
+        return self.parent._hash_of(step_id)
+
+    def _inherited(self) -> list[str]:
+        """The parent's steps a companion's teacher-side steps depend on."""
+        if self.parent is None:
+            return []
+        return [u for u in ("teacher-finetune", "teacher-answers") if u in self.parent.hashes]
 
     def _step(self, step_id: str, title: str, config: Any, upstream: list[str],
               outputs: list[str], run, check, adopts: bool | Callable[[], bool] = False) -> Step:
-        digest = config_hash(config, [self.hashes[u] for u in upstream])
-        self.hashes[step_id] = digest
-        return Step(step_id, title, digest, tuple(outputs), run, check, adopts)
+        digest = config_hash(config, [self._hash_of(u) for u in upstream])
+        self.hashes[self.prefix + step_id] = digest
+        title = f"{title} (GRACE companion)" if self.parent is not None else title
+        return Step(self.prefix + step_id, title, digest, tuple(outputs), run, check, adopts)
 
     # -- phase 1: data ----------------------------------------------------------------------
     def _synthetic_sets(self) -> list[tuple[Any, Path]]:
@@ -151,7 +170,7 @@ class StepBuilder:
         return steps
 
     def _teacher_upstream(self) -> list[str]:
-        return ["model-teacher"] if "model-teacher" in self.hashes else []
+        return ["model-teacher"] if self.prefix + "model-teacher" in self.hashes else []
 
     # -- phase 3: teacher fine-tuning ----------------------------------------------------------
     def teacher_step(self) -> Step | None:
@@ -204,7 +223,8 @@ class StepBuilder:
         pipe = self.plan.cache_pipeline()
         location = _location(pipe.cache.location)
         upstream = ["data", *(["teacher-finetune"] if self.pipe.teacher_finetune else []),
-                    *self._teacher_upstream(), *(["teacher-answers"] if self.plan.uses_answers else [])]
+                    *self._teacher_upstream(), *(["teacher-answers"] if self.plan.uses_answers else []),
+                    *self._inherited()]
 
         def run(resume: bool) -> dict:
             from genrecal.extract.job import job_from_pipeline
@@ -295,7 +315,7 @@ class StepBuilder:
     def eval_step(self, row: str, seed: int | None, model_dir: str, pipe: Pipeline,
                   upstream: list[str]) -> Step:
         name = row if seed is None else f"{row}-seed-{seed}"
-        out = str(self.plan.root / EVAL_DIR / f"{name}.json")
+        out = str(self.eval_root / EVAL_DIR / f"{name}.json")
 
         def run(_resume: bool) -> dict:
             return _evaluate(model_dir, pipe, out, progress=self.options.progress)
@@ -306,9 +326,17 @@ class StepBuilder:
                           ["data", *upstream], [out], run, lambda _d: _eval_ok(out))
 
     def eval_steps(self) -> list[Step]:
+        """The evaluations of this plan's rows (a companion's: its GRACE rows only; the parent's
+        rows leave those to the companion's builder)."""
         cache_pipe = self.plan.cache_pipeline()
         teacher_up = ["teacher-finetune"] if self.pipe.teacher_finetune else self._teacher_upstream()
-        steps = [self.eval_step("teacher", None, self.plan.teacher_dir, cache_pipe, teacher_up)]
+        steps = [] if self.parent is not None else \
+            [self.eval_step("teacher", None, self.plan.teacher_dir, cache_pipe, teacher_up)]
+        if self.parent is not None:
+            mine = [row for row in self.plan.rows if row in GRACE_VARIANTS]
+        else:  # a companion's GRACE rows are evaluated by its builder
+            mine = [row for row in self.plan.rows if row != "teacher"
+                    and not (self.plan.companion is not None and row in GRACE_VARIANTS)]
         for seed in self.plan.seeds:
             dirs, pipe = self.plan.model_dirs(seed), self.plan.seed_pipeline(seed)
             made_by = {"student_init": self._student_upstream(seed)[1:],
@@ -317,22 +345,32 @@ class StepBuilder:
                        "grace_bf16": [f"grace_bf16-seed-{seed}"],
                        "grace_int4": [f"export-grace_int4-seed-{seed}"],
                        "qat_int4": [f"export-qat_int4-seed-{seed}"]}
-            steps += [self.eval_step(row, seed, dirs[row], pipe, made_by[row])
-                      for row in self.plan.rows if row != "teacher"]
+            steps += [self.eval_step(row, seed, dirs[row], pipe, made_by[row]) for row in mine]
         return steps
 
     def phases(self) -> list[Phase]:
-        """Every phase of the run, in order (steps are built upstream first, for the hashes)."""
+        """Every phase of the run, in order (steps are built upstream first, for the hashes);
+        a ``run.grace`` companion's steps join each phase after this run's."""
         data, models = self.data_step(), tuple(self.model_steps())
         teacher = tuple(step for step in (self.teacher_step(), self.answers_step()) if step)
+        cache = (self.cache_step(),)
+        train = tuple(s for seed in self.plan.seeds for s in self.train_steps(seed))
+        child = StepBuilder(self.plan.grace_plan, self.options, parent=self) \
+            if self.plan.companion is not None else None
+        if child is not None:
+            models += tuple(child.model_steps())
+            cache += (child.cache_step(),)
+            train += tuple(s for seed in self.plan.seeds for s in child.train_steps(seed))
+        evaluate = tuple(self.eval_steps()) + (tuple(child.eval_steps()) if child else ())
+        what = ("GenRecal stages, the baselines" + (", GRACE bf16 / int4 and QAT-only int4"
+                                                    if child else "")) if not self.plan.is_grace \
+            else "GRACE bf16 / int4 and QAT-only int4 (then their INT4 exports)"
         return [Phase("data", "build the synthetic visual QA data", (data,)),
                 Phase("models", "build the tiny teacher and students", models),
                 Phase("teacher", "fine-tune the teacher on the task; its answers", teacher),
-                Phase("cache", "extract and validate the teacher cache", (self.cache_step(),)),
-                Phase("train", "train: GRACE bf16 / int4 and QAT-only int4 (then their INT4 exports)"
-                      if self.plan.is_grace else "train: GenRecal stages and the SFT-only baseline",
-                      tuple(s for seed in self.plan.seeds for s in self.train_steps(seed))),
-                Phase("evaluate", "evaluate every model", tuple(self.eval_steps()))]
+                Phase("cache", "extract and validate the teacher cache", cache),
+                Phase("train", f"train: {what}", train),
+                Phase("evaluate", "evaluate every model", evaluate)]
 
 
 def _location(location: str) -> str:
@@ -484,10 +522,11 @@ def _describe(outcome: StepOutcome) -> str:
 
 
 def run_pipeline(pipe: Pipeline, seeds: tuple[int, ...], options: RunOptions = RunOptions(),
-                 echo: Callable[[str], None] = print) -> RunResult:
-    """``genrecal run``: every phase, then the report under ``<output>/report``."""
+                 echo: Callable[[str], None] = print, companion: Pipeline | None = None) -> RunResult:
+    """``genrecal run``: every phase, then the report under ``<output>/report``; ``companion``:
+    the pipeline ``run.grace`` names (its rows join the table)."""
     started = time.perf_counter()
-    plan = RunPlan(pipe, tuple(seeds))
+    plan = RunPlan(pipe, tuple(seeds), companion)
     phases = tuple(run_phases(plan, options, echo))
     seconds = time.perf_counter() - started
     report = build_report(plan, phases, seconds)

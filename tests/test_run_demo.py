@@ -138,3 +138,32 @@ def test_teacher_answers_rows(tmp_path, monkeypatch):
     pool = read_split(plan.sft_answers_pipeline(0).data, "train", output_dir=plan.root).samples
     assert len(labelled) == 3 and len(pool) == 6
     assert [s.id for s in labelled] == [s.id for s in pool][:3]  # the same images, fewer labels
+
+
+def test_grace_companion_rows_join_the_table(tmp_path, monkeypatch):
+    """run.grace: the GRACE companion runs on this run's fine-tuned teacher and teacher answers
+    (no second teacher fine-tuning) and its three rows join the table and the comparisons."""
+    from test_run_demo_grace import shrunken as shrunken_grace
+
+    monkeypatch.chdir(tmp_path)
+    path = shrunken_demo(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    (tmp_path / "g").mkdir()
+    grace = yaml.safe_load(shrunken_grace(tmp_path / "g").read_text())["pipelines"]["demo-grace"]
+    grace["teacher"] = data["pipelines"]["demo"]["teacher"]  # the companion's tokenizer = the teacher's
+    grace["student"]["tiny"].update(vocab_size=700)
+    demo = data["pipelines"]["demo"]
+    demo["cache"]["generate_answers"] = {"max_new_tokens": 3, "replace": "always"}
+    demo["run"] = {"labelled": 3, "grace": "demo-grace"}
+    data["pipelines"]["demo-grace"] = grace
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    output = run(path)
+    results = json.loads((tmp_path / "out" / "report" / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == [
+        "teacher", "student before training", "SFT on labels", "SFT on teacher answers", "GenRecal",
+        "GRACE bf16", "GRACE int4", "QAT-only int4"]
+    assert ("GRACE int4", "QAT-only int4") in [(c["a"], c["b"]) for c in results["comparisons"]]
+    steps = [s["step"] for p in results["phases"] for s in p["steps"]]
+    assert steps.count("teacher-finetune") == 1 and "grace.cache" in steps
+    assert not (tmp_path / "out" / "grace" / "teacher").exists()  # no second teacher fine-tuning
+    assert "GRACE int4" in output
