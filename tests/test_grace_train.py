@@ -103,6 +103,11 @@ def test_a_student_with_another_tokenizer_is_refused_before_training(world, tmp_
     assert not (tmp_path / "out" / "grace" / "metrics.jsonl").exists()
 
 
+def test_online_mode_is_refused_for_grace(world):
+    with pytest.raises(StageSetupError, match="--online"):
+        run_stages(_pipeline(world, "online"), options=LoopOptions(**QUIET, teacher_source="online"))
+
+
 def test_a_cache_without_what_the_gdkd_source_needs_is_refused(world):
     root, _, _, spec = world
     no_rows = {**spec, "cache": {**spec["cache"], "features": {**FEATURES, "answer_hidden": False}}}

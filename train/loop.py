@@ -637,6 +637,10 @@ def build_stage_job(pipeline: Pipeline, name: str, dist: RankInfo,
         embeddings = load_teacher_embeddings(cache) if answer_input == "embedding" else None
         teacher = TeacherSide.from_artifacts(load_teacher_head(cache), embeddings, device)
     elif isinstance(stage, GraceStage):
+        if options.teacher_source == "online":
+            raise StageSetupError(f"stage {name!r}: GRACE reads its teacher signal from the cache; "
+                                  "--online (a live teacher) applies to align and distill only. "
+                                  "Extract the cache (`genrecal extract`) and train without --online.")
         cache = pipeline.cache.location
         if not options.allow_teacher_mismatch:
             expect = check_cache_teacher(cache, pipeline.model_location("teacher"), pipeline.teacher.revision)
