@@ -21,13 +21,26 @@ high-water mark (VmHWM), also above the RSS of the libraries both modes import, 
 worker processes (``ru_maxrss`` of the children: forked, they count the pages they share), and
 ``torch.cuda.max_memory_allocated`` on CUDA. Ratios are online / cache.
 
+Parallel modes (``--world N`` with N > 1, or ``--parallel``): instead of cache vs online, the cache-fed distill
+stage runs under each of ``--parallel ddp,fsdp`` (the stage setting ``parallel``) on N processes
+(gloo on the CPU, one subprocess per rank, a ``file://`` rendezvous), at the same per-rank batch
+(global batch = batch size x N). Reported side by side per mode: median step time (rank 0's
+records) and, per rank, the peak RSS (VmHWM; also above the libraries) and the exact bytes this
+rank holds of the parameters (all of them; under FSDP its shards), of the trainable ones and of
+their AdamW states (two float32 tensors per trainable parameter: 2 x the trainable fp32 bytes).
+``--student-hidden`` / ``--student-layers`` grow the student so that its state, not the
+libraries, dominates memory. The rank processes run with a fixed glibc mmap threshold
+(:data:`MALLOC`), so that their RSS follows the tensors alive.
+
     python benchmarks/bench_train.py [--samples 16] [--steps 8] [--batch-size 2] [--workers 1]
                                      [--teacher-hidden 512] [--teacher-layers 4] [--threads 1]
+                                     [--student-hidden H] [--student-layers L]
+                                     [--world N] [--parallel ddp,fsdp]
                                      [--device cpu|cuda] [--smoke] [--json [PATH]]
 
-``--smoke`` runs the same code paths (both modes, each in its subprocess) at the smallest sizes,
-for CI; ``--json`` prints the results as JSON after the table, ``--json PATH`` writes them to
-PATH instead.
+``--smoke`` runs the same code paths (both modes, each in its subprocess; with ``--world 2``
+both parallel modes on 2 ranks) at the smallest sizes, for CI; ``--json`` prints the results as
+JSON after the table, ``--json PATH`` writes them to PATH instead.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -47,22 +61,32 @@ import benchcli
 import torch
 
 MODES = ("cache", "online")
+PARALLEL = ("ddp", "fsdp")
+# Parallel modes: glibc serves multi-MiB allocations from its heap once such a block was freed
+# (its mmap threshold rises dynamically) and keeps the freed memory, so the RSS of an FSDP rank,
+# which allocates and frees an unsharded copy of every block twice per step, shows the
+# allocator's retention instead of the tensors alive (measured: 1.12x DDP's RSS instead of
+# 0.59x for the same run). A fixed threshold of 1 MiB returns freed large blocks to the system
+# in both modes (an environment setting of yours wins); it costs step time in both.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")}
 
 
 # ----------------------------------------------------------------------------- setup (parent)
 
 
-def pipeline(root: Path, args):
+def pipeline(root: Path, args, parallel: str = "ddp"):
     from genrecal.common.config import Pipeline
 
     teacher_dtype = "bfloat16" if args.device == "cuda" else "float32"
+    student = {"kind": "llava_qwen2", "path": str(root / "student")}
+    student.update({k: v for k, v in (("hidden_size", args.student_hidden),
+                                      ("num_layers", args.student_layers)) if v is not None})
     return Pipeline.from_dict({
         "name": "bench-train",
         "teacher": {"tiny": {"kind": "qwen2_vl", "path": str(root / "teacher"),
                              "hidden_size": args.teacher_hidden, "num_layers": args.teacher_layers},
                     "dtype": teacher_dtype, "device": args.device},
-        "student": {"tiny": {"kind": "llava_qwen2", "path": str(root / "student")}, "dtype": "float32",
-                    "device": args.device},
+        "student": {"tiny": student, "dtype": "float32", "device": args.device},
         "data": {"synthetic": {"n_train": args.samples, "n_test": 0, "image_size": 32}},
         "cache": {"location": str(root / "cache"), "batch_size": 4, "max_length": 512,
                   "features": {"answer_hidden": True, "question_hidden": "all", "visual_gram": False,
@@ -70,7 +94,7 @@ def pipeline(root: Path, args):
         "recalibrator": {"blocks": 1, "init": "copy"},
         "stages": [{"name": "distill", "steps": args.steps + 1, "batch_size": args.batch_size,
                     "precision": "bf16" if args.device == "cuda" else "fp32", "warmup": 0,
-                    "lr_start": 1e-4, "lr_end": 1e-5}],
+                    "lr_start": 1e-4, "lr_end": 1e-5, "parallel": parallel}],
         "evaluation": None, "output": str(root / "out")})
 
 
@@ -186,6 +210,133 @@ def run_mode(root: Path, mode: str, args) -> dict:
             **_peaks(args.device, base_mib)}
 
 
+def _local_bytes(model) -> dict:
+    """Bytes this rank holds: every parameter (its shard under FSDP), the trainable ones, and
+    their AdamW states (exp_avg and exp_avg_sq, float32 like the master weights)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(p):
+        return p.to_local() if isinstance(p, DTensor) else p
+
+    params = list(model.parameters())
+    total = sum(local(p).numel() * p.element_size() for p in params)
+    trainable = sum(local(p).numel() * p.element_size() for p in params if p.requires_grad)
+    mib = 2 ** 20
+    return {"params_mib": total / mib, "trainable_mib": trainable / mib, "adamw_mib": 2 * trainable / mib,
+            "trainable_numel": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def run_rank(root: Path, parallel: str, rank: int, args) -> dict:
+    """One rank of the distill stage under ``parallel`` on ``args.world`` processes."""
+    base_mib = _libraries_rss_mib()
+    import torch.distributed as dist
+
+    import torch.distributed.fsdp  # noqa: F401  (both modes pay for the same imports)
+    import genrecal.train.loop as loop
+    from genrecal.common.distributed import RankInfo
+    from genrecal.train.loop import LoopOptions, build_stage_job, train_stage
+
+    # the training peak: VmHWM when the stage's final checkpoint starts (the checkpoint and the
+    # export that follow hold transient copies: DCP's safetensors writer serialises the rank's
+    # shards in memory, the FSDP export gathers the full model on rank 0)
+    save, training = loop._save_checkpoint, {}
+
+    def measured_save(*a, **k):
+        training.setdefault("rss_mib", _peak_rss_mib())
+        return save(*a, **k)
+
+    loop._save_checkpoint = measured_save
+
+    dist.init_process_group("gloo", init_method=f"file://{root / ('rdv-' + parallel)}", rank=rank,
+                            world_size=args.world)
+    try:
+        options = LoopOptions(save_every=None, num_workers=args.workers, progress=False)
+        job = build_stage_job(pipeline(root, args, parallel), "distill", RankInfo.current(), options)
+        job = dataclasses.replace(job, out_dir=root / f"run-{parallel}")
+        try:
+            result = train_stage(job, options)
+        finally:
+            job.loader.close()
+        steps = result.records[1:]
+        out = {"parallel": parallel, "rank": rank, "world": args.world, **_local_bytes(job.model),
+               **_peaks(args.device, base_mib), "train_rss_mib": training["rss_mib"],
+               "train_own_mib": training["rss_mib"] - base_mib}
+        if steps:  # rank 0 keeps the records
+            out.update(steps=len(steps), step_ms=1e3 * statistics.median(r["step_time_s"] for r in steps),
+                       samples_per_step=steps[0]["samples"])
+        return out
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def measure_parallel(args, argv: list[str]) -> tuple[dict, dict]:
+    """Each parallel mode on ``args.world`` rank subprocesses (started together, each its own
+    peak); rows[mode] = rank 0's timings + every rank's memory."""
+    with tempfile.TemporaryDirectory(prefix="genrecal-bench-train-") as tmp:
+        root = Path(tmp)
+        setup = prepare(root, args)
+        rows = {}
+        for parallel in args.parallel:
+            procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
+                                       "--child-parallel", parallel, "--child-rank", str(rank),
+                                       "--root", str(root)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "LOCAL_RANK": str(rank), **MALLOC})
+                     for rank in range(args.world)]
+            outs = _wait_all(procs, parallel)
+            ranks = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+            rows[parallel] = {**{k: ranks[0][k] for k in ("steps", "step_ms", "samples_per_step")},
+                              "ranks": ranks,
+                              **{f"max_{k}": max(r[k] for r in ranks)
+                                 for k in ("rss_mib", "own_mib", "train_rss_mib", "train_own_mib",
+                                           "params_mib", "trainable_mib", "adamw_mib")}}
+        return setup, rows
+
+
+def _wait_all(procs: list[subprocess.Popen], parallel: str) -> list[str]:
+    """The ranks' stdout; if one fails, the others (waiting in a collective) are stopped."""
+    outs: list[str | None] = [None] * len(procs)
+    while any(o is None for o in outs):
+        for i, proc in enumerate(procs):
+            if outs[i] is None and proc.poll() is not None:
+                out, err = proc.communicate()
+                if proc.returncode != 0:
+                    for other in procs:
+                        if other.poll() is None:
+                            other.kill()
+                            other.wait()
+                    raise SystemExit(f"bench_train: rank {i} of the {parallel} run failed:\n{err[-4000:]}")
+                outs[i] = out
+        time.sleep(0.05)
+    return outs  # type: ignore[return-value]
+
+
+def format_parallel_table(setup: dict, rows: dict[str, dict], args) -> str:
+    s = setup["student_params"]
+    first = rows[args.parallel[0]]
+    lines = [f"student llava_qwen2: {s / 1e6:.2f}M params (distill trains the Recalibrator + student body: "
+             f"{first['ranks'][0]['trainable_numel'] / 1e6:.2f}M); {args.world} processes x batch "
+             f"{args.batch_size} = {first['samples_per_step']} samples per step, {first['steps']} timed steps, "
+             f"{args.device}, {args.threads} thread(s) per process",
+             f"{'parallel':<9}{'step ms':>9}{'train RSS':>11}{'above libs':>12}{'end RSS':>9}"
+             f"{'params':>9}{'trainable':>11}{'AdamW':>9}",
+             f"{'':<9}{'':>9}{'MiB':>11}{'MiB':>12}{'MiB':>9}{'MiB':>9}{'MiB':>11}{'MiB':>9}"
+             "   (per rank, the largest; end: with the final checkpoint and export)"]
+    for parallel in args.parallel:
+        r = rows[parallel]
+        lines.append(f"{parallel:<9}{r['step_ms']:>9.1f}{r['max_train_rss_mib']:>11.0f}"
+                     f"{r['max_train_own_mib']:>12.0f}{r['max_rss_mib']:>9.0f}"
+                     f"{r['max_params_mib']:>9.2f}{r['max_trainable_mib']:>11.2f}{r['max_adamw_mib']:>9.2f}")
+    if set(PARALLEL) <= set(rows):
+        d, f = rows["ddp"], rows["fsdp"]
+        lines.append(f"fsdp / ddp: step time {f['step_ms'] / d['step_ms']:.2f}x, params per rank "
+                     f"{f['max_params_mib'] / d['max_params_mib']:.2f}x, trainable + AdamW per rank "
+                     f"{f['max_trainable_mib'] / d['max_trainable_mib']:.2f}x, training RSS above libs "
+                     f"{f['max_train_own_mib'] / max(d['max_train_own_mib'], 1e-9):.2f}x")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -245,10 +396,31 @@ def parse(argv: list[str] | None):
     parser.add_argument("--teacher-layers", type=int, default=4, help="teacher decoder layers (default 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+    parser.add_argument("--student-hidden", type=int, default=None, help="student hidden size (default: the kit's)")
+    parser.add_argument("--student-layers", type=int, default=None, help="student decoder layers (default: the kit's)")
+    parser.add_argument("--world", type=int, default=1,
+                        help="processes; > 1 compares the --parallel modes instead of cache vs online")
+    parser.add_argument("--parallel", type=_parallel_modes, default=None,
+                        help="ddp, fsdp or ddp,fsdp (the default with --world > 1): compare the stage's "
+                             "`parallel` settings on --world processes (also at --world 1)")
     benchcli.add_smoke_and_json(parser, SMOKE)
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--child-parallel", choices=PARALLEL, help=argparse.SUPPRESS)
+    parser.add_argument("--child-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
-    return benchcli.parse(parser, SMOKE, argv)
+    args = benchcli.parse(parser, SMOKE, argv)
+    if args.world < 1:
+        parser.error("--world must be >= 1")
+    if args.parallel is None and args.world > 1:
+        args.parallel = PARALLEL
+    return args
+
+
+def _parallel_modes(value: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not modes or any(m not in PARALLEL for m in modes):
+        raise argparse.ArgumentTypeError(f"{value!r}: use ddp, fsdp or ddp,fsdp")
+    return modes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -258,9 +430,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         print(json.dumps(run_mode(args.root, args.child, args)))
         return {}
+    if args.child_parallel:
+        print(json.dumps(run_rank(args.root, args.child_parallel, args.child_rank, args)))
+        return {}
     started = time.perf_counter()
-    setup, rows = measure(args, argv)
-    print(format_table(setup, rows, args))
+    if args.parallel:
+        setup, rows = measure_parallel(args, argv)
+        print(format_parallel_table(setup, rows, args))
+    else:
+        setup, rows = measure(args, argv)
+        print(format_table(setup, rows, args))
     print(f"(total {time.perf_counter() - started:.0f} s, extraction {setup['extract_s']:.1f} s)")
     result = {"setup": setup, **rows}
     benchcli.write_json(result, args.json)

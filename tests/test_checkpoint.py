@@ -144,3 +144,96 @@ def test_restore_weights_checks_names_shapes_and_dtypes(tmp_path):
                                  .double()}, tmp_path)
     with pytest.raises(CheckpointError, match=r"\(2, 3\)"):
         restore_weights(params, {**weights, "student.a.weight": torch.zeros(2, 3)}, tmp_path)
+
+
+# ----------------------------------------------------------------------------- sharded (FSDP)
+
+
+class _Tiny(torch.nn.Module):
+    """Parameters named like a StageModel's ("student.*", "recalibrator.*"), one frozen."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.student = torch.nn.Linear(3, 5)
+        self.recalibrator = torch.nn.Linear(5, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        self.student.bias.requires_grad_(False)
+
+    def trained(self):
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+
+def _sharded_run(seed: int = 0, steps: int = 2):
+    model = _Tiny(seed)
+    opt = torch.optim.AdamW([{"params": [p for _, p in model.trained()], "lr_mult": 1.0}], lr=1e-2,
+                            weight_decay=0.1, betas=(0.8, 0.9))
+    for i in range(steps):
+        model.recalibrator(model.student(torch.full((2, 3), float(i + 1)))).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _save_sharded(root, model, opt, step=2):
+    from genrecal.train.checkpoint import save_sharded_checkpoint
+
+    names = [n for n, _ in model.trained()]
+    return save_sharded_checkpoint(root, step, model=model, optimizer=opt, names=names,
+                                   trainer={"step": step, "world_size": 1},
+                                   sampler={"epoch": 0, "position": 2}, rng=RngState.capture())
+
+
+def test_sharded_checkpoint_round_trips_bitwise_through_safetensors_only(tmp_path, monkeypatch):
+    import genrecal.train.checkpoint as checkpoint
+    from genrecal.train.checkpoint import (checkpoint_layout, read_sharded_checkpoint,
+                                           restore_sharded_checkpoint)
+
+    monkeypatch.setattr(checkpoint, "SHARD_FILE_BYTES", 64)  # 16 floats per file: several files
+    model, opt = _sharded_run()
+    path = _save_sharded(tmp_path, model, opt)
+    assert latest_checkpoint(tmp_path) == path and checkpoint_layout(path) == "sharded"
+    assert {p.suffix for p in path.rglob("*") if p.is_file()} == {".json", ".safetensors"}  # no pickle
+    assert len(list((path / "sharded").iterdir())) > 3
+    header = read_sharded_checkpoint(path)
+    assert header.trainer["step"] == 2 and header.sampler == {"epoch": 0, "position": 2}
+    assert header.world_size == 1 and header.rng is not None
+    fresh, fresh_opt = _sharded_run(seed=5, steps=0)
+    restore_sharded_checkpoint(path, model=fresh, optimizer=fresh_opt,
+                               names=[n for n, _ in fresh.trained()])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()) if a.requires_grad)
+    assert not torch.equal(model.student.bias, fresh.student.bias)  # frozen: not in the checkpoint
+    with torch.no_grad():
+        fresh.student.bias.copy_(model.student.bias)  # (the frozen parts come from the stage inputs)
+    assert fresh_opt.param_groups[0]["betas"] == (0.8, 0.9) and fresh_opt.param_groups[0]["lr_mult"] == 1.0
+    for (_, a), (_, b) in zip(model.trained(), fresh.trained()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[a][key], fresh_opt.state[b][key])
+    for m, o in ((model, opt), (fresh, fresh_opt)):  # one more identical step on each
+        m.recalibrator(m.student(torch.ones(2, 3))).sum().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()) if a.requires_grad)
+
+
+def test_sharded_checkpoints_refuse_damage_and_the_other_layout(tmp_path):
+    from genrecal.train.checkpoint import read_sharded_checkpoint, restore_sharded_checkpoint
+
+    model, opt = _sharded_run()
+    path = _save_sharded(tmp_path / "s", model, opt)
+    with pytest.raises(CheckpointError, match="is sharded"):
+        load_checkpoint(path)
+    names = [n for n, _ in model.trained()]
+    with pytest.raises(CheckpointError, match="other trainable parameters"):
+        restore_sharded_checkpoint(path, model=model, optimizer=opt, names=names[:1])
+    next((path / "sharded").iterdir()).unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        read_sharded_checkpoint(path)
+    params = _params()
+    full = save_checkpoint(tmp_path / "f", 1, _data(params, _trained_optimizer(params)))
+    with pytest.raises(CheckpointError, match="not sharded"):
+        read_sharded_checkpoint(full)
+    crashed = tmp_path / "s" / ".tmp-step-00000003"  # a sharded save killed before its rename
+    shutil.copytree(tmp_path / "s" / "step-00000002", crashed)
+    assert latest_checkpoint(tmp_path / "s") == path

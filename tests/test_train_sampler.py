@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genrecal.train.errors import SamplerError
-from genrecal.train.sampler import BatchPlan, SamplerState, epoch_order, rank_slice, split_evenly
+from genrecal.train.sampler import (BatchPlan, SamplerState, epoch_order, partition, rank_slice,
+                                     split_evenly)
 
 
 def _all_rank_batches(n, batch_size, world_size, epoch=0, seed=0):
@@ -163,3 +164,100 @@ def test_state_rejects_bad_values(kwargs, match):
 def test_plan_rejects_bad_settings(args, match):
     with pytest.raises(SamplerError, match=match):
         BatchPlan(*args)
+
+
+# ----------------------------------------------------------------------------- world sizes
+
+
+def _run_steps(n, batch_size, world_size, seed, epoch, origin, steps):
+    """Every rank of a ``world_size`` run takes ``steps`` steps of the segment at ``origin``:
+    (samples consumed, rank 0's state afterwards)."""
+    ranks = partition(n, batch_size, world_size, seed, epoch, origin)
+    assert len({len(b) for b in ranks}) == 1 or origin == 0  # a resumed segment is never uneven
+    taken = [i for batches in ranks for b in batches[:steps] for i in b]
+    rank0 = BatchPlan(n, batch_size, seed, world_size, 0).state(epoch, len(_flat(ranks[0][:steps])), origin)
+    return taken, rank0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 60), st.integers(1, 6), st.integers(0, 2))
+def test_partition_is_exactly_once_for_world_sizes_one_to_four(world_size, extra, batch_size, epoch):
+    n = world_size + extra
+    ranks = partition(n, batch_size, world_size, seed=3, epoch=epoch)
+    assert Counter(i for batches in ranks for i in _flat(batches)) == Counter(range(n))
+    assert ranks == [BatchPlan(n, batch_size, 3, world_size, r).epoch_batches(epoch) for r in range(world_size)]
+    assert partition(n, batch_size, world_size, seed=3, epoch=epoch) == ranks  # a pure function
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(0, 50), st.integers(1, 5), st.data())
+def test_resume_at_another_world_size_reads_exactly_the_unseen_samples(w_before, w_after, extra, batch_size,
+                                                                      data):
+    """A run of w_before ranks stops after k steps (any k, the end of the epoch included) and
+    resumes with w_after ranks (same per-rank batch size): the rest of the epoch is exactly the
+    samples not yet seen, each once; then it changes the world size once more, back."""
+    if w_before == w_after:  # the same world size keeps its own state and batches (bitwise)
+        w_after = w_before % 4 + 1
+    n = max(w_before, w_after) + extra
+    seed, epoch = 7, 1
+    bs_before = bs_after = batch_size
+    steps = len(partition(n, bs_before, w_before, seed, epoch)[0])
+    k = data.draw(st.integers(0, steps), label="steps before the stop")
+    seen, saved = _run_steps(n, bs_before, w_before, seed, epoch, 0, k)
+    assert BatchPlan(n, bs_before, seed, w_before, 0).consumed(saved) == len(seen)
+    plan = BatchPlan(n, bs_after, seed, w_after, 0)
+    state = plan.resume(saved)
+    if len(seen) == n:  # the epoch was over: the next one starts from its beginning
+        assert state == plan.state(epoch + 1)
+        return
+    assert (state.epoch, state.position, state.origin) == (epoch, 0, len(seen))
+    rest = [i for r in range(w_after) for i in _flat(BatchPlan(n, bs_after, seed, w_after, r).remaining(
+        BatchPlan(n, bs_after, seed, w_after, r).resume(saved)))]
+    assert Counter(seen + rest) == Counter(range(n))
+    assert all(len(b) <= bs_after for r in range(w_after)
+               for b in BatchPlan(n, bs_after, seed, w_after, r).remaining(state if r == 0 else
+                                                                          BatchPlan(n, bs_after, seed, w_after, r).resume(saved)))
+    # a second change of world size inside the same epoch
+    k2 = data.draw(st.integers(0, len(partition(n, bs_after, w_after, seed, epoch, state.origin)[0])), label="k2")
+    more, saved2 = _run_steps(n, bs_after, w_after, seed, epoch, state.origin, k2)
+    assert plan.consumed(saved2) == len(seen) + len(more)
+    final = BatchPlan(n, bs_before, seed, w_before, 0).resume(saved2)
+    if len(seen) + len(more) == n:
+        assert final.epoch == epoch + 1
+        return
+    last = [i for r in range(w_before) for i in _flat(BatchPlan(n, bs_before, seed, w_before, r).remaining(
+        BatchPlan(n, bs_before, seed, w_before, r).resume(saved2)))]
+    assert Counter(seen + more + last) == Counter(range(n))
+
+
+def test_same_world_size_resume_keeps_the_state_and_the_batches():
+    plan = BatchPlan(23, 3, seed=5, world_size=3, rank=1)
+    full = plan.epoch_batches(0)
+    state = plan.state(0).advanced(len(full[0])).advanced(len(full[1]))
+    assert plan.resume(state) == state
+    assert plan.remaining(plan.resume(state)) == full[2:]
+
+
+def test_a_resumed_segment_pads_short_slices_with_empty_batches():
+    # 3 samples left for 2 ranks at batch size 1: both ranks take 2 steps, rank 1's last is empty
+    ranks = partition(10, 1, 2, seed=0, epoch=0, origin=7)
+    assert [len(b) for b in ranks[0]] == [1, 1] and [len(b) for b in ranks[1]] == [1, 0]
+    # fewer samples left than ranks
+    ranks = partition(10, 4, 4, seed=0, epoch=0, origin=8)
+    assert [[len(b) for b in r] for r in ranks] == [[1], [1], [0], [0]]
+
+
+def test_consumed_refuses_an_ambiguous_state_and_another_seed():
+    ranks = partition(10, 1, 2, seed=0, epoch=0, origin=7)
+    plan = BatchPlan(10, 1, 0, 2, 1)
+    state = plan.state(0, position=1, origin=7)  # rank 1 after its only sample: step 1 or 2?
+    assert len(ranks[1][0]) == 1
+    with pytest.raises(SamplerError, match="use rank 0's state"):
+        plan.consumed(state)
+    with pytest.raises(SamplerError, match="seed"):
+        BatchPlan(10, 1, 1, 2, 0).consumed(BatchPlan(10, 1, 0, 2, 0).state())
+
+
+def test_old_state_dicts_without_origin_still_load():
+    old = {"epoch": 1, "position": 4, "seed": 0, "world_size": 2, "rank": 1}
+    assert SamplerState.from_dict(old) == SamplerState(1, 4, 0, 2, 1, origin=0)

@@ -21,15 +21,41 @@ without ``trainer.json``).
 Under DDP every rank calls :func:`save_checkpoint` with a ``barrier``; rank 0 writes the shared
 files (the trainable weights and optimizer state are identical on every rank), each rank its
 own RNG and sampler state; the directory must be on a file system all ranks share.
+
+Sharded checkpoints (``parallel: fsdp``, :func:`save_sharded_checkpoint`): the trainable
+weights and the AdamW states live as shards on the ranks, so every rank writes its own shards
+with ``torch.distributed.checkpoint`` (DCP) into ``sharded/``, through DCP's safetensors storage
+(``HuggingFaceStorageWriter(save_distributed=True)``: one ``shard-<rank>-...safetensors`` per
+writing rank, each tensor chunk with its global offsets in the file's metadata; DCP's default
+``.metadata`` file is a pickle, this storage writes none and its reader rebuilds the layout from
+the safetensors headers, so nothing is ever unpickled)::
+
+    step-00000040/
+        trainer.json            layout "sharded", parameter names, the optimizer's JSON part
+                                (param-group hyper-parameters), the loop state, the DCP files
+        sharded/                DCP: "model.<param name>" and "optim.state.<param name>.<key>",
+                                shard-<rank>-model-<k>-of-<n>.safetensors, n files of at most
+                                SHARD_FILE_BYTES of the global tensors
+        rank-00000.json / .safetensors   per rank, as above
+
+Same atomicity (``.tmp-step-*`` renamed once every rank has written). DCP reshards on load:
+:func:`restore_sharded_checkpoint` reads the weights and AdamW states into the current ranks'
+shards whatever world size wrote them (plain tensors in a single process);
+:func:`read_sharded_checkpoint` reads the loop state. At the same world size each rank restores
+its own sampler and RNG states (bitwise resume); at another world size the ranks get rank 0's
+sampler state (:meth:`genrecal.train.sampler.BatchPlan.resume` turns it into the global
+position) and no RNG state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +74,9 @@ TRAINER = "trainer.json"
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 LATEST = "latest"
+SHARDED = "sharded"
+#: trainer.json "layout": the full weights in one file (DDP, one process) or DCP shards (FSDP).
+LAYOUT_FULL, LAYOUT_SHARDED = "full", "sharded"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"
 _SEP = "::"
@@ -315,6 +344,9 @@ def load_checkpoint(directory: str | Path, *, rank: int = 0, world_size: int = 1
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{directory / TRAINER} is not a {FORMAT} v{VERSION} file; it was "
                               "written by another program or genrecal version.")
+    if meta.get("layout", LAYOUT_FULL) != LAYOUT_FULL:
+        raise CheckpointError(f"checkpoint {directory} is sharded (written with parallel: fsdp); "
+                              "resume it with the stage config it was written with.")
     saved_world = meta["trainer"].get("world_size", 1)
     if saved_world != world_size:
         raise CheckpointError(f"checkpoint {directory} was written by {saved_world} process(es) "
@@ -349,3 +381,199 @@ def restore_weights(params: list[tuple[str, torch.nn.Parameter]],
                                       f"{param.dtype} {tuple(param.shape)}; resume with the same "
                                       "student and precision settings.")
             param.copy_(saved)
+
+
+# ==============================================================================================
+# Sharded checkpoints (FSDP): torch.distributed.checkpoint into safetensors shards
+# ==============================================================================================
+
+_MODEL_KEY, _OPTIM_KEY = "model.", "optim."
+#: Global bytes per DCP file of a sharded checkpoint (each rank writes about 1/world of them).
+SHARD_FILE_BYTES = 1 << 30
+
+
+def _file_index(tensors: dict[str, torch.Tensor], limit: int) -> dict[str, int]:
+    """Keys -> file number (1-based), in order, each file holding at most ``limit`` bytes of the
+    global tensors (a larger tensor alone). The same on every rank: it reads global shapes only."""
+    index, number, size = {}, 1, 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if size and size + nbytes > limit:
+            number, size = number + 1, 0
+        index[key] = number
+        size += nbytes
+    return index
+
+
+@contextlib.contextmanager
+def _single_process_quietly() -> Iterator[None]:
+    """DCP warns on every save / load without a process group; one process is a normal case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def checkpoint_layout(directory: str | Path) -> str:
+    """``"full"`` or ``"sharded"``: how the checkpoint ``directory`` stores the weights."""
+    meta = _read_json(Path(directory) / TRAINER)
+    return meta.get("layout", LAYOUT_FULL) if isinstance(meta, dict) else LAYOUT_FULL
+
+
+def _flat_optimizer_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _split_optimizer(flat: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """DCP's flattened optimizer state dict -> (tensors, JSON-able rest: the param-group
+    hyper-parameters per parameter)."""
+    tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    rest = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items() if k not in tensors}
+    return tensors, rest
+
+
+def _json_value(key: str, value: Any) -> Any:
+    return tuple(value) if key.rsplit(".", 1)[-1] == "betas" and isinstance(value, list) else value
+
+
+def save_sharded_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, names: list[str],
+                            trainer: dict[str, Any], sampler: dict[str, Any], rng: RngState,
+                            rank: int = 0, world_size: int = 1,
+                            barrier: Callable[[], None] = _no_barrier) -> Path:
+    """Write sharded checkpoint ``step`` under ``root`` atomically (every rank calls this).
+
+    model: the (FSDP-wrapped, or plain in one process) module whose parameters named ``names``
+    train; optimizer: its AdamW. Each rank writes its own shards of the weights and optimizer
+    states (DCP), its sampler and RNG states; rank 0 writes trainer.json and renames the
+    directory into place once every rank is done. Returns ``root/step-XXXXXXXX``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    tmp = root / f"{_TMP_PREFIX}{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / SHARDED).mkdir(parents=True)
+    barrier()
+    by_name = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = {_MODEL_KEY + n: by_name[n] for n in names}
+    opt_tensors, opt_rest = _split_optimizer(get_optimizer_state_dict(
+        model, optimizer, options=_flat_optimizer_options()))
+    tensors.update({_OPTIM_KEY + k: v for k, v in opt_tensors.items()})
+    # a collective: every rank writes its shards (a replicated tensor once), then all return
+    # DCP's safetensors writer serialises a whole file in memory before writing it: files of at
+    # most SHARD_FILE_BYTES (of the global tensors; a rank writes its 1/world part) bound that copy
+    writer = HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True,
+                                      fqn_to_index_mapping=_file_index(tensors, SHARD_FILE_BYTES))
+    with _single_process_quietly():
+        dcp.save(tensors, storage_writer=writer)
+    _write_rank(tmp, CheckpointData(weights={}, optimizer={}, names=names, trainer=trainer,
+                                    sampler=sampler, rng=rng), rank)
+    barrier()
+    if rank == 0:
+        files = sorted(p.name for p in (tmp / SHARDED).iterdir())
+        for name in files:
+            fsync_path(tmp / SHARDED / name)
+        _write_json(tmp / TRAINER, {"format": FORMAT, "version": VERSION, "layout": LAYOUT_SHARDED,
+                                    "names": list(names), "optimizer": {"flat": opt_rest},
+                                    "sharded_files": files, "trainer": trainer})
+        _check_complete_sharded(tmp, world_size)
+        replace_dir(tmp, final, prefix=f"{_TMP_PREFIX}old-{final.name}-")
+        _write_latest(root, final.name)
+    barrier()
+    return final
+
+
+def _check_complete_sharded(directory: Path, world_size: int) -> None:
+    meta = _read_json(directory / TRAINER)
+    ranks = [name for r in range(world_size) for name in _rank_files(r)]
+    expected = [*ranks, *(f"{SHARDED}/{n}" for n in meta.get("sharded_files", []))]
+    missing = [name for name in expected if not (directory / name).is_file()]
+    if missing or not meta.get("sharded_files"):
+        raise CheckpointError(f"sharded checkpoint {directory} is incomplete: missing "
+                              f"{missing or [SHARDED + '/*.safetensors']}; it was damaged. Delete it to "
+                              "restart from the previous one.")
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """The loop state of a checkpoint (:func:`read_sharded_checkpoint`; the trainer builds one
+    from a full checkpoint too), without the model's tensors.
+
+    trainer: the loop state; sampler: this rank's sampler state dict (rank 0's when the world
+    size changed); rng: this rank's RNG states, None when the world size changed; world_size:
+    the number of processes that wrote the checkpoint.
+    """
+
+    trainer: dict[str, Any]
+    sampler: dict[str, Any]
+    rng: RngState | None
+    world_size: int
+
+
+def read_sharded_checkpoint(directory: str | Path, *, rank: int = 0,
+                           world_size: int = 1) -> CheckpointHeader:
+    """The loop state of sharded checkpoint ``directory`` as seen by ``rank`` of ``world_size``
+    (no tensor of the model is read: :func:`restore_sharded_checkpoint` does that)."""
+    directory = Path(directory)
+    meta = _read_sharded_meta(directory)
+    saved_world = int(meta["trainer"].get("world_size", 1))
+    _check_complete_sharded(directory, saved_world)
+    same = saved_world == world_size
+    json_name, tensor_name = _rank_files(rank if same else 0)
+    rank_meta = _read_json(directory / json_name)
+    rng = RngState.from_parts(_read_tensors(directory / tensor_name), rank_meta["rng"]) if same else None
+    return CheckpointHeader(trainer=meta["trainer"], sampler=rank_meta["sampler"], rng=rng,
+                         world_size=saved_world)
+
+
+def _read_sharded_meta(directory: Path) -> dict[str, Any]:
+    meta = _read_json(directory / TRAINER)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{directory / TRAINER} is not a {FORMAT} v{VERSION} file; it was "
+                              "written by another program or genrecal version.")
+    if meta.get("layout") != LAYOUT_SHARDED:
+        raise CheckpointError(f"checkpoint {directory} is not sharded (written with parallel: ddp or "
+                              "before FSDP); resume it with the stage config it was written with.")
+    return meta
+
+
+def restore_sharded_checkpoint(directory: str | Path, *, model: torch.nn.Module,
+                               optimizer: torch.optim.Optimizer, names: list[str]) -> None:
+    """Load sharded checkpoint ``directory`` into ``model``'s trainable parameters ``names``
+    and ``optimizer`` (every rank calls this; DCP reshards to this run's world size, plain
+    tensors in one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    directory = Path(directory)
+    meta = _read_sharded_meta(directory)
+    if list(meta["names"]) != list(names):
+        missing, extra = sorted(set(names) - set(meta["names"])), sorted(set(meta["names"]) - set(names))
+        raise CheckpointError(f"checkpoint {directory} holds other trainable parameters than this "
+                              f"stage (missing {missing[:5]}, unexpected {extra[:5]}); resume "
+                              "with the stage config it was written with.")
+    # the optimizer's state tensors must exist to be loaded into: DCP initialises them with a
+    # step at learning rate 0 (weights unchanged), then the load overwrites every value
+    flat = get_optimizer_state_dict(model, optimizer, options=_flat_optimizer_options())
+    opt_tensors, _ = _split_optimizer(flat)
+    by_name = dict(model.named_parameters())
+    dest: dict[str, torch.Tensor] = {_MODEL_KEY + n: by_name[n] for n in names}
+    dest.update({_OPTIM_KEY + k: v for k, v in opt_tensors.items()})
+    try:
+        with torch.no_grad(), _single_process_quietly():
+            dcp.load(dest, storage_reader=HuggingFaceStorageReader(str(directory / SHARDED)))
+    except Exception as exc:  # DCP wraps the ranks' errors (a missing key, a damaged file)
+        raise CheckpointError(f"cannot read the shards of checkpoint {directory}: {exc}; it is "
+                              "damaged or belongs to another model; delete it to resume from the "
+                              "previous one.") from exc
+    flat.update({k: _json_value(k, v) for k, v in meta["optimizer"]["flat"].items()})
+    set_optimizer_state_dict(model, optimizer, flat, options=_flat_optimizer_options())

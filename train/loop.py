@@ -1,8 +1,8 @@
-"""The training loop: stages, AdamW, LR schedule, accumulation, DDP, checkpoints, metrics.
+"""The training loop: stages, AdamW, LR schedule, accumulation, DDP / FSDP2, checkpoints, metrics.
 
 :func:`train_stage` runs one stage (a :class:`StageJob`: the stage config, a
 :class:`~genrecal.train.step.StageModel` and a :class:`BatchLoader`) as one function that reads
-top to bottom: setup (trainables, schedule, checkpoint restore, DDP wrap, optimizer), the loop
+top to bottom: setup (trainables, resume, schedule, DDP / FSDP wrap, optimizer), the loop
 (micro-batches, forward / backward with accumulation, clip, step, log, checkpoint, stop_after),
 then the export. :func:`run_stages` builds the jobs of a pipeline (student, teacher head,
 Recalibrator, loader) and runs its stages in order, each continuing from the previous stage's
@@ -10,7 +10,8 @@ output (docs/method.md §1.4).
 
 Optimisation (docs/method.md §1.4: AdamW, LR linear lr_start -> lr_end within each stage). One
 optimizer step takes ``n_micro = grad_accum`` micro-batches per rank (fewer for the very last
-step of an epoch-based stage). Global batch = batch_size * grad_accum * world_size samples. The
+step of an epoch-based stage; another number after an FSDP resume at another world size, see
+below). Global batch = batch_size * grad_accum * world_size samples. The
 loss is normalised token-correctly over the global batch (docs/method.md §1.3, (1.5)): the
 token counts of every micro-batch of the step are summed over ranks first, each micro-batch
 back-propagates ``world_size * sum_t w_t * (its per-token loss sum of term t) / N_t(global)``,
@@ -24,6 +25,24 @@ Resume. A checkpoint holds the trainable weights, the AdamW state, the step (the
 function of it), the counters, every rank's sampler position and RNG states. ``resume=True``
 restores them and continues; on CPU the result is bitwise identical to an uninterrupted run
 (tests/test_train_loop.py).
+
+Parallelism (the stage setting ``parallel``, docs/memory.md). ``ddp``: DistributedDataParallel,
+every rank holds the whole model and AdamW state; checkpoints hold the full weights once
+(train/checkpoint.py). ``fsdp``: FSDP2 (``fully_shard``) per decoder block of the student
+(found through the Family registry) and of the Recalibrator, then the StageModel as the root
+(:func:`shard_stage_model`): parameters, gradients and AdamW states are sharded over the ranks;
+bf16 stages gather bf16 and reduce fp32 (QAT blocks gather fp32, docs/method.md §2.3); the
+frozen teacher head (not a module parameter) is replicated. Gradient accumulation: no gradient
+sync before the last micro-batch (``set_requires_gradient_sync``); clipping: the total norm over
+all shards (DTensor ``clip_grad_norm_``). Checkpoints are sharded (DCP, safetensors) and resume
+at the same world size bitwise, or at another one: the global batch (batch_size x grad_accum x
+the starting world size) and the optimizer steps stay, each rank runs global_batch /
+(batch_size x world) micro-batches per step (:func:`micro_batches_per_step`; a world size that
+does not divide the global batch that way is refused), and the sampler re-partitions the rest of
+the epoch (exactly the samples not yet seen; train/sampler.py). RNG streams do not carry over to
+another world size (each rank reseeds from (seed + step, rank)). The stage's student and
+Recalibrator are exported from a full state dict gathered on rank 0 (:func:`gather_full_model`).
+One process with ``fsdp`` trains unwrapped, as ``ddp``, but writes sharded checkpoints.
 """
 
 from __future__ import annotations
@@ -47,9 +66,12 @@ from torch.nn.parallel import DistributedDataParallel
 from genrecal.common.config import AlignStage, DistillStage, FinetuneStage, GraceStage, Pipeline
 from genrecal.common.distributed import RankInfo
 from genrecal.common.vocabulary import GENRECAL_STAGES, TRAINER_STAGES
-from genrecal.train.checkpoint import (CheckpointData, RngState, latest_checkpoint,
-                                       load_checkpoint, prune_checkpoints, restore_weights,
-                                       save_checkpoint)
+from genrecal.store.errors import ModelLoadError
+from genrecal.train.checkpoint import (LAYOUT_SHARDED, CheckpointData, RngState, CheckpointHeader,
+                                       checkpoint_layout, latest_checkpoint, load_checkpoint,
+                                       prune_checkpoints, read_sharded_checkpoint,
+                                       restore_sharded_checkpoint, restore_weights,
+                                       save_checkpoint, save_sharded_checkpoint)
 from genrecal.train.controller import LagrangianController, linear_warmup
 from genrecal.train.errors import StageSetupError
 from genrecal.train.quant import (is_qat_dir, load_qat_scales, param_groups, qat_modules,
@@ -101,6 +123,190 @@ def init_distributed() -> RankInfo:
             torch.cuda.set_device(env.local_rank)
         torch_dist.init_process_group(backend=backend)
     return RankInfo.current()
+
+
+# ==============================================================================================
+# FSDP2 (stage setting `parallel: fsdp`)
+# ==============================================================================================
+
+def fsdp_blocks(model: StageModel) -> list[torch.nn.Module]:
+    """The FSDP units below the root: the student's decoder blocks (found through the Family
+    registry, ``get_family(config).decoder_layers``) and the Recalibrator's RecBody blocks.
+    A student whose family gives no block list is refused (StageSetupError)."""
+    from genrecal.model.families import get_family
+
+    student = model.student
+    try:
+        family = get_family(student.config)
+        layers = family.decoder_layers(student)
+    except (ModelLoadError, AttributeError) as exc:
+        family, layers, why = None, None, f" ({exc})"
+    else:
+        why = ""
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        title = family.title if family is not None else type(student).__name__
+        raise StageSetupError(
+            f"parallel: fsdp shards the student per decoder block, but the {title} family gives no "
+            f"decoder block list for {type(student).__name__}{why}; use parallel: ddp for this "
+            "student, or give its Family a decoder_layers path (genrecal.model.families).")
+    blocks = list(layers)
+    if model.recalibrator is not None:
+        blocks += list(model.recalibrator.body.blocks)
+    return blocks
+
+
+def micro_batches_per_step(global_batch: int, batch_size: int, world: int, stage: str = "") -> int:
+    """Micro-batches of ``batch_size`` each rank runs per optimizer step to keep the stage's
+    global batch (``batch_size * grad_accum * the world size it started with``).
+
+    "The world size divides the global batch" means here: every rank gets the same whole number
+    of full micro-batches, i.e. ``world`` divides ``global_batch / batch_size``
+    (= grad_accum x the starting world size). A fresh stage always qualifies; a stage resumed at
+    another world size may not, and is refused before training (StageSetupError).
+    """
+    per_rank, rest = divmod(global_batch, world)
+    if rest or per_rank % batch_size or per_rank == 0:
+        micro = global_batch // batch_size
+        fits = [w for w in range(1, micro + 1) if micro % w == 0]
+        raise StageSetupError(
+            f"stage {stage}: {world} processes do not divide the global batch of {global_batch} "
+            f"samples per optimizer step (batch_size {batch_size} x grad_accum x the processes the "
+            f"stage started with): every rank must run the same whole number of micro-batches of "
+            f"batch_size {batch_size}, so the world size must divide {micro}. Resume with one of "
+            f"{fits} processes, or start the stage over.")
+    return per_rank // batch_size
+
+
+def _micro_left(stage: TrainerStage, loader: BatchLoader, step: int, total_steps: int,
+                accum: int, where: Path | None) -> int:
+    """Micro-batches this rank still runs after a resume at another world size (the global
+    batch and the number of optimizer steps are the checkpoint's)."""
+    if stage.steps is not None:
+        return (total_steps - step) * accum
+    state, plan = loader.state, loader.plan
+    left = len(plan.remaining(state)) + max(stage.epochs - 1 - state.epoch, 0) * plan.steps_per_epoch
+    if step + -(-left // accum) != total_steps:
+        raise StageSetupError(
+            f"stage {stage.name}: the rest of its {stage.epochs} epoch(s) takes "
+            f"{-(-left // accum)} optimizer steps at {plan.world_size} processes, but checkpoint "
+            f"{where} has {total_steps - step} left (epochs split into steps per world size); "
+            "resume with the number of processes it was written with, or use `steps:`.")
+    return left
+
+
+def shard_stage_model(model: StageModel, stage: TrainerStage, device: torch.device, world: int,
+                      *, unused: bool = False) -> None:
+    """FSDP2: ``fully_shard`` each student decoder block and Recalibrator block, then the
+    StageModel as the root (embeddings, vision tower, projector, heads, P_pre / P_post, norms).
+
+    Precision: bf16 stages gather parameters in bfloat16 and reduce gradients in float32
+    (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``; the AdamW master weights
+    and states stay float32 shards); fp32 stages gather float32. Blocks holding QAT
+    fake-quantised linears gather float32 in every case: the fake quantiser must round the
+    float32 master weights, whose codes the export writes (docs/method.md §2.3); their matmuls
+    still run in bfloat16 under autocast. The frozen teacher head is no module parameter: it
+    stays replicated on every rank. ``unused``: a trainable part may get no gradient on some
+    rank (vision encoder, projector, student head), so the reduce-scatter includes zeros for it
+    (DDP's find_unused_parameters).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from genrecal.train.quant import FakeQuantLinear
+
+    mesh = init_device_mesh(device.type, (world,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if stage.precision == "bf16" else MixedPrecisionPolicy()
+    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for block in fsdp_blocks(model):
+        qat = any(isinstance(m, FakeQuantLinear) for m in block.modules())
+        fully_shard(block, mesh=mesh, mp_policy=fp32 if qat else policy)
+    # the root's input is the TrainBatch: leave it uncast (the blocks cast their own inputs)
+    fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False))
+    if unused:
+        model.set_reduce_scatter_unused_params(True)
+
+
+def _fsdp_batch(batch: TrainBatch, shadow: TrainBatch | None, stage: str
+                ) -> tuple[TrainBatch, float, TrainBatch | None]:
+    """(batch to run, loss weight, new shadow): a batch with samples runs with weight 1 and
+    becomes the shadow; an empty one (every sample skipped, or a rank without a sample left in a
+    resumed epoch segment) runs the shadow with weight 0, so that its collectives happen."""
+    if batch.ids:
+        return batch, 1.0, batch
+    if shadow is None:
+        raise StageSetupError(
+            f"stage {stage}: under parallel: fsdp this rank got a micro-batch without samples "
+            "before any with samples, and every rank must run every block; use fewer processes "
+            "than samples left in the epoch, or parallel: ddp.")
+    return shadow, 0.0, shadow
+
+
+def _to_float(norm: torch.Tensor) -> float:
+    """A (replicated DTensor under FSDP) scalar as a float."""
+    from torch.distributed.tensor import DTensor
+
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def gather_full_model(model: StageModel, is_main: bool, qat: Any = None, *, student: bool = True
+                      ) -> tuple[torch.nn.Module | None, Recalibrator | None]:
+    """Every rank: gather the full (unsharded) weights of the FSDP-wrapped ``model``'s student
+    (unless ``student`` is False: it is not exported) and Recalibrator onto rank 0, on the CPU
+    (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``). Rank 0: plain (not FSDP)
+    copies holding them, built on the meta device and assigned the gathered tensors (the
+    non-persistent buffers, never sharded, are the trained model's), ready for export_student /
+    save_qat / export_recalibrator; the other ranks and the parts not gathered get None.
+    ``qat``: the QuantConfig the student was fake-quantised with (None: not QAT)."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from genrecal.train.quant import quantize_model
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full_student = get_model_state_dict(model.student, options=options) if student else None
+    full_rec = None
+    if model.recalibrator is not None:
+        full_rec = get_model_state_dict(model.recalibrator, options=options)
+    if not is_main:
+        return None, None
+    trained = model.student
+    with torch.device("meta"):
+        plain = type(trained)(copy.deepcopy(trained.config))
+    if qat is not None:
+        quantize_model(plain, qat, init=False)
+    recalibrator = None
+    if full_rec is not None:  # built from the (meta) plain student: its block class
+        old = model.recalibrator
+        with torch.device("meta"):
+            recalibrator = Recalibrator.from_student(plain, old.d_teacher, old.cfg,
+                                                     dtype=full_rec["p_pre.weight"].dtype)
+        _assign(recalibrator, old, full_rec)
+    if full_student is None:
+        return None, recalibrator
+    _assign(plain, trained, full_student)
+    if getattr(trained, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(trained.generation_config)
+    if getattr(plain.config, "tie_word_embeddings", False) or \
+            getattr(plain.config.get_text_config(), "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain, recalibrator
+
+
+def _assign(plain: torch.nn.Module, trained: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Load ``full`` into the meta-device module ``plain`` (by assignment), and the trained
+    module's buffers that the state dict does not hold (non-persistent ones)."""
+    plain.load_state_dict(full, strict=True, assign=True)
+    for name, buffer in trained.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        module = plain.get_submodule(owner)
+        if module._buffers.get(leaf) is not None and module._buffers[leaf].is_meta:
+            module._buffers[leaf] = buffer.detach().cpu()
+    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if left:
+        raise StageSetupError(f"the gathered FSDP state dict lacks {left[:5]}; the module cannot "
+                              "be exported (a bug: please report it).")
 
 
 # ==============================================================================================
@@ -248,9 +454,27 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
         raise StageSetupError(f"stage {stage.name}: trains.recalibrator is on but every "
                               "GenRecal loss weight (ar, kl, reg) is 0, so nothing trains it; "
                               "set a loss weight or switch trains.recalibrator off.")
+    fsdp = stage.parallel == "fsdp"
+    if fsdp:  # before anything else: the FSDP units are the decoder blocks
+        fsdp_blocks(model)
     # params: [(name, Parameter)] in optimizer order, named "student.*" / "recalibrator.*"
     params = configure_trainables(model.student, model.family, model.recalibrator, stage.trains)
-    student_trains = any(name.startswith("student.") for name, _ in params)
+    names = [name for name, _ in params]
+    student_trains = any(name.startswith("student.") for name in names)
+
+    # ---- Resume: the loop state of the newest checkpoint (its weights and optimizer state are
+    # restored once the model is wrapped and the optimizer exists, below) ---------------------
+    saved: CheckpointData | None = None  # a full (DDP / one process) checkpoint, tensors read
+    header: CheckpointHeader | None = None  # the loop state of either layout
+    where = latest_checkpoint(job.out_dir / CHECKPOINTS) if resume else None
+    if where is not None:
+        if checkpoint_layout(where) == LAYOUT_SHARDED or fsdp:
+            header = read_sharded_checkpoint(where, rank=dist.rank, world_size=dist.world)
+        else:
+            saved = load_checkpoint(where, rank=dist.rank, world_size=dist.world)
+            header = CheckpointHeader(saved.trainer, saved.sampler, saved.rng,
+                                   int(saved.trainer.get("world_size", 1)))
+    rescaled = header is not None and header.world_size != dist.world  # FSDP only
 
     # ---- Schedule: micro-batches -> optimizer steps -> LR ----------------------------------
     if dist.distributed and loader.plan.uneven:
@@ -258,15 +482,50 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
             f"stage {stage.name}: batch_size 1 with a sample count not divisible by the "
             f"{dist.world} processes gives the ranks different step counts; use "
             "batch_size >= 2 or a world size that divides the number of samples.")
+    # The global batch: batch_size * grad_accum * world_size samples per optimizer step, fixed
+    # when the stage starts; a run resumed at another world size keeps it (and the micro-batch
+    # size) and runs `accum` micro-batches per rank per step instead of grad_accum.
+    global_batch = stage.global_batch * dist.world
+    if header is not None:
+        global_batch = int(header.trainer.get("global_batch",
+                                              stage.global_batch * header.world_size))
     # total_micro: micro-batches per rank over the stage; a step takes grad_accum of them
     if stage.steps is not None:
         total_micro = stage.steps * stage.grad_accum
     else:
         total_micro = stage.epochs * loader.steps_per_epoch
     total_steps = -(-total_micro // stage.grad_accum)  # ceil: an epoch may end mid-step
+    if rescaled:  # the stage's length is the one it started with
+        total_steps = int(header.trainer["total_steps"])
     schedule = LinearSchedule(stage.lr_start, stage.lr_end, stage.warmup, total_steps)
     step = 0  # optimizer steps done
     counters = {"samples": 0, "tokens_teacher": 0, "tokens_student": 0}  # global, whole stage
+    micro_left = total_micro  # micro-batches this rank still runs
+
+    if header is not None:
+        mine = _trainer_state(stage, step, total_steps, schedule, dist.world, counters)
+        for key in ("stage", "stage_config", "total_steps", "schedule"):
+            theirs = header.trainer.get(key)
+            if key == "stage_config" and isinstance(theirs, dict):  # written before `parallel`
+                theirs = {"parallel": "ddp", **theirs}
+            if mine[key] != theirs:
+                raise StageSetupError(
+                    f"checkpoint {where} was written with another {key} "
+                    f"({theirs!r}, now {mine[key]!r}); resume with the config it "
+                    f"was written with, or delete {job.out_dir / CHECKPOINTS} to start the stage "
+                    "over.")
+    accum = micro_batches_per_step(global_batch, stage.batch_size, dist.world, stage.name)
+    if header is not None:
+        # the same world size: this rank's own position; another: rank 0's, turned into the
+        # global position and re-partitioned over this run's ranks (train/sampler.py)
+        loader.load_state(loader.plan.resume(SamplerState.from_dict(header.sampler)))
+        step, counters = int(header.trainer["step"]), dict(header.trainer["counters"])
+        micro_left = total_micro - step * stage.grad_accum
+        if rescaled:
+            micro_left = _micro_left(stage, loader, step, total_steps, accum, where)
+        log.info("resuming stage %s at step %d from %s%s", stage.name, step, where,
+                 f" (written by {header.world_size} processes, now {dist.world}: {accum} "
+                 "micro-batch(es) per step)" if rescaled else "")
 
     # ---- Module modes: train() what trains, activation checkpointing -----------------------
     model.student.train(student_trains)
@@ -275,32 +534,19 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
     if stage.gradient_checkpointing and student_trains:
         _enable_checkpointing(model.student)
 
-    # ---- Checkpoint restore: weights, sampler position, step, counters (optimizer and RNG
-    # states once the optimizer exists, below) ------------------------------------------------
-    saved: CheckpointData | None = None
-    where = latest_checkpoint(job.out_dir / CHECKPOINTS) if resume else None
-    if where is not None:
-        saved = load_checkpoint(where, rank=dist.rank, world_size=dist.world)
-        mine = _trainer_state(stage, step, total_steps, schedule, dist.world, counters)
-        for key in ("stage", "stage_config", "total_steps", "schedule"):
-            if mine[key] != saved.trainer.get(key):
-                raise StageSetupError(
-                    f"checkpoint {where} was written with another {key} "
-                    f"({saved.trainer.get(key)!r}, now {mine[key]!r}); resume with the config it "
-                    f"was written with, or delete {job.out_dir / CHECKPOINTS} to start the stage "
-                    "over.")
+    # ---- Wrap (DDP / FSDP2), optimizer, restore, metrics, RNG -------------------------------
+    if saved is not None:
         restore_weights(params, saved.weights, where)
-        loader.load_state(SamplerState.from_dict(saved.sampler))
-        step, counters = int(saved.trainer["step"]), dict(saved.trainer["counters"])
-        log.info("resuming stage %s at step %d from %s", stage.name, step, where)
-
-    # ---- DDP wrap, optimizer, metrics, RNG -------------------------------------------------
+    trains = stage.trains
+    unused = bool(trains.vision_encoder or trains.projector or trains.student_head)
     module: torch.nn.Module = model
-    if dist.distributed:
-        trains = stage.trains
-        unused = trains.vision_encoder or trains.projector or trains.student_head
+    if dist.distributed and fsdp:
+        shard_stage_model(model, stage, device, dist.world, unused=unused)
+        by_name = dict(model.named_parameters())  # fully_shard swapped in DTensor parameters
+        params = [(name, by_name[name]) for name in names]
+    elif dist.distributed:
         # buffers (rotary inv_freq) are equal on every rank: no sync needed in the forward
-        module = DistributedDataParallel(model, find_unused_parameters=bool(unused),
+        module = DistributedDataParallel(model, find_unused_parameters=unused,
                                          forward_sync_buffers=False)
     # QAT's log-scales train in their own group: no weight decay, LR x scale_lr_mult (§2.3)
     scale_lr_mult = stage.quantize.scale_lr_mult if stage.quantize is not None else 1.0
@@ -308,21 +554,26 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
                                                scale_lr_mult=scale_lr_mult), lr=schedule(0))
     if saved is not None:
         optimizer.load_state_dict(saved.optimizer)
-    metrics = MetricsLog(job.out_dir / METRICS, None if saved is None else step,
+    elif header is not None:  # sharded: DCP reads (and reshards) weights and AdamW states
+        restore_sharded_checkpoint(where, model=model, optimizer=optimizer, names=names)
+    metrics = MetricsLog(job.out_dir / METRICS, None if header is None else step,
                          enabled=dist.is_main)
-    if saved is not None:
-        saved.rng.restore()
+    if header is not None and header.rng is not None:
+        header.rng.restore()
+    elif header is not None:  # another world size: no rank's RNG stream carries over
+        _seed_everything(stage.seed + step, dist.rank)
     else:
         _seed_everything(stage.seed, dist.rank)
     # GRACE: beta by the Lagrangian controller (docs/method.md §2.2), restored with the step
     controller = LagrangianController(stage.controller) if isinstance(stage, GraceStage) else None
-    if controller is not None and saved is not None:
-        controller.load_state_dict(saved.trainer["controller"])
+    if controller is not None and header is not None:
+        controller.load_state_dict(header.trainer["controller"])
 
     # ---- The loop: one iteration = one optimizer step ---------------------------------------
     input_dtype = next(model.student.parameters()).dtype  # floating student inputs cast to it
     n_terms = len(TERMS)
     stream = _stream(loader)
+    shadow: TrainBatch | None = None  # FSDP: this rank's last batch with samples
     progress = Progress(total_steps, step, stage.name,
                         enabled=options.progress and dist.is_main)
     try:
@@ -331,7 +582,8 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
 
             # This rank's micro-batches of the step (the last step of an epoch-based stage may
             # take fewer), and the seconds spent waiting for them.
-            n_micro = min(stage.grad_accum, total_micro - step * stage.grad_accum)
+            n_micro = min(accum, micro_left)
+            micro_left -= n_micro
             batches = [next(stream) for _ in range(n_micro)]
             wait = time.perf_counter() - started
 
@@ -356,30 +608,44 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
             # Forward / backward of each micro-batch; gradients accumulate in .grad.
             for i, batch in enumerate(batches):
                 last = i == n_micro - 1
-                # DDP all-reduces the gradients in the backward of the last micro-batch only
-                sync = module.no_sync() if dist.distributed and not last \
-                    else contextlib.nullcontext()
+                # DDP all-reduces (FSDP reduce-scatters) the gradients in the backward of the
+                # last micro-batch only; before it they accumulate unsynchronised on each rank
+                sync = contextlib.nullcontext()
+                if dist.distributed and fsdp:
+                    module.set_requires_gradient_sync(last)
+                elif dist.distributed and not last:
+                    sync = module.no_sync()
                 autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) \
                     if stage.precision == "bf16" else contextlib.nullcontext()
+                # FSDP: every rank must run every block's forward and backward (their
+                # all-gathers and reduce-scatters are collectives), so a rank without a sample
+                # in this micro-batch runs its last real batch with weight 0 instead
+                weight = 1.0
+                if dist.distributed and fsdp:
+                    batch, weight, shadow = _fsdp_batch(batch, shadow, stage.name)
                 with sync:
                     with autocast:
                         out = run_step(module, batch, counts)
+                        total = out.total
                     # out.total = sum_t w_t * S_t / N_t(global), S_t this micro-batch's sum;
-                    # DDP averages gradients over ranks, so x world gives the gradient of the
-                    # per-token mean over the global batch
-                    (out.total * dist.world).backward()
-                zero = torch.zeros((), device=device)
-                sums[:n_terms] += torch.stack([out.sums.get(t, zero) for t in TERMS]).double()
+                    # DDP / FSDP average gradients over ranks, so x world gives the gradient of
+                    # the per-token mean over the global batch
+                    (total * (weight * dist.world)).backward()
+                if weight:
+                    zero = torch.zeros((), device=device)
+                    sums[:n_terms] += torch.stack([out.sums.get(t, zero) for t in TERMS]).double()
 
             # Clip: grad_norm is the total L2 norm of the gradients before clipping (0.0 when no
             # trainable parameter got one).
+            # Under FSDP the gradients are DTensor shards: the norm is the total over all
+            # shards of all ranks (DTensor-aware clip_grad_norm_ / get_total_norm).
             with_grad = [p for _, p in params if p.grad is not None]
             if not with_grad:
                 grad_norm = 0.0
             elif stage.grad_clip is None:
-                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
+                grad_norm = _to_float(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
             else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, stage.grad_clip))
+                grad_norm = _to_float(torch.nn.utils.clip_grad_norm_(with_grad, stage.grad_clip))
 
             # Optimizer step at the LR of this step (a pure function of it, §1.4).
             lr = schedule(step)
@@ -420,7 +686,11 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
                 trainer = _trainer_state(stage, step, total_steps, schedule, dist.world, counters)
                 if controller is not None:
                     trainer["controller"] = controller.state_dict()
-                _save_checkpoint(job, options, step, params, optimizer, trainer)
+                trainer["global_batch"] = global_batch
+                if dist.is_main:  # for the record (resumes read the sampler states)
+                    trainer["samples_seen_in_epoch"] = loader.plan.consumed(loader.state)
+                _save_checkpoint(job, options, step, params, optimizer, trainer, module=model
+                                 if fsdp else None)
 
             # stop_after: leave unfinished (the checkpoint above is where a resume continues).
             if options.stop_after is not None and options.stop_after <= step < total_steps:
@@ -431,19 +701,28 @@ def train_stage(job: StageJob, options: LoopOptions | None = None,
         progress.close()
 
     # ---- Finish (rank 0): loss plot, exported student / Recalibrator, stage_done.json -----
+    # FSDP: every rank takes part in gathering the full weights onto rank 0 (CPU), which
+    # exports plain (unsharded) copies of the student and the Recalibrator
+    qat_cfg = None
+    if qat_modules(model.student):
+        qat_cfg = stage.quantize or read_qat_config(job.inputs["student"])[0]
+    student_model, recalibrator_model = model.student, model.recalibrator
+    if dist.distributed and fsdp:
+        student_model, recalibrator_model = gather_full_model(model, dist.is_main, qat_cfg,
+                                                              student=student_trains)
     if dist.is_main:
         out = job.out_dir
         plot_losses(metrics.records, out / LOSS_PLOT, f"{stage.name} losses")
         student = str(job.inputs.get("student", ""))
-        if student_trains and qat_modules(model.student):  # master weights + learned scales
-            student = str(save_qat(model.student, out / STUDENT_DIR, processor=job.processor,
-                                   cfg=stage.quantize or read_qat_config(job.inputs["student"])[0]))
+        if student_trains and qat_cfg is not None:  # master weights + learned scales
+            student = str(save_qat(student_model, out / STUDENT_DIR, processor=job.processor,
+                                   cfg=qat_cfg))
         elif student_trains:
-            student = str(export_student(model.student, job.processor, model.family,
+            student = str(export_student(student_model, job.processor, model.family,
                                          out / STUDENT_DIR, job.export_dtype))
         recalibrator = None
-        if model.recalibrator is not None:
-            recalibrator = str(export_recalibrator(model.recalibrator, out / RECALIBRATOR_DIR))
+        if recalibrator_model is not None:
+            recalibrator = str(export_recalibrator(recalibrator_model, out / RECALIBRATOR_DIR))
         write_done(out, {"stage": stage.name, "steps": step, "student": student,
                          "recalibrator": recalibrator, "inputs": job.inputs,
                          "final": metrics.records[-1] if metrics.records else None})
@@ -477,14 +756,23 @@ def _trainer_state(stage: TrainerStage, step: int, total_steps: int, schedule: L
 
 def _save_checkpoint(job: StageJob, options: LoopOptions, step: int,
                      params: Sequence[tuple[str, torch.nn.Parameter]],
-                     optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> None:
-    """Checkpoint ``step`` (every rank writes its sampler and RNG states), then prune."""
-    data = CheckpointData(weights={n: p for n, p in params}, optimizer=optimizer.state_dict(),
-                          names=[n for n, _ in params], trainer=trainer,
-                          sampler=job.loader.state.to_dict(), rng=RngState.capture())
+                     optimizer: torch.optim.Optimizer, trainer: dict[str, Any],
+                     module: torch.nn.Module | None = None) -> None:
+    """Checkpoint ``step`` (every rank writes its sampler and RNG states), then prune.
+    ``module``: the StageModel of a ``parallel: fsdp`` stage, checkpointed sharded (DCP)."""
     root = job.out_dir / CHECKPOINTS
-    save_checkpoint(root, step, data, rank=job.dist.rank, world_size=job.dist.world,
-                    barrier=job.dist.barrier)
+    names = [n for n, _ in params]
+    if module is not None:
+        save_sharded_checkpoint(root, step, model=module, optimizer=optimizer, names=names,
+                                trainer=trainer, sampler=job.loader.state.to_dict(),
+                                rng=RngState.capture(), rank=job.dist.rank,
+                                world_size=job.dist.world, barrier=job.dist.barrier)
+    else:
+        data = CheckpointData(weights={n: p for n, p in params}, optimizer=optimizer.state_dict(),
+                              names=names, trainer=trainer, sampler=job.loader.state.to_dict(),
+                              rng=RngState.capture())
+        save_checkpoint(root, step, data, rank=job.dist.rank, world_size=job.dist.world,
+                        barrier=job.dist.barrier)
     if job.dist.is_main and options.keep_checkpoints > 0:
         prune_checkpoints(root, options.keep_checkpoints)
 
