@@ -30,7 +30,7 @@ from genrecal.common.atomic import write_json_atomic
 from genrecal.data.problems import Skip
 from genrecal.data.readers import DatasetRead, read_dataset
 from genrecal.data.sample import Sample
-from genrecal.data.synthetic import SyntheticVQA, make_synthetic_vqa
+from genrecal.data.synthetic import GENERATOR_REVISION, SyntheticVQA, make_synthetic_vqa
 from genrecal.store.errors import DatasetError, DuplicateSampleError
 
 __all__ = ["SYNTHETIC_SPEC", "SYNTHETIC_SPLITS", "SourceRef", "ensure_synthetic", "read_sources",
@@ -79,7 +79,13 @@ def synthetic_is_current(spec: Any, root: str | Path) -> bool:
     """Whether ``root`` holds the complete synthetic set of ``spec`` (files and record)."""
     root = Path(root)
     files = all((root / f"{split}.jsonl").is_file() for split in SYNTHETIC_SPLITS)
-    return files and _recorded_spec(root) == synthetic_spec(spec)
+    return files and _recorded_spec(root) == _record(spec)
+
+
+def _record(spec: Any) -> dict[str, int]:
+    """What ``synthetic.json`` records: the generation arguments and the generator's revision
+    (a set written by an older generator is regenerated)."""
+    return {**synthetic_spec(spec), "generator_revision": GENERATOR_REVISION}
 
 
 def ensure_synthetic(spec: Any, root: str | Path) -> SyntheticVQA:
@@ -97,7 +103,7 @@ def ensure_synthetic(spec: Any, root: str | Path) -> SyntheticVQA:
         except ValueError as exc:
             raise DatasetError(f"data.synthetic: {exc}; fix the synthetic block of the pipeline",
                                file=str(root)) from exc
-        write_json_atomic(root / SYNTHETIC_SPEC, wanted, sort_keys=True)
+        write_json_atomic(root / SYNTHETIC_SPEC, _record(spec), sort_keys=True)
     return SyntheticVQA(root=root, train=root / "train.jsonl", test=root / "test.jsonl", **wanted)
 
 

@@ -21,13 +21,23 @@ to ``images/<split>/<index>.png``) and reads back with
   question, in order (multi-turn rows ask 1-2 follow-ups, of any type, about the same image);
 * ``scene`` - the generation spec (shape, colour, centre, size of every object), from
   which tests and evaluation can re-derive each answer.
+
+Train and test come from disjoint scenes. A scene (the set of its objects: shape, colour, centre,
+size; :func:`scene_key`) is a test scene or a train scene by a fixed hash of that set
+(:func:`is_test_scene`, :data:`TEST_SCENE_FRACTION` of the scene space is held out), the same for
+every seed, split size and pipeline: the train split only draws train scenes and the test split
+only test scenes, so no test image is ever a training image, whichever sets are compared (the
+demo's teacher trains on a large train split of the generator seed whose 200-sample test split
+it is evaluated on; the student on the first 128 of those).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -183,6 +193,41 @@ def _position_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
 _SCENES = {"colour": _distinct_scene, "shape": _distinct_scene, "count": _count_scene,
            "position": _position_scene}
 
+#: Share of the scene space that only the test split draws from (see :func:`is_test_scene`).
+TEST_SCENE_FRACTION = 0.25
+#: Changes whenever the same arguments start giving other files (2: disjoint train / test
+#: scenes), so that a record of generated sets can tell an older set from a current one.
+GENERATOR_REVISION = 2
+_MAX_DRAWS = 10_000  # a split generator that finds no scene of its side in this many is a bug
+
+
+def scene_key(scene: Iterable[ShapeSpec | dict]) -> tuple[tuple[str, str, int, int, int], ...]:
+    """What a scene's image shows: its objects as sorted ``(shape, colour, x, y, r)`` tuples
+    (objects never overlap, so two scenes render the same image iff their keys are equal).
+    Takes :class:`ShapeSpec` objects or the dicts a row's ``scene`` holds."""
+    objects = (o if isinstance(o, ShapeSpec) else ShapeSpec(**o) for o in scene)
+    return tuple(sorted((o.shape, o.colour, o.x, o.y, o.r) for o in objects))
+
+
+def is_test_scene(scene: Iterable[ShapeSpec | dict]) -> bool:
+    """Whether a scene belongs to the held-out side of the scene space: a fixed hash of its
+    :func:`scene_key` (not Python's salted ``hash``), so the answer never depends on the seed,
+    the split sizes or the process."""
+    digest = hashlib.blake2b(repr(scene_key(scene)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < TEST_SCENE_FRACTION * 2 ** 64
+
+
+def _draw_scene(rng: random.Random, qtype: str, size: int, split: str) -> tuple[ShapeSpec, ...]:
+    """A scene for a ``qtype`` question from ``split``'s side of the scene space."""
+    want_test = split == "test"
+    for _ in range(_MAX_DRAWS):
+        scene = _SCENES[qtype](rng, size)
+        if is_test_scene(scene) == want_test:
+            return scene
+    raise RuntimeError(f"no {split} scene for a {qtype} question at image size {size} in "
+                       f"{_MAX_DRAWS} draws; TEST_SCENE_FRACTION={TEST_SCENE_FRACTION} leaves "
+                       "that side of the scene space empty")
+
 
 # ---------------------------------------------------------------------------- questions
 
@@ -291,7 +336,7 @@ class SyntheticVQA:
 def _row(rng: random.Random, split: str, index: int, size: int, multi_turn_fraction: float,
          image_dir: Path, root: Path) -> dict:
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
-    scene = _SCENES[qtype](rng, size)
+    scene = _draw_scene(rng, qtype, size, split)
     multi_turn = rng.random() < multi_turn_fraction
     questions = _questions(rng, qtype, scene, size, multi_turn)
     image_path = image_dir / f"{index:06d}.png"
@@ -334,6 +379,7 @@ def make_synthetic_vqa(out_dir: str | Path, *, n_train: int = 1000, n_test: int 
     ``out_dir``) and ``images/<split>/<index>.png``. Question types cycle
     colour, shape, count, position so each is a quarter of every split; a
     ``multi_turn_fraction`` of the rows ask 1-2 follow-up questions about the same image.
+    The splits draw from disjoint scenes (:func:`is_test_scene`), for any sizes and seeds.
     Deterministic: the same arguments always give byte-identical files.
     """
     _check_args(n_train, n_test, image_size, multi_turn_fraction)

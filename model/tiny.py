@@ -11,9 +11,10 @@ Kinds: ``qwen2_vl`` (teacher default: vocab 2000, hidden 256), ``qwen2_5_vl``, `
 (student default: vocab 500, hidden 64), ``llava_llama``, ``gemma3`` (with a final-logit
 soft-cap) and ``internvl`` (InternViT + pixel-shuffle projector + Qwen2 decoder). Same kind + seed + sizes -> byte-identical files.
 
-The build records its resolved :class:`TinySizes` in ``tiny_spec.json``; :func:`ensure_tiny_vlm`
-(and :func:`model_dir_for`, for a pipeline's model spec) builds only when a directory lacks a
-complete model with that record, replacing a stale one atomically (temp dir + rename).
+The build records its resolved :class:`TinySizes` and :data:`KIT_REVISION` in ``tiny_spec.json``;
+:func:`ensure_tiny_vlm` (and :func:`model_dir_for`, for a pipeline's model spec) builds only when
+a directory lacks a complete model with that record, replacing a stale one atomically (temp dir +
+rename).
 """
 
 from __future__ import annotations
@@ -103,11 +104,44 @@ class _Kind:
 
 
 # ----- configs ---------------------------------------------------------------------------------
+# M-RoPE of the tiny Qwen2-VL / Qwen2.5-VL decoders. Pair i of the rotary half-dim turns by
+# w_i = QWEN_ROPE_THETA ** (-i / half) rad per position step, and transformers gives the pairs to
+# the temporal / height / width positions in that order, in contiguous blocks (mrope_section):
+# the width block always gets the slowest pairs. Image tokens differ from each other only in
+# their h / w positions (all have the same t), so left vs right is visible to attention only
+# through the w block's fastest pair, top vs bottom through the h block's.
+#   Before (the real models' theta 1e4 and 16/24/24 split, at the demo's head_dim 32 -> 16 pairs,
+#   sections [4, 6, 6]): rows w_4..w_9 = 0.1 .. 0.0056 rad, columns w_10..w_15 = 3.2e-3 .. 1.8e-4
+#   rad per step: two image columns differ by < 0.0032 rad (cos > 0.99999), left == right.
+#   Now (theta 10, sections [2, 3, 11]): rows w_2..w_4 = 0.75, 0.65, 0.56 rad; columns
+#   w_5..w_15 = 0.49 .. 0.115 rad per step. The kit's largest grid (64 px: 4 x 4 tokens) spans at
+#   most 3 x 0.75 = 2.2 rad of rows and 3 x 0.49 = 1.5 rad of columns in the fastest pairs (< pi,
+#   no wrap-around), and the slowest pair (0.115 rad per token, one turn per 55 tokens) still
+#   changes slowly over a demo prompt (image to answer ~25 tokens). The t block keeps 1/8 of the
+#   pairs (images are single frames; for text every block rotates with the same position).
+QWEN_ROPE_THETA = 10.0
+
+
 def _mrope_section(head_dim: int) -> list[int]:
-    """Qwen2-VL's temporal/height/width split of the rotary half-dim (16/24/24 of 64)."""
+    """The tiny Qwen decoders' temporal/height/width split of the rotary half-dim: 1/8, 3/16,
+    the rest (at least one pair each), so that the first pair of the h block turns by
+    >= 10**(-1/8) = 0.75 rad per row and that of the w block by >= 10**(-5/16) = 0.49 rad per
+    column (see the comment above; half-dims of 8 .. 32: [1, 1, 6], [2, 3, 11], [4, 6, 22])."""
     half = head_dim // 2
-    hw = 3 * half // 8
-    return [half - 2 * hw, hw, hw]
+    if half < 3:  # too few pairs for spatial blocks
+        return [half, 0, 0]
+    t, h = max(1, half // 8), max(1, 3 * half // 16)
+    return [t, h, half - t - h]
+
+
+def _init_range(width: int) -> float:
+    """Weight init std 1/sqrt(width). The transformers default (0.02) is sized for towers
+    ~2500 wide (0.02 = 1/sqrt(2500)); on the tiny kit's 32-wide vision tower and 128-wide
+    decoder it makes every attention logit ~0.01-0.05 at init (q and k entries ~0.1-0.2), so
+    softmax stays uniform and the gradient into W_q / W_k (proportional to the other one) is as
+    small: the trained vision block stays a mean over the image (each patch gets every object's
+    colours added: blur), and the decoder never learns to attend to the queried object."""
+    return width ** -0.5
 
 
 def _text_kwargs(spec: TinySizes) -> dict:
@@ -118,9 +152,10 @@ def _text_kwargs(spec: TinySizes) -> dict:
 
 
 def _qwen_text(spec: TinySizes, tid) -> dict:
-    rope = {"rope_type": "default", "rope_theta": 10000.0,
+    rope = {"rope_type": "default", "rope_theta": QWEN_ROPE_THETA,
             "mrope_section": _mrope_section(spec.head_dim)}
     return dict(_text_kwargs(spec), rope_parameters=rope, bos_token_id=None,
+                initializer_range=_init_range(spec.hidden_size),
                 eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"))
 
 
@@ -134,7 +169,8 @@ def _qwen2_vl_config(spec: TinySizes, tid):
     from transformers import Qwen2VLConfig
 
     vision = dict(depth=1, embed_dim=32, hidden_size=spec.hidden_size, num_heads=2, mlp_ratio=2,
-                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2,
+                  initializer_range=_init_range(32))
     return Qwen2VLConfig(text_config=_qwen_text(spec, tid), vision_config=vision,
                          **_qwen_vision_ids(tid))
 
@@ -144,7 +180,8 @@ def _qwen2_5_vl_config(spec: TinySizes, tid):
 
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                   out_hidden_size=spec.hidden_size, patch_size=8, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1])
+                  temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1],
+                  initializer_range=_init_range(32))
     return Qwen2_5_VLConfig(text_config=_qwen_text(spec, tid), vision_config=vision,
                             **_qwen_vision_ids(tid))
 
@@ -288,6 +325,14 @@ KINDS: dict[str, _Kind] = {
 
 
 SPEC_FILE = "tiny_spec.json"  # the resolved TinySizes a directory was built from
+#: Bumped whenever a kind's config changes (2: Qwen M-RoPE theta / sections and width-scaled init),
+#: so that directories built by an older kit are rebuilt instead of reused.
+KIT_REVISION = 2
+
+
+def _spec_record(spec: TinySizes) -> dict:
+    """What ``tiny_spec.json`` holds: the resolved sizes and the kit revision."""
+    return {**asdict(spec), "kit_revision": KIT_REVISION}
 
 
 # ----- build -----------------------------------------------------------------------------------
@@ -323,7 +368,8 @@ def build_tiny_vlm(kind: str, out_dir: str | Path, *, seed: int = 0, vocab_size:
     model.save_pretrained(out)
     processor = recipe.build_processor(recipe.build_image_processor(), tokenizer, recipe.chat_template)
     save_processor(processor, get_family(model.config), out)
-    (out / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
+    record = json.dumps(_spec_record(spec), indent=2, sort_keys=True)
+    (out / SPEC_FILE).write_text(record + "\n")
     return out
 
 
@@ -362,11 +408,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def tiny_vlm_is_complete(out_dir: str | Path, spec: TinySizes) -> bool:
     """Whether ``out_dir`` holds a whole tiny model (config, weights, tokenizer) built from
-    ``spec`` (as recorded in its ``tiny_spec.json``)."""
+    ``spec`` by this kit revision (as recorded in its ``tiny_spec.json``)."""
     out = Path(out_dir)
     whole = ((out / "config.json").is_file() and any((out / f).is_file() for f in _WEIGHT_FILES)
              and all((out / f).is_file() for f in _TOKENIZER_FILES))
-    return whole and _recorded_spec(out) == asdict(spec)
+    return whole and _recorded_spec(out) == _spec_record(spec)
 
 
 def _recorded_spec(out: Path) -> dict | None:

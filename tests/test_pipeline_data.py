@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from genrecal.data import make_synthetic_vqa, read_dataset
+from genrecal.data.synthetic import GENERATOR_REVISION
 from genrecal.data.pipeline_data import (SYNTHETIC_SPEC, SourceRef, ensure_synthetic,
                                                read_sources, read_split, synthetic_dir,
                                                synthetic_is_current)
@@ -30,7 +31,7 @@ def test_synthetic_dir_is_under_the_output():
 def test_ensure_synthetic_generates_once_and_again_for_another_spec(tmp_path):
     made = ensure_synthetic(spec(), tmp_path)
     assert (made.n_train, made.n_test, made.train) == (4, 3, tmp_path / "train.jsonl")
-    assert json.loads((tmp_path / SYNTHETIC_SPEC).read_text()) == vars(spec())
+    assert json.loads((tmp_path / SYNTHETIC_SPEC).read_text()) == {**vars(spec()), "generator_revision": GENERATOR_REVISION}
     first = made.train.stat().st_mtime_ns
     ensure_synthetic(spec(), tmp_path)
     assert made.train.stat().st_mtime_ns == first  # same spec: not regenerated
@@ -85,3 +86,14 @@ def test_read_sources_limits_and_refuses_duplicate_ids(tmp_path):
     assert len(read_sources(sources, limit=5).samples) == 5
     with pytest.raises(DuplicateSampleError, match="'train-000000' occurs in"):
         read_sources([sources[0], sources[0]])
+
+
+def test_a_set_from_an_older_generator_is_regenerated(tmp_path):
+    """The record names the generator's revision: data from an older generator (say, test scenes
+    that overlapped the training scenes) is not reused."""
+    ensure_synthetic(spec(), tmp_path)
+    record = json.loads((tmp_path / SYNTHETIC_SPEC).read_text())
+    (tmp_path / SYNTHETIC_SPEC).write_text(json.dumps({**record, "generator_revision": GENERATOR_REVISION - 1}))
+    assert not synthetic_is_current(spec(), tmp_path)
+    ensure_synthetic(spec(), tmp_path)
+    assert synthetic_is_current(spec(), tmp_path)

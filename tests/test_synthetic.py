@@ -14,7 +14,8 @@ from PIL import Image
 from genrecal.data.readers import read_dataset
 from genrecal.data.synthetic import (
     COLOURS, INSTRUCTION, MAX_COUNT, PLURALS, POSITIONS, QUESTION_TYPES, SHAPES, ShapeSpec,
-    SyntheticVQA, corpus_lines, make_synthetic_vqa, questions_for)
+    TEST_SCENE_FRACTION, SyntheticVQA, corpus_lines, is_test_scene, make_synthetic_vqa,
+    questions_for, scene_key)
 
 SIZE = 48
 
@@ -78,6 +79,46 @@ def test_deterministic_for_a_seed(tmp_path):
     assert _file_bytes(a.root) == _file_bytes(b.root)
     assert _file_bytes(a.root) != _file_bytes(c.root)
     assert rows(a.train) != rows(a.test)
+
+
+# ------------------------------------------------------------------ disjoint scenes
+
+
+def test_demo_splits_are_disjoint_scenes(tmp_path):
+    """The demo's sets (teacher: 1024 train; student: first 128 + 200 test; one generator seed):
+    no test image shows a scene of any train image, and the shared prefix stays shared."""
+    teacher = make_synthetic_vqa(tmp_path / "t", n_train=1024, n_test=0, image_size=32, seed=0)
+    student = make_synthetic_vqa(tmp_path / "s", n_train=128, n_test=200, image_size=32, seed=0)
+    train = rows(teacher.train)
+    test = rows(student.test)
+    assert rows(student.train) == train[:128]
+    train_keys = {scene_key(r["scene"]) for r in train}
+    assert not train_keys & {scene_key(r["scene"]) for r in test}
+    assert not any(is_test_scene(r["scene"]) for r in train)
+    assert all(is_test_scene(r["scene"]) for r in test)
+    # every question type (and, for position, every answer) is still asked on unseen scenes
+    assert Counter(r["type"] for r in test) == {t: 50 for t in QUESTION_TYPES}
+    positions = {r["conversations"][1]["value"] for r in test if r["type"] == "position"}
+    assert positions == set(POSITIONS)
+
+
+def test_scene_split_ignores_seed_sizes_and_object_order(tmp_path):
+    a = make_synthetic_vqa(tmp_path / "a", n_train=4, n_test=30, image_size=32, seed=1)
+    b = make_synthetic_vqa(tmp_path / "b", n_train=60, n_test=10, image_size=32, seed=1)
+    assert rows(b.test) == rows(a.test)[:10]  # the test split does not depend on n_train
+    other_seed = make_synthetic_vqa(tmp_path / "c", n_train=60, n_test=0, image_size=32, seed=2)
+    assert not any(is_test_scene(r["scene"]) for r in rows(other_seed.train))
+    scene = (ShapeSpec("circle", "red", 8, 8, 5), ShapeSpec("square", "blue", 24, 8, 5))
+    assert scene_key(scene) == scene_key(scene[::-1])
+    assert scene_key(scene) == scene_key([vars(o) for o in scene])
+    assert is_test_scene(scene) == is_test_scene(scene[::-1])
+    # the held-out share of the whole 2-3 object scene space is about TEST_SCENE_FRACTION
+    cells = [(8, 8), (24, 8), (8, 24), (24, 24)]
+    scenes = [(ShapeSpec(s1, c1, *cells[0], 5), ShapeSpec(s2, c2, *cells[1], 5))
+              for s1 in SHAPES for s2 in SHAPES if s1 != s2
+              for c1 in COLOURS for c2 in COLOURS if c1 != c2]
+    share = sum(map(is_test_scene, scenes)) / len(scenes)
+    assert abs(share - TEST_SCENE_FRACTION) < 0.1
 
 
 def test_multi_turn_fraction_extremes(tmp_path):

@@ -125,3 +125,47 @@ def test_model_dir_for_passes_sources_through_and_ensures_tiny_models(tmp_path):
     where = model_dir_for(tiny, tmp_path / "t")
     assert tiny_vlm_is_complete(where, tiny_spec("llava_qwen2", seed=4, hidden_size=32))
     assert not tiny_vlm_is_complete(where, tiny_spec("llava_qwen2", seed=5, hidden_size=32))
+
+
+# ----- the Qwen kinds' rotary layout and init scale (what lets the demo teacher learn the task)
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("hidden_size", [64, 128, 256])
+def test_qwen_mrope_tells_image_rows_and_columns_apart(kind, hidden_size):
+    """Image tokens differ only in their h / w rotary positions; the first pair of the h and of
+    the w block must turn far enough per row / column to be told apart (the old theta 1e4 with a
+    16/24/24 split turned <0.004 rad per column), without wrapping over a 4-token-wide grid."""
+    import math
+
+    spec = tiny_spec(kind, hidden_size=hidden_size)
+    text = KINDS[kind].build_config(spec, lambda token: 1).text_config
+    rope = text.rope_parameters
+    t, h, w = rope["mrope_section"]
+    half = spec.head_dim // 2
+    assert t + h + w == half and min(t, h, w) >= 1
+    freq = [rope["rope_theta"] ** (-i / half) for i in range(half)]
+    fastest_row, fastest_column = freq[t], freq[t + h]
+    assert 0.45 <= fastest_column <= fastest_row and 3 * fastest_row < math.pi
+    assert freq[-1] < 0.2  # slow pairs remain for matching content across a prompt
+
+
+def test_qwen_init_scales_with_width(tmp_path):
+    """Weights start at std 1/sqrt(width) (not transformers' 0.02, sized for ~2500-wide towers)
+    in the decoder and the vision tower, so attention is not stuck uniform at init."""
+    out = build_tiny_vlm("qwen2_vl", tmp_path / "q", hidden_size=128)
+    weights = load_file(out / "model.safetensors")
+    q_proj = next(v for k, v in weights.items() if k.endswith("layers.0.self_attn.q_proj.weight"))
+    qkv = next(v for k, v in weights.items() if k.endswith("blocks.0.attn.qkv.weight"))
+    assert q_proj.std().item() == pytest.approx(128 ** -0.5, rel=0.05)
+    assert qkv.std().item() == pytest.approx(32 ** -0.5, rel=0.05)
+
+
+def test_ensure_tiny_vlm_rebuilds_what_an_older_kit_built(tmp_path):
+    from genrecal.model.tiny import KIT_REVISION, SPEC_FILE, ensure_tiny_vlm, tiny_vlm_is_complete
+
+    out = ensure_tiny_vlm("llava_qwen2", tmp_path / "m", hidden_size=32)
+    record = json.loads((out / SPEC_FILE).read_text())
+    assert record["kit_revision"] == KIT_REVISION
+    (out / SPEC_FILE).write_text(json.dumps({**record, "kit_revision": KIT_REVISION - 1}))
+    assert not tiny_vlm_is_complete(out, tiny_spec("llava_qwen2", hidden_size=32))
+    ensure_tiny_vlm("llava_qwen2", out, hidden_size=32)
+    assert json.loads((out / SPEC_FILE).read_text())["kit_revision"] == KIT_REVISION
