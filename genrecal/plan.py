@@ -256,6 +256,9 @@ def _check_runnable(pipe: Pipeline, seeds: tuple[int, ...]) -> None:
         elif pipe.stages[0].quantize is None:
             problems.append("its grace stage needs quantize: the run compares that QAT student "
                             "with BF16 GRACE and QAT alone")
+        if pipe.run.labelled is not None or pipe.run.grace is not None:
+            problems.append("run.labelled and run.grace apply to a GenRecal run (a GRACE run has "
+                            "no label-only row and is itself the GRACE rows); leave them out")
     elif "finetune" not in names:
         problems.append("it needs a finetune stage: its settings define the SFT-only baseline")
     if pipe.evaluation is None:

@@ -149,3 +149,13 @@ def test_a_tiny_model_built_by_extract_from_the_same_spec_is_adopted(tmp_path):
     ensure_tiny_vlm(spec.kind, step.outputs[0], **{**spec.build_kwargs(), "seed": 7})  # another model
     with pytest.raises(RunError, match=f"rm -r {step.outputs[0]}"):
         run_step(MarkerBook(tmp_path / "other" / "phases"), step)
+
+
+def test_run_settings_a_grace_run_has_no_use_for_are_refused(tmp_path):
+    data = pipeline_dict(tmp_path, stages=[{"name": "grace", "steps": 1, "quantize": {"bits": 4}}],
+                         student={"tiny": {"kind": "qwen2_vl", "hidden_size": 32}},
+                         cache={"location": str(tmp_path / "c"),
+                                "features": {"visual_gram": True, "logit_stats": {"temperature": 2.0}}},
+                         run={"labelled": 2})
+    with pytest.raises(RunError, match="run.labelled and run.grace"):
+        RunPlan(Pipeline.from_dict(data), (0,))

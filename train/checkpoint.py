@@ -248,6 +248,18 @@ def _write_latest(root: Path, name: str) -> None:
     fsync_path(root)
 
 
+def _fresh_tmp(root: Path, step: int, rank: int, sub: str = "") -> tuple[Path, Path]:
+    """(final directory, empty temporary directory) of checkpoint ``step``; rank 0 (re)creates
+    the temporary one (with ``sub`` inside), every rank then waits at the caller's barrier."""
+    final = root / checkpoint_name(step)
+    tmp = root / f"{_TMP_PREFIX}{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / sub).mkdir(parents=True)
+    return final, tmp
+
+
 def save_checkpoint(root: str | Path, step: int, data: CheckpointData, *, rank: int = 0,
                     world_size: int = 1, barrier: Callable[[], None] = _no_barrier) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically (every rank calls this).
@@ -255,13 +267,7 @@ def save_checkpoint(root: str | Path, step: int, data: CheckpointData, *, rank: 
     Returns the final directory ``root/step-XXXXXXXX``. ``barrier`` synchronises the ranks
     (``torch.distributed.barrier``); single-process runs leave it out.
     """
-    root = Path(root)
-    final = root / checkpoint_name(step)
-    tmp = root / f"{_TMP_PREFIX}{final.name}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    final, tmp = _fresh_tmp(Path(root), step, rank)
     barrier()
     _write_rank(tmp, data, rank)
     if rank == 0:
@@ -453,13 +459,7 @@ def save_sharded_checkpoint(root: str | Path, step: int, *, model: torch.nn.Modu
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    root = Path(root)
-    final = root / checkpoint_name(step)
-    tmp = root / f"{_TMP_PREFIX}{final.name}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / SHARDED).mkdir(parents=True)
+    final, tmp = _fresh_tmp(Path(root), step, rank, SHARDED)
     barrier()
     by_name = dict(model.named_parameters())
     tensors: dict[str, torch.Tensor] = {_MODEL_KEY + n: by_name[n] for n in names}
