@@ -36,7 +36,7 @@ from typing_extensions import Self
 
 from genrecal.common.errors import ConfigError
 from genrecal.common.vocabulary import (FAMILY_NAMES, FEATURE_CODECS, GENRECAL_STAGES, METRICS,
-                                         QUANT_MODULES, STAGE_ORDER, TINY_KINDS)
+                                         QUANT_MODULES, ROW_TITLES, STAGE_ORDER, TINY_KINDS)
 from genrecal.common.yaml_validation import Context, choices, format_path, read_document, render, validate
 
 #: Default location of the packaged pipelines file inside the ``genrecal`` package.
@@ -190,10 +190,13 @@ class DataSource(ConfigModel):
 
 
 class SyntheticData(ConfigModel):
-    """Generated VQA samples for the demo and the tests (splits ``train`` and ``test``)."""
+    """Generated VQA samples for the demo and the tests (splits ``train`` and ``test``, and
+    ``validation`` when ``n_validation`` > 0: the split to tune hyper-parameters on; the three
+    draw from disjoint scenes)."""
 
     n_train: PosInt = 64
     n_test: NonNegInt = 16
+    n_validation: NonNegInt = 0
     image_size: Annotated[int, Field(ge=8, le=1024)] = 32
     seed: NonNegInt = 0
 
@@ -215,7 +218,8 @@ class DataConfig(ConfigModel):
         """Every split name the data provides."""
         provided = {source.split for source in self.sources}
         if self.synthetic is not None:
-            provided |= {"train", "test"} if self.synthetic.n_test else {"train"}
+            provided |= {"train"} | ({"test"} if self.synthetic.n_test else set()) | (
+                {"validation"} if self.synthetic.n_validation else set())
         return provided
 
 
@@ -627,6 +631,34 @@ class EvaluationConfig(ConfigModel):
 # Models: pipeline and file
 # --------------------------------------------------------------------------------------------
 
+class StudyVariant(ConfigModel):
+    """One ablation row of ``genrecal run`` (``run.variants``): the GenRecal row, same seeds,
+    initial students and data, with these changes (None: as the pipeline has it).
+
+    ``answer_input``, ``reassign_positions``, ``blocks``: the Recalibrator's (the variant's
+    cache then also holds the teacher's input embeddings, for ``embedding``); ``reg_terms``: L_reg
+    of the align and distill stages (``off``: weight 0); ``question_hidden_codec``: how the
+    variant's cache stores z_ql (its own cache when it differs); ``quantize``: QAT in every stage
+    that trains the student, the row evaluated as its real export (the cross-tokenizer
+    INT4 student).
+    """
+
+    name: NonEmptyStr
+    answer_input: Literal["hidden", "embedding"] | None = None
+    reg_terms: Literal["off", "ce", "kl", "ce+kl"] | None = None
+    reassign_positions: bool | None = None
+    blocks: Annotated[int, Field(ge=1, le=64)] | None = None
+    question_hidden_codec: Codec | None = None
+    quantize: QuantConfig | None = None
+
+    def _problems(self) -> list[Problem]:
+        codec = self.question_hidden_codec
+        if codec is not None and codec not in FEATURE_CODECS["question_hidden"]:
+            return [(("question_hidden_codec",), f"{codec!r} is not a codec of question_hidden; "
+                     f"use one of {choices(FEATURE_CODECS['question_hidden'])}")]
+        return []
+
+
 class RunConfig(ConfigModel):
     """How ``genrecal run`` compares its student rows (the data regime of the demo).
 
@@ -638,10 +670,19 @@ class RunConfig(ConfigModel):
     ``grace``: the name of a GRACE pipeline in the same file whose rows (GRACE bf16, GRACE int4,
     QAT-only int4) join this run's table; it runs on this run's fine-tuned teacher and on the
     data its teacher-learning rows read, with its own same-tokenizer student, cache and stage.
+    ``variants``: ablations of the GenRecal row (:class:`StudyVariant`), each one more row of
+    the table, compared with GenRecal over the same seeds.
     """
 
     labelled: PosInt | None = None
     grace: NonEmptyStr | None = None  # a GRACE pipeline of the same file whose rows join the table
+    variants: list[StudyVariant] = Field(default_factory=list)
+
+    def _problems(self) -> list[Problem]:
+        names = [v.name for v in self.variants]
+        return [(("variants", i, "name"), f"{name!r} names two variants (or a row of the "
+                 "table); give each variant its own name")
+                for i, name in enumerate(names) if names.index(name) != i or name in ROW_TITLES.values()]
 
 
 class Pipeline(ConfigModel):

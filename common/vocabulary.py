@@ -36,3 +36,11 @@ QUANT_MODULES: tuple[str, ...] = (
 )
 #: Evaluation metrics.
 METRICS: tuple[str, ...] = ("exact_match", "contains", "token_f1", "answer_nll")
+#: The rows of a ``genrecal run`` table: row id -> its name in results.json (a contract: tools
+#: read these names). ``run.variants`` adds ablation rows under their own names.
+ROW_TITLES: dict[str, str] = {
+    "teacher": "teacher", "student_init": "student before training",
+    "student_sft": "SFT on labels", "student_sft_answers": "SFT on teacher answers",
+    "student_genrecal": "GenRecal",
+    "grace_bf16": "GRACE bf16", "grace_int4": "GRACE int4", "qat_int4": "QAT-only int4",
+}

@@ -38,8 +38,9 @@ __all__ = ["SYNTHETIC_SPEC", "SYNTHETIC_SPLITS", "SourceRef", "ensure_synthetic"
            "synthetic_spec"]
 
 SYNTHETIC_SPEC = "synthetic.json"
-SYNTHETIC_SPLITS: tuple[str, ...] = ("train", "test")
-_SPEC_KEYS: tuple[str, ...] = ("n_train", "n_test", "image_size", "seed")
+SYNTHETIC_SPLITS: tuple[str, ...] = ("train", "validation", "test")
+_SPEC_KEYS: tuple[str, ...] = ("n_train", "n_test", "image_size", "seed", "n_validation")
+_SPLIT_SIZE: dict[str, str] = {"train": "n_train", "validation": "n_validation", "test": "n_test"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,9 @@ def synthetic_dir(output_dir: str | Path) -> Path:
 
 def synthetic_spec(spec: Any) -> dict[str, int]:
     """The generation arguments of a synthetic spec (``n_train``, ``n_test``, ``image_size``,
-    ``seed``), as recorded in ``synthetic.json``."""
-    return {key: int(getattr(spec, key)) for key in _SPEC_KEYS}
+    ``seed``, ``n_validation``), as recorded in ``synthetic.json``."""
+    return {key: int(getattr(spec, key, 0) if key == "n_validation" else getattr(spec, key))
+            for key in _SPEC_KEYS}  # n_validation: optional, 0 = no validation split
 
 
 def _recorded_spec(root: Path) -> dict | None:
@@ -78,7 +80,8 @@ def _recorded_spec(root: Path) -> dict | None:
 def synthetic_is_current(spec: Any, root: str | Path) -> bool:
     """Whether ``root`` holds the complete synthetic set of ``spec`` (files and record)."""
     root = Path(root)
-    files = all((root / f"{split}.jsonl").is_file() for split in SYNTHETIC_SPLITS)
+    files = all((root / f"{split}.jsonl").is_file() for split in ("train", "test")) and (
+        not getattr(spec, "n_validation", 0) or (root / "validation.jsonl").is_file())
     return files and _recorded_spec(root) == _record(spec)
 
 
@@ -113,7 +116,8 @@ def synthetic_source(root: str | Path, split: str) -> SourceRef:
 
 
 def _has_synthetic_split(spec: Any, split: str) -> bool:
-    return spec is not None and split in SYNTHETIC_SPLITS and (split == "train" or spec.n_test > 0)
+    return spec is not None and split in SYNTHETIC_SPLITS and (
+        split == "train" or getattr(spec, _SPLIT_SIZE[split], 0) > 0)
 
 
 # ---------------------------------------------------------------------------- reading

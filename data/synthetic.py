@@ -22,13 +22,14 @@ to ``images/<split>/<index>.png``) and reads back with
 * ``scene`` - the generation spec (shape, colour, centre, size of every object), from
   which tests and evaluation can re-derive each answer.
 
-Train and test come from disjoint scenes. A scene (the set of its objects: shape, colour, centre,
-size; :func:`scene_key`) is a test scene or a train scene by a fixed hash of that set
-(:func:`is_test_scene`, :data:`TEST_SCENE_FRACTION` of the scene space is held out), the same for
-every seed, split size and pipeline: the train split only draws train scenes and the test split
-only test scenes, so no test image is ever a training image, whichever sets are compared (the
-demo's teacher trains on a large train split of the generator seed whose 200-sample test split
-it is evaluated on; the student on the first 128 of those).
+Train, validation and test come from disjoint scenes. A scene (the set of its objects: shape,
+colour, centre, size; :func:`scene_key`) belongs to one side of the scene space by a fixed hash
+of that set (:func:`scene_side`: :data:`TEST_SCENE_FRACTION` of it is test,
+:data:`VALIDATION_SCENE_FRACTION` validation, the rest train), the same for every seed, split
+size and pipeline: each split only draws scenes of its own side, so no test or validation image
+is ever a training image, and hyper-parameters tuned on validation never saw a test scene,
+whichever sets are compared (the demo's teacher trains on a large train split of the generator
+seed whose test split it is evaluated on; the students on a part of another one).
 """
 
 from __future__ import annotations
@@ -195,9 +196,10 @@ _SCENES = {"colour": _distinct_scene, "shape": _distinct_scene, "count": _count_
 
 #: Share of the scene space that only the test split draws from (see :func:`is_test_scene`).
 TEST_SCENE_FRACTION = 0.25
+VALIDATION_SCENE_FRACTION = 0.15
 #: Changes whenever the same arguments start giving other files (2: disjoint train / test
 #: scenes), so that a record of generated sets can tell an older set from a current one.
-GENERATOR_REVISION = 2
+GENERATOR_REVISION = 3  # 3: a validation side of the scene space
 _MAX_DRAWS = 10_000  # a split generator that finds no scene of its side in this many is a bug
 
 
@@ -209,24 +211,32 @@ def scene_key(scene: Iterable[ShapeSpec | dict]) -> tuple[tuple[str, str, int, i
     return tuple(sorted((o.shape, o.colour, o.x, o.y, o.r) for o in objects))
 
 
-def is_test_scene(scene: Iterable[ShapeSpec | dict]) -> bool:
-    """Whether a scene belongs to the held-out side of the scene space: a fixed hash of its
-    :func:`scene_key` (not Python's salted ``hash``), so the answer never depends on the seed,
-    the split sizes or the process."""
+def scene_side(scene: Iterable[ShapeSpec | dict]) -> str:
+    """The split whose side of the scene space a scene is on (``train``, ``validation`` or
+    ``test``): a fixed hash of its :func:`scene_key` (not Python's salted ``hash``), so the
+    answer never depends on the seed, the split sizes or the process."""
     digest = hashlib.blake2b(repr(scene_key(scene)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < TEST_SCENE_FRACTION * 2 ** 64
+    u = int.from_bytes(digest, "big") / 2 ** 64
+    if u < TEST_SCENE_FRACTION:
+        return "test"
+    return "validation" if u < TEST_SCENE_FRACTION + VALIDATION_SCENE_FRACTION else "train"
+
+
+def is_test_scene(scene: Iterable[ShapeSpec | dict]) -> bool:
+    """Whether a scene belongs to the held-out test side of the scene space (:func:`scene_side`)."""
+    return scene_side(scene) == "test"
 
 
 def _draw_scene(rng: random.Random, qtype: str, size: int, split: str) -> tuple[ShapeSpec, ...]:
     """A scene for a ``qtype`` question from ``split``'s side of the scene space."""
-    want_test = split == "test"
     for _ in range(_MAX_DRAWS):
         scene = _SCENES[qtype](rng, size)
-        if is_test_scene(scene) == want_test:
+        if scene_side(scene) == split:
             return scene
     raise RuntimeError(f"no {split} scene for a {qtype} question at image size {size} in "
-                       f"{_MAX_DRAWS} draws; TEST_SCENE_FRACTION={TEST_SCENE_FRACTION} leaves "
-                       "that side of the scene space empty")
+                       f"{_MAX_DRAWS} draws; TEST_SCENE_FRACTION={TEST_SCENE_FRACTION} and "
+                       f"VALIDATION_SCENE_FRACTION={VALIDATION_SCENE_FRACTION} leave that side "
+                       "of the scene space empty")
 
 
 # ---------------------------------------------------------------------------- questions
@@ -322,6 +332,11 @@ class SyntheticVQA:
     n_test: int
     image_size: int
     seed: int
+    n_validation: int = 0
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation.jsonl"
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -330,6 +345,7 @@ class SyntheticVQA:
     def from_dict(cls, data: dict) -> "SyntheticVQA":
         paths = {k: Path(data[k]) for k in ("root", "train", "test")}
         numbers = {k: int(data[k]) for k in ("n_train", "n_test", "image_size", "seed")}
+        numbers["n_validation"] = int(data.get("n_validation", 0))
         return cls(**paths, **numbers)
 
 
@@ -361,9 +377,11 @@ def _write_split(root: Path, split: str, n: int, size: int, seed: int,
     return target
 
 
-def _check_args(n_train: int, n_test: int, image_size: int, multi_turn_fraction: float) -> None:
-    if min(n_train, n_test) < 0:
-        raise ValueError(f"n_train={n_train}, n_test={n_test}: sizes must be >= 0")
+def _check_args(n_train: int, n_test: int, image_size: int, multi_turn_fraction: float,
+                n_validation: int = 0) -> None:
+    if min(n_train, n_test, n_validation) < 0:
+        raise ValueError(f"n_train={n_train}, n_test={n_test}, n_validation={n_validation}: "
+                         "sizes must be >= 0")
     if image_size < 32:
         raise ValueError(f"image_size={image_size}: use at least 32 pixels so shapes stay legible")
     if not 0.0 <= multi_turn_fraction <= 1.0:
@@ -372,19 +390,22 @@ def _check_args(n_train: int, n_test: int, image_size: int, multi_turn_fraction:
 
 def make_synthetic_vqa(out_dir: str | Path, *, n_train: int = 1000, n_test: int = 200,
                        image_size: int = 64, seed: int = 0,
-                       multi_turn_fraction: float = 0.2) -> SyntheticVQA:
+                       multi_turn_fraction: float = 0.2, n_validation: int = 0) -> SyntheticVQA:
     """Write the synthetic VQA set (see module docstring) under ``out_dir``.
 
     Writes ``train.jsonl`` / ``test.jsonl`` (LLaVA format, image paths relative to
-    ``out_dir``) and ``images/<split>/<index>.png``. Question types cycle
+    ``out_dir``) and ``images/<split>/<index>.png``; ``validation.jsonl`` too when
+    ``n_validation`` > 0 (the split to tune hyper-parameters on). Question types cycle
     colour, shape, count, position so each is a quarter of every split; a
     ``multi_turn_fraction`` of the rows ask 1-2 follow-up questions about the same image.
     The splits draw from disjoint scenes (:func:`is_test_scene`), for any sizes and seeds.
     Deterministic: the same arguments always give byte-identical files.
     """
-    _check_args(n_train, n_test, image_size, multi_turn_fraction)
+    _check_args(n_train, n_test, image_size, multi_turn_fraction, n_validation)
     root = Path(out_dir)
     train = _write_split(root, "train", n_train, image_size, seed, multi_turn_fraction)
     test = _write_split(root, "test", n_test, image_size, seed, multi_turn_fraction)
+    if n_validation:
+        _write_split(root, "validation", n_validation, image_size, seed, multi_turn_fraction)
     return SyntheticVQA(root=root, train=train, test=test, n_train=n_train, n_test=n_test,
-                        image_size=image_size, seed=seed)
+                        image_size=image_size, seed=seed, n_validation=n_validation)

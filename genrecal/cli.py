@@ -220,6 +220,10 @@ def train_command(
         "--save-every", min=1, help="Optimizer steps between checkpoints.")] = 100,
     workers: Annotated[int, typer.Option(
         "--workers", min=0, help="Data loader worker processes per training process.")] = 2,
+    memo_mib: Annotated[int, typer.Option(
+        "--memo-mib", min=0, help="Keep encoded examples in memory, up to this many MiB per "
+                                  "loader process, so later epochs skip encoding and cache reads "
+                                  "(small datasets, several epochs).")] = 0,
     online: Annotated[bool, typer.Option(
         "--online", help="Run the teacher live on the training device instead of reading the "
                          "teacher cache (align / distill; needs room for both models).")] = False,
@@ -234,7 +238,7 @@ def train_command(
     pipeline = config.get_pipeline(name, pipelines_file(ctx, file))
     options = LoopOptions(save_every=save_every, num_workers=workers,
                           teacher_source="online" if online else "cache",
-                          allow_teacher_mismatch=allow_teacher_mismatch)
+                          allow_teacher_mismatch=allow_teacher_mismatch, memo_bytes=memo_mib << 20)
     for result in run_stages(pipeline, stage, resume=resume, options=options):
         state = "already finished" if result.skipped else f"{result.step} steps"
         typer.echo(f"{result.stage}: {state} -> {result.out_dir}")
@@ -392,29 +396,67 @@ def run_command(
     name: Annotated[str, typer.Argument(help="Pipeline to run end to end.")] = "demo",
     seeds: Annotated[str, typer.Option(
         "--seeds", help="Comma-separated seeds: each seeds the student's init and the stages' "
-                        "data order; results are mean +- std over them.")] = "0,1,2",
+                        "data order; results are mean +- std over them.")] = "0,1,2,3,4",
     threads: Annotated[Optional[int], typer.Option(
         "--threads", min=1, show_default=False,
-        help="torch CPU threads (default: 1, steadiest for tiny models on a small CPU).")] = None,
+        help="torch CPU threads per step (default: 1, steadiest for tiny models on a small CPU).")] = None,
+    jobs: Annotated[Optional[int], typer.Option(
+        "--jobs", min=1, show_default=False,
+        help="Steps run side by side in separate processes, each as soon as the steps it reads "
+             "from are done (default: CPUs // threads when every model is on the CPU, else 1; "
+             "1 runs the phases one after the other in this process).")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        "--split", show_default=False,
+        help="Evaluate every row on this split instead of evaluation.split, e.g. validation "
+             "to tune hyper-parameters without looking at the test split (report in "
+             "<output>/report-<split>).")] = None,
     file: FileOption = None,
 ) -> None:
     """Data, models, teacher fine-tuning, cache, training and evaluation of pipeline NAME, then
     a results table in <output>/report; a rerun reuses every finished, still-valid phase."""
     import torch
 
-    from genrecal.report import format_phases, format_table
+    from genrecal.report import format_phases, format_table, format_variants
+    from genrecal.statistics import Comparison
     from genrecal.runner import run_pipeline
 
     from transformers.utils import logging as hf_logging
 
     pipe = config.get_pipeline(name, pipelines_file(ctx, file))
+    if split is not None:
+        pipe = _with_eval_split(pipe, split)
     companion = config.get_pipeline(pipe.run.grace, pipelines_file(ctx, file)) if pipe.run.grace else None
-    torch.set_num_threads(threads or 1)
+    from genrecal.runner import RunOptions
+    from genrecal.scheduler import default_jobs
+
+    threads = threads or 1
+    torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()  # weight loading / saving bars; the phases show their own
-    result = run_pipeline(pipe, _parse_seeds(seeds), echo=typer.echo, companion=companion)
-    typer.echo("\n" + format_table(result.report) + "\n\n" + format_phases(result.report))
+    on_cpu = all(spec.device_map is None and (spec.device or ("cuda" if torch.cuda.is_available()
+                                                               else "cpu")) == "cpu"
+                 for p in (pipe, companion) if p is not None for spec in (p.teacher, p.student))
+    options = RunOptions(jobs=jobs or default_jobs(threads, on_cpu), threads=threads)
+    result = run_pipeline(pipe, _parse_seeds(seeds), options, echo=typer.echo, companion=companion)
+    typer.echo("\n" + format_table(result.report) + "\n")
+    for comparison in result.report["comparisons"]:
+        typer.echo("- " + Comparison(**comparison).sentence())
+    if result.report.get("variants"):
+        typer.echo("\n" + format_variants(result.report))
+    typer.echo("\n" + format_phases(result.report))
     for path in result.files:
         typer.echo(f"wrote {path}")
+
+
+def _with_eval_split(pipe: config.Pipeline, split: str) -> config.Pipeline:
+    if pipe.evaluation is None:
+        raise typer.BadParameter(f"pipeline {pipe.name!r} has no evaluation block", param_hint="--split")
+    if split not in pipe.data.splits():
+        raise typer.BadParameter(f"pipeline {pipe.name!r} has no {split!r} split; its data provides "
+                                 f"{sorted(pipe.data.splits())} (a synthetic set has a validation "
+                                 "split with data.synthetic.n_validation > 0)", param_hint="--split")
+    data = pipe.to_dict()
+    data["evaluation"] = {**data["evaluation"], "split": split}
+    return config.Pipeline.from_dict(data, source=f"{pipe.name} (--split {split})")
 
 
 def main() -> None:

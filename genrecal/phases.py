@@ -126,7 +126,8 @@ class Step:
     the work and returns the details to record; check(details) tells whether the recorded
     outputs are still complete and valid; adopts: existing outputs without a marker are left
     to ``run`` instead of stopping the run: True (``run`` verifies them) or a predicate that
-    tells whether they are exactly what the step would write.
+    tells whether they are exactly what the step would write; after: the ids of the steps
+    whose outputs it reads (they must be done before it starts; :mod:`genrecal.scheduler`).
     """
 
     id: str
@@ -136,6 +137,7 @@ class Step:
     run: Callable[[bool], dict[str, Any]]
     check: Callable[[dict[str, Any]], bool]
     adopts: bool | Callable[[], bool] = False
+    after: tuple[str, ...] = ()
 
     def adopts_existing(self) -> bool:
         return self.adopts() if callable(self.adopts) else bool(self.adopts)
@@ -156,6 +158,16 @@ class StepOutcome:
     @property
     def reused(self) -> bool:
         return self.action == "reuse"
+
+
+def reused_outcome(book: MarkerBook, step: Step) -> StepOutcome | None:
+    """The outcome of ``step`` if a rerun may reuse it as it is (:func:`decide`), else None."""
+    started = time.perf_counter()
+    marker = book.read(step.id)
+    if decide(marker, step.config_hash, step.check) != "reuse":
+        return None
+    return StepOutcome(step.id, step.title, "reuse", time.perf_counter() - started,
+                       marker.seconds, marker.details)
 
 
 def run_step(book: MarkerBook, step: Step) -> StepOutcome:

@@ -6,12 +6,14 @@ reads it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from genrecal.common.config import FinetuneStage, Pipeline
+from genrecal.common.vocabulary import GENRECAL_STAGES, ROW_TITLES
 from genrecal.errors import RunError
 
 #: The rows of a GenRecal run (stages align -> distill -> finetune) and of a GRACE run (one
@@ -20,10 +22,6 @@ ROWS = ("teacher", "student_init", "student_sft", "student_genrecal")
 #: With teacher answers (cache.generate_answers): SFT on the teacher's answers joins them.
 ANSWER_ROWS = ("teacher", "student_init", "student_sft", "student_sft_answers", "student_genrecal")
 GRACE_ROWS = ("teacher", "student_init", "grace_bf16", "grace_int4", "qat_int4")
-ROW_TITLES = {"teacher": "teacher", "student_init": "student before training",
-              "student_sft": "SFT on labels", "student_sft_answers": "SFT on teacher answers",
-              "student_genrecal": "GenRecal",
-              "grace_bf16": "GRACE bf16", "grace_int4": "GRACE int4", "qat_int4": "QAT-only int4"}
 #: The pairs of rows the report compares (a - b, paired over seeds), when a run has both.
 COMPARISONS = (("student_genrecal", "student_sft_answers"), ("student_genrecal", "student_sft"),
                ("grace_int4", "qat_int4"),
@@ -72,6 +70,22 @@ class RunPlan:
     @property
     def root(self) -> Path:
         return Path(self.pipeline.output_dir).resolve()
+
+    @property
+    def split(self) -> str:
+        """The split every row is evaluated on (``evaluation.split``)."""
+        return self.pipeline.evaluation.split
+
+    def eval_file(self, name: str, root: Path | None = None) -> Path:
+        """Where the evaluation ``name`` (a row, ``-seed-<k>`` for a student) on :attr:`split`
+        is written, under ``root`` (default: this run's; a companion's is its parent's)."""
+        return (root or self.root) / EVAL_DIR / self.split / f"{name}.json"
+
+    @property
+    def report_dir(self) -> Path:
+        """``<output>/report`` for the test split; ``report-<split>`` for another one (e.g.
+        ``genrecal run --split validation`` while tuning hyper-parameters)."""
+        return self.root / (REPORT_DIR if self.split == "test" else f"{REPORT_DIR}-{self.split}")
 
     def _derive(self, suffix: str, **changes: Any) -> Pipeline:
         data = {**self.pipeline.to_dict(), "teacher_finetune": None, **changes}
@@ -166,7 +180,73 @@ class RunPlan:
         if self.is_grace:
             return GRACE_ROWS
         rows = ANSWER_ROWS if self.uses_answers else ROWS
-        return rows + (GRACE_VARIANTS if self.companion is not None else ())
+        return rows + (GRACE_VARIANTS if self.companion is not None else ()) + self.variant_rows
+
+    def title(self, row: str) -> str:
+        """The row's name in the table and in results.json."""
+        if row in ROW_TITLES:
+            return ROW_TITLES[row]
+        return self.pipeline.run.variants[self.variant_rows.index(row)].name
+
+    # -- run.variants: ablations of the GenRecal row ---------------------------------------
+    @cached_property
+    def variant_rows(self) -> tuple[str, ...]:
+        """One row id per ``run.variants`` entry: ``variant-<slug of its name>``."""
+        if self.is_grace:
+            return ()
+        rows: list[str] = []
+        for variant in self.pipeline.run.variants:
+            slug = re.sub(r"[^a-z0-9]+", "-", variant.name.lower()).strip("-") or "x"
+            row = f"variant-{slug}"
+            rows.append(row if row not in rows else f"{row}-{len(rows)}")
+        return tuple(rows)
+
+    def variant_cache(self, row: str) -> dict:
+        """The cache a variant's stages read: the run's, unless the variant stores z_ql with
+        another codec or reads the teacher's token embeddings (then ``<output>/<row>/cache``)."""
+        variant = self.pipeline.run.variants[self.variant_rows.index(row)]
+        base = self.pipeline.cache.to_dict()
+        cache = {**base, "codecs": dict(base["codecs"]), "features": dict(base["features"])}
+        if variant.question_hidden_codec is not None:
+            cache["codecs"]["question_hidden"] = variant.question_hidden_codec
+        if variant.answer_input == "embedding":
+            cache["features"]["input_embeddings"] = True
+        if cache != base:
+            cache["location"] = str(self.root / row / "cache")
+        return cache
+
+    def variant_cache_pipeline(self, row: str) -> Pipeline:
+        """What a variant's own cache is extracted from: :meth:`cache_pipeline` with its cache."""
+        return self._derive("", teacher=self._teacher_spec(), data=self._teacher_data(),
+                            cache=self.variant_cache(row))
+
+    def variant_pipeline(self, seed: int, row: str) -> Pipeline:
+        """The GenRecal stages of seed ``seed`` with the variant's changes
+        (:class:`genrecal.common.config.StudyVariant`), under ``<output>/seed-<seed>/<row>``."""
+        variant = self.pipeline.run.variants[self.variant_rows.index(row)]
+        recalibrator = {**self.pipeline.recalibrator.to_dict(),
+                        **{k: getattr(variant, k) for k in ("answer_input", "reassign_positions", "blocks")
+                           if getattr(variant, k) is not None}}
+        stages = []
+        for stage in self.pipeline.stages:
+            data = {**stage.to_dict(), "seed": seed, "output": None}
+            if variant.reg_terms is not None and stage.name in GENRECAL_STAGES:
+                losses = dict(data["losses"])
+                if variant.reg_terms == "off":
+                    losses["reg"] = 0.0
+                else:
+                    losses["reg_terms"] = variant.reg_terms
+                data["losses"] = losses
+            if variant.quantize is not None and stage.trains.student_parts():
+                data["quantize"] = variant.quantize.to_dict()
+            stages.append(data)
+        return self._derive(f"seed-{seed}.{row}", **self._seed_changes(seed, self._teacher_data()),
+                            stages=stages, recalibrator=recalibrator, cache=self.variant_cache(row),
+                            output=str(self.root / f"seed-{seed}" / row))
+
+    def variant_quantize(self, row: str):
+        """The variant's QuantConfig (its row is then evaluated as its export), else None."""
+        return self.pipeline.run.variants[self.variant_rows.index(row)].quantize
 
     @property
     def uses_answers(self) -> bool:
@@ -244,6 +324,10 @@ class RunPlan:
         if self.companion is not None:
             grace = self.grace_plan.model_dirs(seed)
             dirs.update({row: grace[row] for row in GRACE_VARIANTS})
+        for row in self.variant_rows:
+            pipe = self.variant_pipeline(seed, row)
+            dirs[row] = self.export_dir(seed, row) if self.variant_quantize(row) is not None \
+                else str(Path(pipe.stage_dir(pipe.stages[-1].name)) / STUDENT_DIR)
         return dirs
 
 

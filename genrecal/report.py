@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from genrecal.plan import (COMPARISONS, EVAL_DIR, GRACE_VARIANTS, ROW_TITLES, RunPlan, sft_stage,
+from genrecal.plan import (COMPARISONS, GRACE_VARIANTS, ROW_TITLES, RunPlan, sft_stage,
                            student_training_stages)
 from genrecal.statistics import Comparison, paired_comparison
 
@@ -41,7 +41,7 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 def _eval_file(plan: RunPlan, row: str, seed: int | None) -> Path:
     name = row if seed is None else f"{row}-seed-{seed}"
-    return plan.root / EVAL_DIR / f"{name}.json"
+    return plan.eval_file(name)
 
 
 def _row(plan: RunPlan, row: str) -> dict[str, Any]:
@@ -53,19 +53,38 @@ def _row(plan: RunPlan, row: str) -> dict[str, Any]:
     per_type = {t: _stats([r["per_type"][t]["accuracy"] for r in results if t in r["per_type"]])
                 for t in types}
     overall = _stats([r["accuracy"] for r in results])
-    return {"name": ROW_TITLES[row], "mean": overall["mean"], "std": overall["std"],
+    return {"name": plan.title(row), "mean": overall["mean"], "std": overall["std"],
             "per_seed": overall["values"], "per_type": per_type, "row": row,
-            "title": ROW_TITLES[row], "seeds": seeds, "n_questions": results[0]["n"],
+            "title": plan.title(row), "seeds": seeds, "n_questions": results[0]["n"],
             OVERALL: overall}
 
 
-def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _comparisons(plan: RunPlan, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Paired differences with 95% CIs (genrecal.statistics) for the pairs in :data:`COMPARISONS`
-    that the run has."""
+    that the run has, then every ``run.variants`` row against GenRecal."""
     by_row = {r["row"]: r for r in rows}
-    return [paired_comparison(ROW_TITLES[a], ROW_TITLES[b], by_row[a]["per_seed"],
+    pairs = [*COMPARISONS, *((row, "student_genrecal") for row in plan.variant_rows)]
+    return [paired_comparison(by_row[a]["name"], by_row[b]["name"], by_row[a]["per_seed"],
                               by_row[b]["per_seed"]).to_dict()
-            for a, b in COMPARISONS if a in by_row and b in by_row]
+            for a, b in pairs if a in by_row and b in by_row]
+
+
+def _variants(plan: RunPlan, phases, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per ``run.variants`` row: its settings, accuracy and the cache it read (bytes per input
+    token, the question_hidden codec: how a lossy hidden-state codec is judged)."""
+    by_row = {r["row"]: r for r in rows}
+    out = []
+    for row, variant in zip(plan.variant_rows, plan.pipeline.run.variants):
+        cache_id = "cache" if plan.variant_cache(row)["location"] == \
+            plan.cache_pipeline().cache.location else f"cache-{row}"
+        cache = _step_details(phases, cache_id)
+        out.append({"name": variant.name, "row": row,
+                    "changes": {k: v for k, v in variant.to_dict().items()
+                                if v is not None and k != "name"},
+                    "mean": by_row[row]["mean"], "std": by_row[row]["std"],
+                    "question_hidden_codec": plan.variant_cache(row)["codecs"]["question_hidden"],
+                    "cache_bytes_per_input_token": cache.get("bytes_per_input_token")})
+    return out
 
 
 def _definitions(plan: RunPlan) -> dict[str, str]:
@@ -139,8 +158,9 @@ def build_report(plan: RunPlan, phases, seconds: float) -> dict[str, Any]:
     types = sorted({t for r in rows for t in r["per_type"]})
     teacher = next(r for r in rows if r["row"] == "teacher")
     return {"pipeline": plan.pipeline.name, "summary": plan.pipeline.summary(),
-            "seeds": list(plan.seeds), "types": types, "rows": rows,
-            "comparisons": _comparisons(rows),
+            "split": plan.split, "seeds": list(plan.seeds), "types": types, "rows": rows,
+            "comparisons": _comparisons(plan, rows),
+            **({"variants": _variants(plan, phases, rows)} if plan.variant_rows else {}),
             "teacher": {"accuracy": teacher["mean"],
                         "per_type": {k: v["mean"] for k, v in teacher["per_type"].items()}},
             "definitions": _definitions(plan), "data": _step_details(phases, "data"),
@@ -164,6 +184,21 @@ def format_table(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         cells = [_cell(row[OVERALL])] + [_cell(row["per_type"].get(t)) for t in report["types"]]
         lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_variants(report: dict[str, Any]) -> str:
+    """The ablation rows against GenRecal (paired over seeds) with their cache's bytes/token."""
+    diffs = {c["a"]: c for c in report["comparisons"] if c["b"] == ROW_TITLES["student_genrecal"]}
+    lines = ["| variant | accuracy | minus GenRecal, 95% CI | z_ql codec | cache B/token |",
+             "|---|---|---|---|---|"]
+    for v in report["variants"]:
+        c = diffs[v["name"]]
+        ci = "" if c["ci_low"] is None else f" [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+        size = v["cache_bytes_per_input_token"]
+        lines.append(f"| {v['name']} | {_cell({'mean': v['mean'], 'std': v['std']})} | "
+                     f"{c['mean_diff']:+.3f}{ci} | {v['question_hidden_codec']} | "
+                     f"{'' if size is None else f'{size:.1f}'} |")
     return "\n".join(lines)
 
 
@@ -197,11 +232,13 @@ def format_markdown(report: dict[str, Any]) -> str:
     """The whole report as a Markdown document."""
     seeds = ", ".join(str(s) for s in report["seeds"])
     out = [f"# genrecal run {report['pipeline']}", "", f"`{report['summary']}`", "",
-           f"Exact-match accuracy on the evaluation split, mean ± sample std over seeds {seeds} "
+           f"Exact-match accuracy on the {report['split']} split, mean ± sample std over seeds {seeds} "
            "(the teacher is shared by every seed).", "", format_table(report), ""]
     if report.get("comparisons"):
         out += ["## Paired differences", "",
                 *(f"- {Comparison(**c).sentence()}" for c in report["comparisons"]), ""]
+    if report.get("variants"):
+        out += ["## Ablations of GenRecal (run.variants)", "", format_variants(report), ""]
     out += ["## Rows", ""]
     out += [f"- **{ROW_TITLES.get(k, k)}**: {v}" for k, v in report["definitions"].items()]
     out += ["", "## Data", "", ", ".join(f"{k}: {v} samples" for k, v in report["data"].items()),
@@ -227,7 +264,7 @@ def _stage_curves(plan: RunPlan) -> dict[str, dict[str, list[tuple[int, float]]]
             for variant in GRACE_VARIANTS:
                 pipe = plan.grace_pipeline(seed, variant)
                 records = read_metrics(Path(pipe.stage_dir(pipe.stages[0].name)) / METRICS)
-                panels.setdefault(ROW_TITLES[variant], {})[f"seed {seed}"] = _points(records)
+                panels.setdefault(plan.title(variant), {})[f"seed {seed}"] = _points(records)
             continue
         seed_pipe = plan.seed_pipeline(seed)
         for stage in seed_pipe.stages:
@@ -243,7 +280,7 @@ def _stage_curves(plan: RunPlan) -> dict[str, dict[str, list[tuple[int, float]]]
         if plan.companion is not None:
             for variant in GRACE_VARIANTS:
                 pipe = plan.grace_plan.grace_pipeline(seed, variant)
-                panels.setdefault(ROW_TITLES[variant], {})[f"seed {seed}"] = _points(
+                panels.setdefault(plan.title(variant), {})[f"seed {seed}"] = _points(
                     read_metrics(Path(pipe.stage_dir(pipe.stages[0].name)) / METRICS))
     return panels
 

@@ -33,28 +33,35 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from genrecal.common.config import Pipeline
+from genrecal.common.vocabulary import TINY_KINDS
 from genrecal.errors import RunError
 from genrecal.phases import MarkerBook, Step, StepOutcome, config_hash, run_step
-from genrecal.plan import EVAL_DIR, GRACE_VARIANTS, REPORT_DIR, ROW_TITLES, RunPlan
+from genrecal.plan import GRACE_VARIANTS, RunPlan
 from genrecal.report import build_report, write_report
+from genrecal.scheduler import LOGS_DIR, Timed, run_graph
 from genrecal.common.atomic import write_text_atomic
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How steps run: the trainer's loop options and progress bars."""
+    """How steps run: the trainer's loop options and progress bars; ``jobs`` steps at a time
+    (1: in this process, phase after phase), each with ``threads`` torch threads."""
 
     progress: bool = True
     save_every: int | None = None
+    jobs: int = 1
+    threads: int = 1
+    memo_bytes: int = 1 << 30  # the trainer keeps each step's encoded examples (small sets, many epochs)
 
     def loop_options(self):
         from genrecal.train.loop import LoopOptions
 
-        return LoopOptions(save_every=self.save_every, num_workers=0, progress=self.progress)
+        return LoopOptions(save_every=self.save_every, num_workers=0, progress=self.progress,
+                           memo_bytes=self.memo_bytes)
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,14 @@ class StepBuilder:
         digest = config_hash(config, [self._hash_of(u) for u in upstream])
         self.hashes[self.prefix + step_id] = digest
         title = f"{title} (GRACE companion)" if self.parent is not None else title
-        return Step(self.prefix + step_id, title, digest, tuple(outputs), run, check, adopts)
+        return Step(self.prefix + step_id, title, digest, tuple(outputs), run, check, adopts,
+                    after=tuple(self._id_of(u) for u in upstream))
+
+    def _id_of(self, step_id: str) -> str:
+        """The full id of an upstream step: this builder's (prefixed) or its parent's."""
+        if self.prefix + step_id in self.hashes:
+            return self.prefix + step_id
+        return self.parent._id_of(step_id)
 
     # -- phase 1: data ----------------------------------------------------------------------
     def _synthetic_sets(self) -> list[tuple[Any, Path]]:
@@ -219,8 +233,9 @@ class StepBuilder:
                           lambda _d: Path(out).is_file())
 
     # -- phase 4: cache ---------------------------------------------------------------------
-    def cache_step(self) -> Step:
-        pipe = self.plan.cache_pipeline()
+    def cache_step(self, row: str | None = None) -> Step:
+        """The teacher cache (``row``: a ``run.variants`` row's own cache, step ``cache-<row>``)."""
+        pipe = self.plan.cache_pipeline() if row is None else self.plan.variant_cache_pipeline(row)
         location = _location(pipe.cache.location)
         upstream = ["data", *(["teacher-finetune"] if self.pipe.teacher_finetune else []),
                     *self._teacher_upstream(), *(["teacher-answers"] if self.plan.uses_answers else []),
@@ -235,8 +250,19 @@ class StepBuilder:
 
         config = {"teacher": self.pipe.teacher.to_dict(), "cache": pipe.cache.to_dict(),
                   "location": location}
-        return self._step("cache", "teacher cache", config, upstream, [location], run,
-                          lambda d: _cache_unchanged(location, d))
+        return self._step("cache" if row is None else f"cache-{row}",
+                          "teacher cache" if row is None else f"teacher cache of {self.plan.title(row)!r}",
+                          config, upstream, [location], run, lambda d: _cache_unchanged(location, d))
+
+    def variant_cache_steps(self) -> list[Step]:
+        """The caches of the ``run.variants`` that need their own (another codec, embeddings)."""
+        base = self.plan.cache_pipeline().cache.location
+        return [self.cache_step(row) for row in self.plan.variant_rows
+                if self.plan.variant_cache(row)["location"] != base]
+
+    def _variant_cache_id(self, row: str) -> str:
+        own = self.plan.variant_cache(row)["location"] != self.plan.cache_pipeline().cache.location
+        return f"cache-{row}" if own else "cache"
 
     # -- phase 5: training ------------------------------------------------------------------
     def _student_upstream(self, seed: int) -> list[str]:
@@ -251,27 +277,46 @@ class StepBuilder:
             stage_dir = str(Path(pipe.stage_dir(pipe.stages[0].name)).resolve())
             uses_cache = pipe.stages[0].name == "grace"
             steps.append(self._step(
-                f"{variant}-seed-{seed}", f"{ROW_TITLES[variant]}, seed {seed}",
+                f"{variant}-seed-{seed}", f"{self.plan.title(variant)}, seed {seed}",
                 {"stages": [s.to_dict() for s in pipe.stages], "student": pipe.student.to_dict()},
-                [*self._student_upstream(seed), *(["cache"] if uses_cache else [])], [stage_dir],
+                # a companion's rows read the parent's teacher answers (QAT-only: without a cache)
+                [*self._student_upstream(seed), *(["cache"] if uses_cache else []),
+                 *self._inherited()], [stage_dir],
                 self._trainer(pipe, stage_dir), _stage_check(stage_dir)))
             if pipe.stages[0].quantize is not None:
                 steps.append(self._export_step(seed, variant, stage_dir))
         return steps
 
-    def _export_step(self, seed: int, variant: str, stage_dir: str) -> Step:
-        out = self.plan.export_dir(seed, variant)
+    def _export_step(self, seed: int, variant: str, stage_dir: str, bits: int = 4) -> Step:
+        out, fmt = self.plan.export_dir(seed, variant), f"int{bits}"
 
         def run(_resume: bool) -> dict:
             from genrecal.train.export import STUDENT_DIR, export_checkpoint
 
-            report = export_checkpoint(Path(stage_dir) / STUDENT_DIR, out, "int4")
+            report = export_checkpoint(Path(stage_dir) / STUDENT_DIR, out, fmt)
             return {"path": str(report.path), "quantized": report.quantized, "dtype": report.dtype}
 
-        return self._step(f"export-{variant}-seed-{seed}", f"INT4 export of {ROW_TITLES[variant]}, "
-                          f"seed {seed}", {"format": "int4", "source": stage_dir},
+        return self._step(f"export-{variant}-seed-{seed}", f"{fmt.upper()} export of "
+                          f"{self.plan.title(variant)}, seed {seed}", {"format": fmt, "source": stage_dir},
                           [f"{variant}-seed-{seed}"], [out], run,
                           lambda _d: (Path(out) / "config.json").is_file())
+
+    def variant_steps(self, seed: int) -> list[Step]:
+        """Per ``run.variants`` row: its GenRecal stages (and its export when it quantises)."""
+        steps = []
+        for row in self.plan.variant_rows:
+            pipe = self.plan.variant_pipeline(seed, row)
+            dirs = [str(Path(pipe.stage_dir(s.name)).resolve()) for s in pipe.stages]
+            steps.append(self._step(
+                f"{row}-seed-{seed}", f"{self.plan.title(row)}, seed {seed}",
+                {"stages": [s.to_dict() for s in pipe.stages], "student": pipe.student.to_dict(),
+                 "recalibrator": pipe.recalibrator.to_dict(), "cache": pipe.cache.location},
+                [*self._student_upstream(seed), self._variant_cache_id(row)], dirs,
+                self._trainer(pipe, dirs[-1]), _stage_check(dirs[-1])))
+            quantize = self.plan.variant_quantize(row)
+            if quantize is not None:
+                steps.append(self._export_step(seed, row, dirs[-1], quantize.bits))
+        return steps
 
     def train_steps(self, seed: int) -> list[Step]:
         if self.plan.is_grace:
@@ -292,6 +337,7 @@ class StepBuilder:
                        self._student_upstream(seed), [sft_dir], self._trainer(sft, sft_dir),
                        _stage_check(sft_dir)),
             *([self._sft_answers_step(seed)] if self.plan.uses_answers else []),
+            *self.variant_steps(seed),
         ]
 
     def _sft_answers_step(self, seed: int) -> Step:
@@ -315,13 +361,13 @@ class StepBuilder:
     def eval_step(self, row: str, seed: int | None, model_dir: str, pipe: Pipeline,
                   upstream: list[str]) -> Step:
         name = row if seed is None else f"{row}-seed-{seed}"
-        out = str(self.eval_root / EVAL_DIR / f"{name}.json")
+        out = str(self.plan.eval_file(name, self.eval_root))
 
         def run(_resume: bool) -> dict:
             return _evaluate(model_dir, pipe, out, progress=self.options.progress)
 
         config = {"evaluation": pipe.evaluation.to_dict(), "model": model_dir, "row": row}
-        return self._step(f"eval-{name}", f"evaluate {ROW_TITLES[row]}"
+        return self._step(f"eval-{name}", f"evaluate {self.plan.title(row)}"
                           + ("" if seed is None else f", seed {seed}"), config,
                           ["data", *upstream], [out], run, lambda _d: _eval_ok(out))
 
@@ -344,7 +390,9 @@ class StepBuilder:
                        "student_sft_answers": [f"sft-answers-seed-{seed}"],
                        "grace_bf16": [f"grace_bf16-seed-{seed}"],
                        "grace_int4": [f"export-grace_int4-seed-{seed}"],
-                       "qat_int4": [f"export-qat_int4-seed-{seed}"]}
+                       "qat_int4": [f"export-qat_int4-seed-{seed}"],
+                       **{row: [f"export-{row}-seed-{seed}" if self.plan.variant_quantize(row)
+                                else f"{row}-seed-{seed}"] for row in self.plan.variant_rows}}
             steps += [self.eval_step(row, seed, dirs[row], pipe, made_by[row]) for row in mine]
         return steps
 
@@ -353,7 +401,7 @@ class StepBuilder:
         a ``run.grace`` companion's steps join each phase after this run's."""
         data, models = self.data_step(), tuple(self.model_steps())
         teacher = tuple(step for step in (self.teacher_step(), self.answers_step()) if step)
-        cache = (self.cache_step(),)
+        cache = (self.cache_step(), *self.variant_cache_steps())
         train = tuple(s for seed in self.plan.seeds for s in self.train_steps(seed))
         child = StepBuilder(self.plan.grace_plan, self.options, parent=self) \
             if self.plan.companion is not None else None
@@ -486,13 +534,58 @@ class RunResult:
 
 
 def run_phases(plan: RunPlan, options: RunOptions = RunOptions(),
-               echo: Callable[[str], None] = print) -> Iterator[PhaseOutcome]:
-    """Run (or reuse) every phase of ``plan`` in order, yielding each phase's outcome."""
+               echo: Callable[[str], None] = print) -> list[PhaseOutcome]:
+    """Run (or reuse) every phase of ``plan``: one phase after the other (``options.jobs``
+    1), or every step as soon as the steps it reads from are done, ``options.jobs`` at a time
+    (:mod:`genrecal.scheduler`); the phases' outcomes, in order."""
     book = MarkerBook(plan.root)
-    phases = StepBuilder(plan, options).phases()
-    for number, phase in enumerate(phases, 1):
-        echo(f"[{number}/{len(phases)}] {phase.title}")
-        yield _run_phase(book, phase, options, echo)
+    parallel = options.jobs > 1
+    phases = StepBuilder(plan, replace(options, progress=options.progress and not parallel)).phases()
+    if not parallel:
+        outcomes = []
+        for number, phase in enumerate(phases, 1):
+            echo(f"[{number}/{len(phases)}] {phase.title}")
+            outcomes.append(_run_phase(book, phase, options, echo))
+        return outcomes
+    steps = [step for phase in phases for step in phase.steps]
+    _preload(plan)
+    log_dir = plan.root / LOGS_DIR
+    echo(f"{len(steps)} steps in {len(phases)} phases, up to {options.jobs} at a time with "
+         f"{options.threads} thread(s) each; each step's output: {log_dir}/<step>.log")
+    timed = run_graph(steps, book, jobs=options.jobs, threads=options.threads, log_dir=log_dir,
+                      echo=echo, progress=options.progress)
+    outcomes = [_phase_outcome(phase, [timed[s.id] for s in phase.steps]) for phase in phases]
+    for number, (phase, outcome) in enumerate(zip(phases, outcomes), 1):
+        reused = sum(s.reused for s in outcome.steps)
+        echo(f"[{number}/{len(phases)}] {phase.title}: {outcome.seconds:.1f} s wall"
+             + (f", {reused} of {len(outcome.steps)} step(s) reused" if reused else ""))
+    return outcomes
+
+
+def _preload(plan: RunPlan) -> None:
+    """Import what the steps run (the trainer, the teacher pass, the models' classes) once, here,
+    so that every forked step inherits it instead of importing it anew (seconds per step)."""
+    import transformers
+
+    import genrecal.extract.answers  # noqa: F401
+    import genrecal.extract.pipeline  # noqa: F401
+    import genrecal.train.evaluate  # noqa: F401
+    import genrecal.train.loop  # noqa: F401
+    from genrecal.model.families import get_family
+
+    pipes = [plan.pipeline] + ([plan.companion] if plan.companion is not None else [])
+    for spec in (s for p in pipes for s in (p.teacher, p.student)):
+        family = spec.family or (TINY_KINDS[spec.tiny.kind] if spec.tiny is not None else None)
+        if family is not None:
+            for name in (get_family(family).model_class, get_family(family).processor_class):
+                getattr(transformers, name, None)
+
+
+def _phase_outcome(phase: Phase, timed: list[Timed]) -> PhaseOutcome:
+    """A phase of a parallel run: its steps' outcomes; its seconds are the wall time from its
+    first step's start to its last step's end (phases overlap)."""
+    seconds = max(t.ended for t in timed) - min(t.started for t in timed) if timed else 0.0
+    return PhaseOutcome(phase.name, phase.title, seconds, tuple(t.outcome for t in timed))
 
 
 def _run_phase(book: MarkerBook, phase: Phase, options: RunOptions,
@@ -530,5 +623,5 @@ def run_pipeline(pipe: Pipeline, seeds: tuple[int, ...], options: RunOptions = R
     phases = tuple(run_phases(plan, options, echo))
     seconds = time.perf_counter() - started
     report = build_report(plan, phases, seconds)
-    files = write_report(report, plan.root / REPORT_DIR, plan)
+    files = write_report(report, plan.report_dir, plan)
     return RunResult(plan, phases, seconds, report, tuple(files))

@@ -31,7 +31,7 @@ def test_synthetic_dir_is_under_the_output():
 def test_ensure_synthetic_generates_once_and_again_for_another_spec(tmp_path):
     made = ensure_synthetic(spec(), tmp_path)
     assert (made.n_train, made.n_test, made.train) == (4, 3, tmp_path / "train.jsonl")
-    assert json.loads((tmp_path / SYNTHETIC_SPEC).read_text()) == {**vars(spec()), "generator_revision": GENERATOR_REVISION}
+    assert json.loads((tmp_path / SYNTHETIC_SPEC).read_text()) == {**vars(spec()), "n_validation": 0, "generator_revision": GENERATOR_REVISION}
     first = made.train.stat().st_mtime_ns
     ensure_synthetic(spec(), tmp_path)
     assert made.train.stat().st_mtime_ns == first  # same spec: not regenerated

@@ -29,7 +29,14 @@ def _restore_torch_threads():
 
 
 def shrunken(tmp_path: Path) -> Path:
-    demo = config.get_pipeline("demo-grace", REPO / "pipelines.yaml").to_dict()
+    demo = shrink(config.get_pipeline("demo-grace", REPO / "pipelines.yaml").to_dict(), tmp_path)
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump({"pipelines": {"demo-grace": demo}}, sort_keys=False))
+    return path
+
+
+def shrink(demo: dict, tmp_path: Path) -> dict:
+    """The demo-grace pipeline dict with tiny sizes and a few steps, writing under ``tmp_path``."""
     demo.pop("name")
     demo["teacher"]["tiny"].update(hidden_size=64, vocab_size=700)
     demo["student"]["tiny"].update(hidden_size=32, vocab_size=700)
@@ -40,9 +47,7 @@ def shrunken(tmp_path: Path) -> Path:
     demo["stages"][0].update(steps=2, warmup=0, batch_size=3)
     demo["evaluation"].update(max_new_tokens=3, batch_size=8)
     demo["output"] = str(tmp_path / "out")
-    path = tmp_path / "pipelines.yaml"
-    path.write_text(yaml.safe_dump({"pipelines": {"demo-grace": demo}}, sort_keys=False))
-    return path
+    return demo
 
 
 def test_demo_grace_runs_end_to_end(tmp_path, monkeypatch):

@@ -159,3 +159,50 @@ def test_run_settings_a_grace_run_has_no_use_for_are_refused(tmp_path):
                          run={"labelled": 2})
     with pytest.raises(RunError, match="run.labelled and run.grace"):
         RunPlan(Pipeline.from_dict(data), (0,))
+
+
+def test_study_variants_derive_the_genrecal_stages_with_their_changes(tmp_path):
+    """run.variants: each variant is the GenRecal row of the same seed with its changes; only a
+    variant that changes what the cache holds gets its own cache; each setting takes effect."""
+    variants = [{"name": "reg off", "reg_terms": "off"}, {"name": "kl", "reg_terms": "kl"},
+                {"name": "emb", "answer_input": "embedding"},
+                {"name": "npe off, 1 block", "reassign_positions": False, "blocks": 1},
+                {"name": "int8 z_ql", "question_hidden_codec": "int8"},
+                {"name": "INT4", "quantize": {"bits": 4, "group_size": 16}}]
+    plan = make_plan(tmp_path, run={"variants": variants})
+    rows = plan.variant_rows
+    assert rows == ("variant-reg-off", "variant-kl", "variant-emb", "variant-npe-off-1-block",
+                    "variant-int8-z-ql", "variant-int4")
+    assert plan.rows[-len(rows):] == rows and [plan.title(r) for r in rows] == [v["name"] for v in variants]
+    pipes = {r: plan.variant_pipeline(1, r) for r in rows}
+    base = plan.seed_pipeline(1)
+    assert [s.losses.reg for s in pipes["variant-reg-off"].stages[:2]] == [0.0, 0.0]
+    assert [s.losses.reg_terms for s in pipes["variant-kl"].stages[:2]] == ["kl", "kl"]
+    assert pipes["variant-emb"].recalibrator.answer_input == "embedding"
+    assert pipes["variant-emb"].cache.features.input_embeddings
+    npe = pipes["variant-npe-off-1-block"].recalibrator
+    assert (npe.reassign_positions, npe.blocks) == (False, 1)
+    assert pipes["variant-int8-z-ql"].cache.codecs.question_hidden == "int8"
+    quantized = [s.quantize is not None for s in pipes["variant-int4"].stages]
+    assert quantized == [False, True, True]  # align trains the Recalibrator alone
+    assert plan.model_dirs(1)["variant-int4"] == plan.export_dir(1, "variant-int4")
+    for row, pipe in pipes.items():  # same seed, student, data; own output
+        assert pipe.student == base.student and pipe.data == base.data
+        assert [s.seed for s in pipe.stages] == [1, 1, 1] and pipe.output_dir != base.output_dir
+    own = {r for r in rows if plan.variant_cache(r)["location"] != plan.pipeline.cache.location}
+    assert own == {"variant-emb", "variant-int8-z-ql"}
+    ids = set(hashes(plan))
+    assert {"cache-variant-emb", "cache-variant-int8-z-ql", "export-variant-int4-seed-0",
+            "eval-variant-kl-seed-1"} <= ids and "cache-variant-kl" not in ids
+
+
+@pytest.mark.parametrize("variants, match", [
+    ([{"name": "a"}, {"name": "a"}], "names two variants"),
+    ([{"name": "GenRecal"}], "names two variants"),
+    ([{"name": "x", "question_hidden_codec": "f32"}], "not a codec of question_hidden"),
+    ([{"name": "x", "reg_terms": "both"}], "reg_terms"),
+])
+def test_bad_study_variants_are_refused_with_their_path(tmp_path, variants, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        make_plan(tmp_path, run={"variants": variants})
+    assert "run.variants" in str(info.value)

@@ -14,7 +14,7 @@ from PIL import Image
 from genrecal.data.readers import read_dataset
 from genrecal.data.synthetic import (
     COLOURS, INSTRUCTION, MAX_COUNT, PLURALS, POSITIONS, QUESTION_TYPES, SHAPES, ShapeSpec,
-    TEST_SCENE_FRACTION, SyntheticVQA, corpus_lines, is_test_scene, make_synthetic_vqa,
+    TEST_SCENE_FRACTION, SyntheticVQA, corpus_lines, is_test_scene, make_synthetic_vqa, scene_side,
     questions_for, scene_key)
 
 SIZE = 48
@@ -119,6 +119,25 @@ def test_scene_split_ignores_seed_sizes_and_object_order(tmp_path):
               for c1 in COLOURS for c2 in COLOURS if c1 != c2]
     share = sum(map(is_test_scene, scenes)) / len(scenes)
     assert abs(share - TEST_SCENE_FRACTION) < 0.1
+
+
+def test_validation_split_draws_its_own_scenes(tmp_path):
+    """n_validation > 0 writes validation.jsonl from the validation side of the scene space:
+    no validation scene is a train or test scene, for any seed; without it there is no file and
+    the train and test splits are unchanged."""
+    made = make_synthetic_vqa(tmp_path / "v", n_train=40, n_test=20, n_validation=20,
+                              image_size=32, seed=3)
+    plain = make_synthetic_vqa(tmp_path / "p", n_train=40, n_test=20, image_size=32, seed=3)
+    assert not (tmp_path / "p" / "validation.jsonl").exists() and made.n_validation == 20
+    assert rows(made.train) == rows(plain.train) and rows(made.test) == rows(plain.test)
+    validation = rows(made.validation)
+    assert len(validation) == 20 and all(r["id"].startswith("validation-") for r in validation)
+    assert {scene_side(r["scene"]) for r in validation} == {"validation"}
+    keys = {split: {scene_key(r["scene"]) for r in rows(path)}
+            for split, path in (("train", made.train), ("validation", made.validation),
+                                ("test", made.test))}
+    assert not keys["validation"] & keys["train"] and not keys["validation"] & keys["test"]
+    assert SyntheticVQA.from_dict(made.to_dict()) == made
 
 
 def test_multi_turn_fraction_extremes(tmp_path):

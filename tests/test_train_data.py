@@ -317,6 +317,26 @@ def test_worker_processes_give_the_same_batches(tmp_path, teacher, student, samp
         workers.close()
 
 
+def test_memoised_examples_give_the_same_batches_and_are_read_once(tmp_path, teacher, student, samples):
+    """memo_bytes: later epochs come from memory (no encoding, no cache read) and equal a loader
+    without the memo batch for batch (the same code builds them: exact); a budget smaller than
+    one example keeps nothing."""
+    write_cache(tmp_path / "cache", teacher, samples)
+    plain = make_loader(samples, student, cache=tmp_path / "cache", config=config())
+    memo = make_loader(samples, student, cache=tmp_path / "cache", config=config(memo_bytes=1 << 30))
+    calls = []
+    load = memo.dataset._load
+    memo.dataset._load = lambda i: calls.append(i) or load(i)
+    for _ in range(3):  # three epochs, each in its own order
+        assert_same_batches(epoch(memo), epoch(plain))
+    assert sorted(calls) == list(range(len(samples)))  # each sample loaded once
+    tiny = make_loader(samples, student, cache=tmp_path / "cache", config=config(memo_bytes=1))
+    epoch(tiny)
+    assert tiny.dataset._memo == {}
+    with pytest.raises(ValueError, match="memo_bytes"):
+        config(memo_bytes=-1)
+
+
 def test_worker_errors_reach_the_training_process(tmp_path, teacher, student, samples, make_sample):
     write_cache(tmp_path / "cache", teacher, samples[:1])
     changed = make_sample(("user", (0, "What?")), ("assistant", ("Else.",)), sample_id="s-a", source=DATA_FILE)

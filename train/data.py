@@ -532,19 +532,35 @@ class JoinedDataset(Dataset):
     """``dataset[i]`` -> the :class:`Example` of sample i (or a :class:`Skip` under ``on_error="skip"``).
 
     samples: the joined samples (their ids are in the cache when ``cache`` is given);
-    cache: the :class:`TeacherFeed`; None for stage finetune (``Example.teacher`` is None).
+    cache: the :class:`TeacherFeed`; None for stage finetune (``Example.teacher`` is None);
+
+    memo_bytes: keep examples in memory, up to this many tensor bytes per process, so that a
+    small dataset trained for several epochs encodes and reads each sample once (0: off). The
+    examples are immutable downstream (the collator builds new batch tensors).
     """
 
     def __init__(self, samples: Sequence[Sample], student: StudentSide, cache: TeacherFeed | None = None,
-                 *, on_error: Literal["raise", "skip"] = "raise"):
+                 *, on_error: Literal["raise", "skip"] = "raise", memo_bytes: int = 0):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
         self.samples, self.student, self.cache, self.on_error = list(samples), student, cache, on_error
+        self._memo: dict[int, Example | Skip] = {}
+        self._memo_left = memo_bytes
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> Example | Skip:
+        if i in self._memo:
+            return self._memo[i]
+        example = self._load(i)
+        if self._memo_left > 0:
+            size = _tensor_bytes(example)
+            if size <= self._memo_left:
+                self._memo[i], self._memo_left = example, self._memo_left - size
+        return example
+
+    def _load(self, i: int) -> Example | Skip:
         sample = self.samples[i]
         try:
             cached = None if self.cache is None else self.cache.record(sample)
@@ -573,6 +589,19 @@ class JoinedDataset(Dataset):
         return Example(sample_id=sample.id, inputs=dict(encoded.inputs), labels=student_labels(ids, answers, n_turns),
                        answer_starts=[s for s, _ in answers[:n_turns]],
                        teacher=None if cached is None else self.cache.turns(cached, n_turns))
+
+
+def _tensor_bytes(value) -> int:
+    """Bytes of every tensor in an example (dataclasses, dicts, lists walked)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(_tensor_bytes(getattr(value, f)) for f in value.__dataclass_fields__)
+    return 0
 
 
 # ============================================================================ collate
@@ -707,6 +736,7 @@ class LoaderConfig:
     on_error: Literal["raise", "skip"] = "raise"
     verify: bool = True
     multiprocessing_context: str | None = None
+    memo_bytes: int = 0
 
     def __post_init__(self):
         problems = self.problems()
@@ -715,7 +745,8 @@ class LoaderConfig:
 
     def problems(self) -> list[str]:
         out = [f"{name}={getattr(self, name)!r} must be an integer >= {low}"
-               for name, low in (("batch_size", 1), ("seed", 0), ("num_workers", 0), ("prefetch_factor", 1))
+               for name, low in (("batch_size", 1), ("seed", 0), ("num_workers", 0), ("prefetch_factor", 1),
+                                 ("memo_bytes", 0))
                if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int)
                or getattr(self, name) < low]
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
@@ -927,6 +958,6 @@ def make_loader(data: Sequence[Sample] | DatasetRead, student, *, cache=None,
                              expect_teacher=expect_teacher, verify=config.verify, storage_options=storage_options)
     samples, report = _join(data, source)
     side = StudentSide.of(student, config.max_length)
-    dataset = JoinedDataset(samples, side, source, on_error=config.on_error)
+    dataset = JoinedDataset(samples, side, source, on_error=config.on_error, memo_bytes=config.memo_bytes)
     plan = BatchPlan(len(samples), config.batch_size, config.seed, world_size, rank)
     return TrainLoader(dataset, plan, Collator(side.pad_id, source is not None), report, config, state)

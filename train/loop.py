@@ -345,7 +345,9 @@ class LoopOptions:
     processes; progress: show a tqdm bar (rank 0); teacher_source: where the align / distill
     stages get teacher features: "cache" (the extracted cache) or "online" (the teacher runs live
     on the training device, :mod:`genrecal.train.online`); online_round_to: online only, round
-    the live features through this cache codec ("bf16", "fp8_e4m3", "int8") as a cache would.
+    the live features through this cache codec ("bf16", "fp8_e4m3", "int8") as a cache would;
+    memo_bytes: the loader keeps encoded examples in memory up to this many bytes per process
+    (LoaderConfig.memo_bytes; 0: off), for small datasets trained over several epochs.
     """
 
     save_every: int | None = 100
@@ -356,6 +358,7 @@ class LoopOptions:
     teacher_source: Literal["cache", "online"] = "cache"
     online_round_to: str | None = None
     allow_teacher_mismatch: bool = False
+    memo_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("save_every", "stop_after"):
@@ -943,7 +946,7 @@ def build_stage_job(pipeline: Pipeline, name: str, dist: RankInfo,
     config = LoaderConfig(batch_size=stage.batch_size, seed=stage.seed,
                           num_workers=options.num_workers, max_length=pipeline.cache.max_length,
                           load_question=loss_spec.uses_reg, on_error=pipeline.data.on_error,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", memo_bytes=options.memo_bytes)
     if isinstance(stage, GraceStage):  # logit information (+ Grams for RCKA), docs/method.md §2.4
         read = ["answer_hidden" if stage.gdkd.source == "exact" else "logit_stats"]
         read += ["visual_gram"] if stage.rcka.omega > 0 else []
