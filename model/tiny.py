@@ -375,6 +375,10 @@ KINDS: dict[str, _Kind] = {
 }
 
 
+#: The kinds that build a text-only decoder (no image input), and the vision-language ones.
+TEXT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if get_family(TINY_KINDS[k]).text_only)
+VLM_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in TEXT_KINDS)
+
 SPEC_FILE = "tiny_spec.json"  # the resolved TinySizes a directory was built from
 #: Bumped whenever a kind's config changes (2: Qwen M-RoPE theta / sections and width-scaled init),
 #: so that directories built by an older kit are rebuilt instead of reused.
