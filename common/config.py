@@ -741,8 +741,10 @@ def _text_model_problems(pipe: Pipeline) -> list[Problem]:
                          "rcka.omega: 0 for a text pair)"))
     text_roles = [role for role in ("teacher", "student")
                   if getattr(pipe, role).family in TEXT_FAMILY_NAMES]
-    for where, data in (("data", pipe.data), ("teacher_finetune.data",
-                                              pipe.teacher_finetune and pipe.teacher_finetune.data)):
+    readers = {"data": (pipe.data, text_roles),  # the teacher's own fine-tuning data: the teacher
+               "teacher_finetune.data": (pipe.teacher_finetune and pipe.teacher_finetune.data,
+                                         [r for r in text_roles if r == "teacher"])}
+    for where, (data, text_roles) in readers.items():
         synthetic = data.synthetic if data is not None else None
         if text_roles and synthetic is not None and synthetic.modality == "image":
             problems.append(((*where.split("."), "synthetic", "modality"), f"the {' and '.join(text_roles)} "
