@@ -9,8 +9,8 @@ that they cover exactly these names.
 
 from __future__ import annotations
 
-#: VLM families (transformers ``model_type``) that a teacher or student may declare; the
-#: registry genrecal.model.families.FAMILIES holds one Family for each.
+#: Model families (transformers ``model_type``: VLMs, then text-only LLMs) that a teacher or
+#: student may declare; the registry genrecal.model.families.FAMILIES holds one Family for each.
 FAMILY_NAMES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "gemma3", "internvl", "qwen2",
                                   "llama")
 #: The text-only families among FAMILY_NAMES (decoder-only LLMs, ``*ForCausalLM``): no image
