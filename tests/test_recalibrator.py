@@ -215,9 +215,13 @@ def test_construction_errors():
         Recalibrator.from_student(student("qwen2_vl"), 0)
     with pytest.raises(RecalibratorError, match="cannot find the text decoder.*no transformers"):
         Recalibrator.from_student(nn.Linear(2, 2), D_TEACHER)
-    text_only = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_text_kwargs()))
+    other = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2,
+                                                                  vocab_size=50))
     with pytest.raises(RecalibratorError, match="cannot find the text decoder.*unsupported VLM"):
-        Recalibrator.from_student(text_only, D_TEACHER)
+        Recalibrator.from_student(other, D_TEACHER)
+    # a text-only Llama is a supported student (the text family 'llama', issue 13)
+    text_only = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_text_kwargs()))
+    assert Recalibrator.from_student(text_only, D_TEACHER, RecalibratorConfig(blocks=1)) is not None
 
 
 # ------------------------------------------------------------------------------------------
