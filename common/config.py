@@ -36,7 +36,7 @@ from typing_extensions import Self
 
 from genrecal.common.errors import ConfigError
 from genrecal.common.vocabulary import (FAMILY_NAMES, FEATURE_CODECS, GENRECAL_STAGES, METRICS,
-                                         QUANT_MODULES, STAGE_ORDER, TINY_KINDS)
+                                         QUANT_MODULES, STAGE_ORDER, TEXT_FAMILY_NAMES, TINY_KINDS)
 from genrecal.common.yaml_validation import Context, choices, format_path, read_document, render, validate
 
 #: Default location of the packaged pipelines file inside the ``genrecal`` package.
@@ -190,12 +190,17 @@ class DataSource(ConfigModel):
 
 
 class SyntheticData(ConfigModel):
-    """Generated VQA samples for the demo and the tests (splits ``train`` and ``test``)."""
+    """Generated VQA samples for the demo and the tests (splits ``train`` and ``test``).
+
+    ``modality``: ``image`` (the scenes rendered as images, genrecal.data.synthetic) or ``text``
+    (the same scenes and questions with each scene described in words and no image, for
+    text-only teachers and students, genrecal.data.synthetic_text; ``image_size`` is unused)."""
 
     n_train: PosInt = 64
     n_test: NonNegInt = 16
     image_size: Annotated[int, Field(ge=8, le=1024)] = 32
     seed: NonNegInt = 0
+    modality: Literal["image", "text"] = "image"
 
 
 class DataConfig(ConfigModel):
@@ -691,6 +696,7 @@ class Pipeline(ConfigModel):
             (("name",), f"invalid pipeline name {self.name!r}: use letters, digits, '.', '_' "
              "and '-', starting with a letter or a digit")]
         return [*bad_name, *_stage_order_problems(self.stages), *_cache_feature_problems(self),
+                *_text_model_problems(self),
                 *_recalibrator_problems(self), *_grace_problems(self), *_split_problems(self),
                 *_teacher_finetune_problems(self)]
 
@@ -747,6 +753,28 @@ def _cache_feature_problems(pipe: Pipeline) -> list[Problem]:
     if regularised and features.question_hidden == "none":
         problems.append((("cache", "features", "question_hidden"), f"must be 'all' or 'text': "
                          f"{regularised} use L_reg, which needs z_ql (or set losses.reg: 0)"))
+    return problems
+
+
+def _text_model_problems(pipe: Pipeline) -> list[Problem]:
+    """A text-only model (TEXT_FAMILY_NAMES) has no visual tokens and sees no images."""
+    problems: list[Problem] = []
+    teacher = pipe.teacher.family
+    if teacher in TEXT_FAMILY_NAMES and pipe.cache.features.visual_gram:
+        problems.append((("cache", "features", "visual_gram"), f"must be false: the teacher's "
+                         f"family {teacher!r} is text-only, so there are no visual tokens to take "
+                         "a Gram matrix of (GRACE's RCKA needs a vision-language pair; set "
+                         "rcka.omega: 0 for a text pair)"))
+    text_roles = [role for role in ("teacher", "student")
+                  if getattr(pipe, role).family in TEXT_FAMILY_NAMES]
+    for where, data in (("data", pipe.data), ("teacher_finetune.data",
+                                              pipe.teacher_finetune and pipe.teacher_finetune.data)):
+        synthetic = data.synthetic if data is not None else None
+        if text_roles and synthetic is not None and synthetic.modality == "image":
+            problems.append(((*where.split("."), "synthetic", "modality"), f"the {' and '.join(text_roles)} "
+                             f"{'is' if len(text_roles) == 1 else 'are'} text-only and cannot read "
+                             "the synthetic images; set modality: text (each scene described in "
+                             "words)"))
     return problems
 
 

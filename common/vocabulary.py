@@ -11,11 +11,17 @@ from __future__ import annotations
 
 #: VLM families (transformers ``model_type``) that a teacher or student may declare; the
 #: registry genrecal.model.families.FAMILIES holds one Family for each.
-FAMILY_NAMES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "gemma3", "internvl")
+FAMILY_NAMES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "gemma3", "internvl", "qwen2",
+                                  "llama")
+#: The text-only families among FAMILY_NAMES (decoder-only LLMs, ``*ForCausalLM``): no image
+#: tokens, no vision tower, a tokenizer with a chat template as their processor. A pipeline
+#: whose teacher is one of them cannot extract ``visual_gram`` (the config refuses it).
+TEXT_FAMILY_NAMES: tuple[str, ...] = ("qwen2", "llama")
 #: Kinds of the tiny-VLM kit (genrecal.model.tiny.KINDS) -> the family each one builds.
 TINY_KINDS: dict[str, str] = {
     "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_qwen2": "llava",
     "llava_llama": "llava", "gemma3": "gemma3", "internvl": "internvl",
+    "qwen2_text": "qwen2", "llama_text": "llama",
 }
 #: Storage codecs the cache accepts per cached feature (genrecal.store.codecs implements them).
 FEATURE_CODECS: dict[str, tuple[str, ...]] = {

@@ -16,7 +16,8 @@ ids.
 
 Config objects are duck-typed so that genrecal.store does not import genrecal.common.config: a data
 config has ``sources`` (items with ``path``, ``format``, ``image_root``, ``split``, ``limit``),
-``synthetic`` (``n_train``, ``n_test``, ``image_size``, ``seed``; or None) and ``on_error``.
+``synthetic`` (``n_train``, ``n_test``, ``image_size``, ``seed``, optionally ``modality``:
+``image`` or ``text``, :mod:`genrecal.data.synthetic_text`; or None) and ``on_error``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from genrecal.data.problems import Skip
 from genrecal.data.readers import DatasetRead, read_dataset
 from genrecal.data.sample import Sample
 from genrecal.data.synthetic import GENERATOR_REVISION, SyntheticVQA, make_synthetic_vqa
+from genrecal.data.synthetic_text import TEXT_GENERATOR_REVISION, make_synthetic_text
 from genrecal.store.errors import DatasetError, DuplicateSampleError
 
 __all__ = ["SYNTHETIC_SPEC", "SYNTHETIC_SPLITS", "SourceRef", "ensure_synthetic", "read_sources",
@@ -68,6 +70,11 @@ def synthetic_spec(spec: Any) -> dict[str, int]:
     return {key: int(getattr(spec, key)) for key in _SPEC_KEYS}
 
 
+def _is_text(spec: Any) -> bool:
+    """Whether a synthetic spec asks for the text-only set (``modality: text``)."""
+    return getattr(spec, "modality", "image") == "text"
+
+
 def _recorded_spec(root: Path) -> dict | None:
     try:
         return json.loads((root / SYNTHETIC_SPEC).read_text(encoding="utf-8"))
@@ -85,6 +92,9 @@ def synthetic_is_current(spec: Any, root: str | Path) -> bool:
 def _record(spec: Any) -> dict[str, int]:
     """What ``synthetic.json`` records: the generation arguments and the generator's revision
     (a set written by an older generator is regenerated)."""
+    if _is_text(spec):
+        return {**synthetic_spec(spec), "modality": "text",
+                "generator_revision": TEXT_GENERATOR_REVISION}
     return {**synthetic_spec(spec), "generator_revision": GENERATOR_REVISION}
 
 
@@ -99,7 +109,11 @@ def ensure_synthetic(spec: Any, root: str | Path) -> SyntheticVQA:
     if not synthetic_is_current(spec, root):
         (root / SYNTHETIC_SPEC).unlink(missing_ok=True)
         try:
-            make_synthetic_vqa(root, **wanted)
+            if _is_text(spec):
+                make_synthetic_text(root, n_train=wanted["n_train"], n_test=wanted["n_test"],
+                                    seed=wanted["seed"])
+            else:
+                make_synthetic_vqa(root, **wanted)
         except ValueError as exc:
             raise DatasetError(f"data.synthetic: {exc}; fix the synthetic block of the pipeline",
                                file=str(root)) from exc

@@ -14,7 +14,9 @@ So ``lm_head(hidden_states[-1])`` followed by the family's transform reproduces
 :meth:`Family.final_hidden` applies the norm itself for a family where it is not so.
 tests/test_vlm_loading.py checks the identity for every family.
 
-The registry :data:`FAMILIES` is keyed by ``config.model_type``.
+The registry :data:`FAMILIES` is keyed by ``config.model_type``. Besides the VLM families it
+holds text-only decoders (Qwen2, Llama: :attr:`Family.text_only`), which every stage handles
+as a VLM whose samples hold no images.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class Family:
             type (``full_attention`` / ``sliding_attention``), because each attention type has
             its own frequencies (Gemma 3); see :meth:`rotary_cos_sin`.
         hidden_state_is_post_norm: ``hidden_states[-1]`` already went through the final norm.
+        text_only: a decoder-only LLM (``*ForCausalLM``) without vision: no image tokens, no
+            vision encoder or projector (both are empty parameter groups), and a
+            :class:`~genrecal.model.text_processor.TextProcessor` (tokenizer + chat template)
+            as its processor.
+        auto_class: the transformers ``Auto*`` class that loads (and builds) the model.
     """
 
     model_type: str
@@ -77,10 +84,15 @@ class Family:
     multimodal_rope: bool = False
     rotary_per_layer_type: bool = False
     hidden_state_is_post_norm: bool = True
+    text_only: bool = False
+    auto_class: str = "AutoModelForImageTextToText"
 
     # ----- token ids -------------------------------------------------------------------------
     def image_token_ids(self, config) -> tuple[int, ...]:
-        """The id(s) of the tokens that stand for image features in ``input_ids``."""
+        """The id(s) of the tokens that stand for image features in ``input_ids`` (none for a
+        text-only family)."""
+        if self.text_only:
+            return ()
         value = getattr(config, self.image_token_attr, None)
         if value is None:
             raise ModelLoadError(
@@ -91,6 +103,8 @@ class Family:
     def processor_image_token_ids(self, processor) -> tuple[int, ...]:
         """The id(s) of the tokens carrying image features once ``processor`` expanded its
         image placeholders (the model's :meth:`image_token_ids`, seen from the processor)."""
+        if self.text_only:
+            return ()
         if self.processor_image_token_attr is not None:
             return (int(getattr(processor, self.processor_image_token_attr)),)
         return tuple(int(i) for i in processor.image_token_ids if i is not None)
@@ -119,11 +133,17 @@ class Family:
         return _resolve(model, self.lm_head_path, self)
 
     def vision_encoder(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The vision encoder (including the projector where the family nests it there)."""
+        """The vision encoder (including the projector where the family nests it there); an
+        empty module for a text-only family (no parameters to train or freeze)."""
+        if self.text_only:
+            return torch.nn.Module()
         return _resolve(model, self.vision_encoder_path, self)
 
     def projector(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module mapping vision features into the decoder's embedding space."""
+        """The module mapping vision features into the decoder's embedding space; an empty
+        module for a text-only family."""
+        if self.text_only:
+            return torch.nn.Module()
         return _resolve(model, self.projector_path, self)
 
     # ----- maths -----------------------------------------------------------------------------
@@ -210,6 +230,19 @@ FAMILIES: dict[str, Family] = {
                image_processor_classes=("GotOcr2ImageProcessor", "GotOcr2ImageProcessorPil"),
                video_slot=True, end_of_turn=("<|im_end|>",),
                processor_image_token_attr="image_token_id"),
+        # Text-only decoders (TEXT_FAMILY_NAMES): the whole model is the text model; the chat
+        # template decides which end-of-turn token closes a turn (Qwen2-Instruct: ChatML's
+        # <|im_end|>; Llama: </s> in the Llama-2 / Vicuna style, <|eot_id|> in Llama 3's).
+        Family(model_type="qwen2", title="Qwen2", model_class="Qwen2ForCausalLM",
+               processor_class="TextProcessor", image_processor_classes=(), video_slot=False,
+               end_of_turn=("<|im_end|>", "<|endoftext|>"), text_model_path="model",
+               vision_encoder_path="", projector_path="", text_only=True,
+               auto_class="AutoModelForCausalLM"),
+        Family(model_type="llama", title="Llama", model_class="LlamaForCausalLM",
+               processor_class="TextProcessor", image_processor_classes=(), video_slot=False,
+               end_of_turn=("</s>", "<|eot_id|>", "<|im_end|>"), text_model_path="model",
+               vision_encoder_path="", projector_path="", text_only=True,
+               auto_class="AutoModelForCausalLM"),
     )
 }
 

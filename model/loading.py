@@ -1,7 +1,8 @@
 """Load a teacher or student VLM (model, processor, tokenizer) through transformers.
 
 ``load_vlm`` takes a local directory or a hub id and returns a :class:`LoadedVLM` whose model
-is an ``AutoModelForImageTextToText`` in eval mode. It works without torchvision: transformers 5
+is an ``AutoModelForImageTextToText`` in eval mode (``AutoModelForCausalLM`` for a text-only
+family, whose processor is a :class:`~genrecal.model.text_processor.TextProcessor`). It works without torchvision: transformers 5
 falls back to PIL image processors, and the processors with a video slot (Qwen2-VL,
 Qwen2.5-VL), which ``AutoProcessor`` cannot build without torchvision, are assembled from
 ``AutoImageProcessor`` + ``AutoTokenizer`` with the video slot left empty (see
@@ -56,6 +57,10 @@ def load_vlm(source: str | Path, *, family: str | None = None, dtype: str = "flo
     processor = load_processor(where, fam, trust_remote_code=trust_remote_code, revision=revision)
     if chat_template is not None:
         processor.chat_template = chat_template
+    if fam.text_only and not processor.chat_template:
+        raise ModelLoadError(f"'{where}': the {fam.title} tokenizer has no chat template, so "
+                             "conversations cannot be rendered; use an instruct / chat checkpoint "
+                             "or pass chat_template to load_vlm")
     _check_image_tokens(fam, config, processor, where)
     model = _load_model(where, fam, dtype=dtype, device=device, device_map=device_map, hub=hub)
     return LoadedVLM(model=model, processor=processor, tokenizer=processor.tokenizer,
@@ -109,6 +114,8 @@ def load_processor(where: str, family: Family, *, trust_remote_code: bool = Fals
                    revision: str | None = None):
     """The family's processor for ``where`` (at hub ``revision``), type-checked against the family."""
     hub = _hub_options(trust_remote_code, revision)
+    if family.text_only:
+        return _text_processor(where, family, hub)
     try:
         processor = (_assemble_without_video(where, family, hub) if family.video_slot
                      else _auto_processor(where, hub))
@@ -118,6 +125,18 @@ def load_processor(where: str, family: Family, *, trust_remote_code: bool = Fals
                              "written by save_pretrained") from exc
     _check_type(processor, family.processor_class, where, "processor")
     _check_type(processor.image_processor, family.image_processor_classes, where, "image processor")
+    return processor
+
+
+def _text_processor(where: str, family: Family, hub: dict):
+    """A text-only family's processor: the checkpoint's tokenizer and its chat template."""
+    from genrecal.model.text_processor import TextProcessor
+
+    try:
+        processor = TextProcessor.from_pretrained(where, **hub)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise ModelLoadError(f"cannot load the {family.title} tokenizer of '{where}': {exc}. The "
+                             "directory needs the tokenizer files written by save_pretrained") from exc
     return processor
 
 
@@ -212,11 +231,12 @@ def _torch_dtype(dtype: str):
 
 
 def _load_model(where: str, family: Family, *, dtype: str, device: str, device_map, hub: dict):
-    from transformers import AutoModelForImageTextToText
+    import transformers
 
+    auto = getattr(transformers, family.auto_class)
     torch_dtype = _torch_dtype(dtype)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        model = auto.from_pretrained(
             where, dtype=torch_dtype, device_map=device_map, **hub)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the {family.title} weights from '{where}': {exc}. "

@@ -28,7 +28,7 @@ def save_processor(processor: Any, family: Family, out_dir: str | Path) -> None:
     """Write ``processor``'s files into ``out_dir`` so that ``load_vlm(out_dir)`` rebuilds it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not family.video_slot:
+    if not family.video_slot:  # a text-only family's TextProcessor: the tokenizer + template
         processor.save_pretrained(out)
         return
     _save_tokenizer_with_template(processor, out)

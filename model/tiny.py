@@ -9,7 +9,10 @@ image), saves everything with ``save_pretrained`` and returns the directory, whi
 
 Kinds: ``qwen2_vl`` (teacher default: vocab 2000, hidden 256), ``qwen2_5_vl``, ``llava_qwen2``
 (student default: vocab 500, hidden 64), ``llava_llama``, ``gemma3`` (with a final-logit
-soft-cap) and ``internvl`` (InternViT + pixel-shuffle projector + Qwen2 decoder). Same kind + seed + sizes -> byte-identical files.
+soft-cap) and ``internvl`` (InternViT + pixel-shuffle projector + Qwen2 decoder); text-only
+``qwen2_text`` (``Qwen2ForCausalLM``, byte-level BPE, ChatML; vocab 1000, hidden 128, head_dim 64)
+and ``llama_text`` (``LlamaForCausalLM``, metaspace BPE with ``<s>`` / ``</s>``, a Llama-2-chat
+template; vocab 600), whose processor is a :class:`~genrecal.model.text_processor.TextProcessor`. Same kind + seed + sizes -> byte-identical files.
 
 The build records its resolved :class:`TinySizes` and :data:`KIT_REVISION` in ``tiny_spec.json``;
 :func:`ensure_tiny_vlm` (and :func:`model_dir_for`, for a pipeline's model spec) builds only when
@@ -29,6 +32,8 @@ from typing import Any, Callable
 import torch
 
 from genrecal.common.atomic import replace_dir
+from genrecal.common.vocabulary import TINY_KINDS
+from genrecal.data.synthetic_text import text_corpus_lines
 from genrecal.model import tiny_templates as templates
 from genrecal.model.families import get_family
 from genrecal.model.loading import assemble_without_video
@@ -50,6 +55,13 @@ LLAVA_LLAMA_STYLE = TokenizerStyle(
     pre_tokenizer="metaspace_first", leading=("<unk>", "<s>", "</s>"), trailing=("<image>", "<pad>"),
     named={"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
            "image_token": "<image>"},
+    unk_token="<unk>")
+QWEN2_TEXT_STYLE = TokenizerStyle(
+    pre_tokenizer="byte_level", leading=(), trailing=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    named={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+LLAMA_TEXT_STYLE = TokenizerStyle(
+    pre_tokenizer="metaspace_first", leading=("<unk>", "<s>", "</s>"), trailing=("<pad>",),
+    named={"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
     unk_token="<unk>")
 GEMMA3_STYLE = TokenizerStyle(
     pre_tokenizer="metaspace_never", leading=("<pad>", "<eos>", "<bos>", "<unk>"),
@@ -251,7 +263,40 @@ def _internvl_config(spec: TinySizes, tid):
                           image_seq_length=INTERNVL_IMAGE_SEQ_LENGTH, downsample_ratio=0.5)
 
 
+# Text-only decoders (Qwen2ForCausalLM, LlamaForCausalLM). head_dim 64 by default (hidden 128, 2
+# heads): vLLM's CPU attention backend refuses head_dim 16 / 32, and the pair is meant to be
+# servable there as well; plain 1-D RoPE at the Llama / Qwen2 theta 1e4 (32 pairs turn from
+# 1 rad down to ~1.3e-4 rad per token), width-scaled init as for the VLM decoders.
+TEXT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def _qwen2_text_config(spec: TinySizes, tid):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**_text_kwargs(spec), rope_parameters=dict(TEXT_ROPE), bos_token_id=None,
+                       initializer_range=_init_range(spec.hidden_size), tie_word_embeddings=False,
+                       eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"))
+
+
+def _llama_text_config(spec: TinySizes, tid):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_text_kwargs(spec), rope_parameters=dict(TEXT_ROPE),
+                       initializer_range=_init_range(spec.hidden_size), tie_word_embeddings=False,
+                       bos_token_id=tid("<s>"), eos_token_id=tid("</s>"), pad_token_id=tid("<pad>"))
+
+
 # ----- image processors and processors ----------------------------------------------------------
+def _no_image_processor():
+    """Text-only kinds have no image processor."""
+    return None
+
+
+def _text_processor(image_processor, tokenizer, chat_template: str):
+    from genrecal.model.text_processor import TextProcessor
+
+    return TextProcessor(tokenizer, chat_template)
+
 def _qwen_image_processor():
     from transformers import Qwen2VLImageProcessorPil
 
@@ -321,8 +366,18 @@ KINDS: dict[str, _Kind] = {
                     _gemma3_config, _gemma3_image_processor, _gemma3_processor),
     "internvl": _Kind(INTERNVL_STYLE, templates.INTERNVL, TinySizes("internvl", 700, 64),
                       _internvl_config, _internvl_image_processor, _internvl_processor),
+    "qwen2_text": _Kind(QWEN2_TEXT_STYLE, templates.QWEN2_TEXT,
+                        TinySizes("qwen2_text", 1000, 128, num_heads=2, num_kv_heads=2),
+                        _qwen2_text_config, _no_image_processor, _text_processor),
+    "llama_text": _Kind(LLAMA_TEXT_STYLE, templates.LLAMA_TEXT,
+                        TinySizes("llama_text", 600, 128, num_heads=2, num_kv_heads=2),
+                        _llama_text_config, _no_image_processor, _text_processor),
 }
 
+
+#: The kinds that build a text-only decoder (no image input), and the vision-language ones.
+TEXT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if get_family(TINY_KINDS[k]).text_only)
+VLM_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in TEXT_KINDS)
 
 SPEC_FILE = "tiny_spec.json"  # the resolved TinySizes a directory was built from
 #: Bumped whenever a kind's config changes (2: Qwen M-RoPE theta / sections and width-scaled init),
@@ -377,7 +432,9 @@ def _hf_tokenizer(recipe: _Kind, spec: TinySizes):
     from transformers import TokenizersBackend
 
     seed = spec.seed if spec.tokenizer_seed is None else spec.tokenizer_seed
-    backend = train_tokenizer(recipe.style, spec.vocab_size, seed=seed, salt=spec.kind)
+    extra = text_corpus_lines(seed) if get_family(TINY_KINDS[spec.kind]).text_only else ()
+    backend = train_tokenizer(recipe.style, spec.vocab_size, seed=seed, salt=spec.kind,
+                              extra_lines=extra)
     tokenizer = TokenizersBackend(tokenizer_object=backend, **recipe.style.named)
     tokenizer.chat_template = recipe.chat_template
     return tokenizer
@@ -393,11 +450,12 @@ def _id_lookup(tokenizer) -> Callable[[str], int]:
 
 
 def _random_model(config, seed: int):
-    from transformers import AutoModelForImageTextToText
+    import transformers
 
+    auto = getattr(transformers, get_family(config).auto_class)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config)
+        model = auto.from_config(config)
     return model.eval()
 
 

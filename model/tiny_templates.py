@@ -6,6 +6,8 @@
 - LLaVA + Llama: the Vicuna v1 style of LLaVA-1.5 (``USER: ... ASSISTANT: ...</s>``);
 - InternVL: the InternVL3 ``-hf`` template (ChatML turns, ``<IMG_CONTEXT>`` line per image,
   which the processor expands to ``<img>`` + context tokens + ``</img>``);
+- Qwen2 (text): the Qwen2-Instruct ChatML template (default system prompt, ``<|im_end|>``);
+- Llama (text): a Llama-2-chat style template (``[INST] ... [/INST] answer </s>``);
 - Gemma 3: the Gemma 3 template (``<start_of_turn>model``, ``<end_of_turn>``, the system
   prompt folded into the first user turn).
 """
@@ -91,4 +93,20 @@ INTERNVL = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Text-only templates: ``content`` is a string (genrecal.model.text_processor joins the text parts
+# of a message before rendering, as for a real text checkpoint's template).
+QWEN2_TEXT = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+LLAMA_TEXT = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + message['content'] + '\n<</SYS>>\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
 )

@@ -61,14 +61,16 @@ def corpus(seed: int) -> list[str]:
     return [*_GENERIC_ENGLISH, *corpus_lines(seed)]
 
 
-def train_tokenizer(style: TokenizerStyle, vocab_size: int, *, seed: int, salt: str) -> Tokenizer:
-    """A BPE tokenizer of at most ``vocab_size`` entries (specials included)."""
+def train_tokenizer(style: TokenizerStyle, vocab_size: int, *, seed: int, salt: str,
+                    extra_lines: tuple[str, ...] | list[str] = ()) -> Tokenizer:
+    """A BPE tokenizer of at most ``vocab_size`` entries (specials included), trained on
+    :func:`corpus` plus ``extra_lines`` (the text kinds add their task's descriptions)."""
     tokenizer = Tokenizer(models.BPE(unk_token=style.unk_token))
     tokenizer.pre_tokenizer, tokenizer.decoder = _pre_tokenizer(style), _decoder(style)
     trainer = trainers.BpeTrainer(
         vocab_size=max(vocab_size - len(style.trailing), 1), show_progress=False,
         special_tokens=list(style.leading), initial_alphabet=_alphabet(style))
-    tokenizer.train_from_iterator(corpus(seed), trainer)
+    tokenizer.train_from_iterator([*corpus(seed), *extra_lines], trainer)
     tokenizer = _shuffle_ids(tokenizer, n_fixed=len(style.leading), seed=f"{salt}:{seed}")
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t in style.trailing])

@@ -18,11 +18,11 @@ from genrecal.extract.pipeline import batch_sample_features
 from genrecal.extract.teacher import Teacher
 from genrecal.model.encoding import encode_sample
 from genrecal.model.teacher_forward import hidden_rows, teacher_forward
-from genrecal.model.tiny import KINDS
+from genrecal.model.tiny import VLM_KINDS
 from genrecal.train.data import TeacherRequest, pad_token_id
 from genrecal.train.online import OnlineSettings, OnlineTeacher
 
-KIND_NAMES = sorted(KINDS)
+KIND_NAMES = sorted(VLM_KINDS)  # the text kinds: tests/test_text_models.py
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from genrecal.store.errors import ModelLoadError
 from genrecal.model.encoding import encode_sample
 from genrecal.model.families import FAMILIES, get_family
 from genrecal.model.loading import load_vlm
-from genrecal.model.tiny import GEMMA3_SOFTCAP, KINDS, tiny_spec
+from genrecal.model.tiny import GEMMA3_SOFTCAP, KINDS, VLM_KINDS, tiny_spec
 
 KIND_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_qwen2": "llava",
                "llava_llama": "llava", "gemma3": "gemma3", "internvl": "internvl"}
@@ -39,7 +39,7 @@ def _forward(vlm, encoded):
     return out, captured
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(VLM_KINDS))
 def test_round_trip_forward_and_head_reproduces_logits(kind, loaded, make_sample):
     vlm = loaded(kind)
     assert vlm.family is FAMILIES[KIND_FAMILY[kind]]
@@ -121,7 +121,7 @@ def test_internvl_processor_keeps_its_settings_and_only_context_tokens_carry_fea
     assert vlm.family.image_token_ids(vlm.model.config) == (context,)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(VLM_KINDS))
 def test_vision_encoder_and_projector(kind, loaded):
     vlm = loaded(kind)
     encoder, projector = vlm.family.vision_encoder(vlm.model), vlm.family.projector(vlm.model)

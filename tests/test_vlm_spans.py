@@ -10,7 +10,7 @@ from genrecal.store.errors import SpanError
 from genrecal.model.encoding import encode_sample
 from genrecal.model.loading import load_vlm
 from genrecal.store.spans import Spans
-from genrecal.model.tiny import KINDS
+from genrecal.model.tiny import VLM_KINDS
 
 EOT = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "llava_qwen2": "<|im_end|>",
        "llava_llama": "</s>", "gemma3": "<end_of_turn>", "internvl": "<|im_end|>"}
@@ -61,7 +61,7 @@ def check_spans(kind, vlm, sample, encoded):
     assert sum(i in image_ids for i in ids) == sum(b - a for a, b in spans.images)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(VLM_KINDS))
 def test_single_turn(kind, loaded, make_sample):
     sample = make_sample(("user", (0, "What colour is the circle?")), ("assistant", ("red",)))
     encoded = encode_sample(loaded(kind), sample)
@@ -71,7 +71,7 @@ def test_single_turn(kind, loaded, make_sample):
     assert encoded.inputs["input_ids"][0].tolist() == encoded.input_ids
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(VLM_KINDS))
 def test_multi_turn_with_an_image_per_turn(kind, loaded, make_sample):
     sample = make_sample(("system", ("You answer briefly.",)),
                          ("user", (0, "How many squares are there?")), ("assistant", ("Two squares.",)),
@@ -84,7 +84,7 @@ def test_multi_turn_with_an_image_per_turn(kind, loaded, make_sample):
     assert encoded.spans.images[1][0] > encoded.spans.answers[0][1]  # 2nd image in turn 2
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(VLM_KINDS))
 def test_two_images_in_one_turn(kind, loaded, make_sample):
     sample = make_sample(("user", (0, 1, "Which picture has more circles?")), ("assistant", ("1",)),
                          images=((48, 48), (40, 56)))
@@ -93,7 +93,7 @@ def test_two_images_in_one_turn(kind, loaded, make_sample):
     check_spans(kind, vlm, sample, encoded)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(VLM_KINDS))
 def test_text_only_sample(kind, loaded, make_sample):
     sample = make_sample(("user", ("Say yes.",)), ("assistant", ("Yes.",)), images=())
     vlm = loaded(kind)

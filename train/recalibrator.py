@@ -106,8 +106,8 @@ def _student(student: nn.Module) -> _Student:
     except ModelLoadError as exc:
         raise RecalibratorError(
             f"cannot find the text decoder of student {type(student).__name__}: {exc}. Pass a "
-            "transformers VLM of a family in genrecal.model.families.FAMILIES (Qwen2-VL, "
-            "Qwen2.5-VL, LLaVA, Gemma 3, InternVL).") from exc
+            "transformers VLM or text LLM of a family in genrecal.model.families.FAMILIES "
+            "(Qwen2-VL, Qwen2.5-VL, LLaVA, Gemma 3, InternVL; text-only Qwen2, Llama).") from exc
 
 
 def _source_layers(num_layers: int, blocks: int, where: str) -> list[int]:
