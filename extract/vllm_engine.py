@@ -160,6 +160,7 @@ class VllmEngine:
                                                   revision=revision,
                                                   limit_images=None if vlm else 0)}
         self._python = python
+        self.env: dict[str, str] = {}  # extra environment of the worker (CUDA_VISIBLE_DEVICES)
         self._proc: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._calls = 0
@@ -170,7 +171,7 @@ class VllmEngine:
     def __enter__(self) -> "VllmEngine":
         self._tmp = tempfile.TemporaryDirectory(prefix="genrecal-vllm-")
         self.log_path = Path(self._tmp.name) / "vllm.log"
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
         if self.settings.tensor_parallel_size == 1:
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in the worker
@@ -257,15 +258,158 @@ class VllmEngine:
         return final, penultimate, reply["prompt_token_ids"]
 
     def generate(self, prompts: Sequence[dict], *, max_tokens: int, temperature: float,
-                 top_p: float, seed: int | None, stop_token_ids: Sequence[int]) -> list[list[int]]:
-        """Per prompt, the generated token ids (stop token included when one ended it)."""
+                 top_p: float, seed: int | None,
+                 stop_token_ids: Sequence[int]) -> list[tuple[list[int], int]]:
+        """Per prompt, (the generated token ids, stop token included when one ended it; the
+        prompt's length in tokens as vLLM saw it)."""
         sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                     "seed": seed, "stop_token_ids": list(stop_token_ids)}
         reply = self._call({"op": "generate", "prompts": list(prompts), "sampling": sampling})
-        return [o["token_ids"] for o in reply["outputs"]]
+        return [(o["token_ids"], len(o["prompt_token_ids"])) for o in reply["outputs"]]
 
 
 def token_prompt(input_ids: Sequence[int]) -> dict:
     """A worker prompt of ready token ids (text teachers)."""
     return {"token_ids": [int(t) for t in input_ids]}
 
+
+
+# ----------------------------------------------------------------------------- the teacher pass
+
+
+def engine_for_teacher(settings: TeacherEngine, source, *, mode: str, max_model_len: int,
+                       penultimate: bool = False, local_rank: int = 0,
+                       world: int = 1) -> VllmEngine:
+    """A (not yet started) :class:`VllmEngine` for a teacher
+    (:class:`~genrecal.extract.job.TeacherSource`: location, family, dtype). Probes the vLLM
+    environment and raises the early errors now. Under torchrun each rank's engine takes its
+    own GPUs."""
+    from genrecal.model.families import get_family
+
+    text_only = get_family(source.family).text_only
+    engine = VllmEngine(settings, model=source.location, mode=mode, dtype=source.dtype,
+                        max_model_len=max_model_len, vlm=not text_only,
+                        penultimate=penultimate, trust_remote_code=source.trust_remote_code,
+                        revision=source.revision)
+    if world > 1 and engine.facts.cuda_devices:
+        tp = settings.tensor_parallel_size
+        first = local_rank * tp
+        if first + tp > engine.facts.cuda_devices:
+            raise EngineSetupError(
+                f"rank {local_rank} of {world} needs GPUs {first}..{first + tp - 1} "
+                f"(tensor_parallel_size {tp}), but there are {engine.facts.cuda_devices}. Fix: "
+                "start fewer ranks (torchrun --nproc-per-node) or lower tensor_parallel_size")
+        engine.env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(tp))
+    return engine
+
+
+def sample_prompt(teacher, sample, encoded) -> dict:
+    """The worker prompt of one encoded sample: its token ids (text teacher), or its rendered
+    conversation and image files (VLM teacher; vLLM's processor expands the images)."""
+    if teacher.family.text_only:
+        return token_prompt(encoded.input_ids)
+    turns = len(sample.turns) - _dropped_turn_count(sample, encoded.dropped_turns)
+    messages = sample.to_messages(upto_turn=turns) if turns < len(sample.turns) else sample.to_messages()
+    text = teacher.vlm.processor.apply_chat_template(messages, tokenize=False)
+    refs = [p for t in sample.turns[:turns] for p in t.parts if isinstance(p, int)]
+    return {"text": text, "images": [str(sample.images[i]) for i in refs]}
+
+
+def _dropped_turn_count(sample, dropped_answers: int) -> int:
+    """Turns removed from the end when ``dropped_answers`` trailing assistant turns (and the
+    user turns that ask them) were dropped to fit max_length."""
+    if not dropped_answers:
+        return 0
+    positions = [i for i, t in enumerate(sample.turns) if t.role == "assistant"]
+    keep_upto = positions[-dropped_answers - 1] + 1 if dropped_answers < len(positions) else 0
+    return len(sample.turns) - keep_upto
+
+
+def engine_states(engine: VllmEngine, teacher, batch) -> "TeacherStates":
+    """The teacher states of a batch of ``(sample, encoded)`` pairs, from vLLM, in the layout
+    :func:`~genrecal.model.teacher_forward.teacher_forward` gives: [B, N, d] in the teacher's
+    dtype, right-padded with zeros (offsets all 0), so the features come from the same code.
+
+    vLLM's token ids must equal genrecal's for every sample (EngineError otherwise)."""
+    from genrecal.model.teacher_forward import TeacherStates
+
+    prompts = [sample_prompt(teacher, sample, enc) for sample, enc in batch]
+    final, penultimate, ids = engine.hidden(prompts)
+    for (sample, enc), seen in zip(batch, ids):
+        if list(seen) != list(enc.input_ids):
+            raise EngineError(
+                f"sample {sample.id!r}: vLLM tokenised it into {len(seen)} ids, genrecal into "
+                f"{len(enc.input_ids)} (first difference at "
+                f"{next((i for i, (a, b) in enumerate(zip(seen, enc.input_ids)) if a != b), min(len(seen), len(enc.input_ids)))}); "
+                "the positions of the cached features would not line up. Fix: make the "
+                "checkpoint's processor and chat template the ones vLLM loads, or use --backend hf")
+    dtype = teacher.head_weight.dtype
+    return TeacherStates(final=_padded(final, dtype), offsets=[0] * len(batch),
+                         penultimate=None if penultimate is None else _padded(penultimate, dtype))
+
+
+def _padded(rows: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample [n_i, d] -> [B, max n_i, d] in ``dtype``, zeros on the right."""
+    out = torch.zeros(len(rows), max(r.shape[0] for r in rows), rows[0].shape[1], dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :r.shape[0]] = r.to(dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def generate_answers_vllm(engine: VllmEngine, loaded, samples, *, max_new_tokens: int,
+                          batch_size: int, turn: str = "last", temperature: float = 0.0,
+                          top_p: float = 1.0, seed: int | None = None, progress: bool = True):
+    """:func:`genrecal.model.generate.generate_answers` through vLLM: the same prompts (the
+    model's chat template with the generation prompt), stop tokens and answer decoding; greedy
+    at temperature 0. ``batch_size`` prompts go to the engine per call (it batches them)."""
+    from tqdm.auto import tqdm
+
+    from genrecal.model.generate import (Generation, _answer_text, _check_samples,
+                                         _sampling_kwargs, build_prompts, selected_turns,
+                                         stop_token_ids)
+
+    _sampling_kwargs(temperature, top_p)  # validates them
+    total = _check_samples(loaded, samples, turn)
+    stops = stop_token_ids(loaded)
+    pending, out = [], []
+    with tqdm(total=total, desc="generate (vllm)", unit="answer", disable=not progress) as bar:
+        def flush():
+            started = bar.format_dict.get("elapsed") or 0.0
+            new = engine.generate([p for _, p in pending], max_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed,
+                                  stop_token_ids=stops)
+            for (gen, _), (ids, n_prompt) in zip(pending, new):
+                out.append(Generation(gen.sample_id, gen.turn, n_prompt,
+                                      _answer_text(loaded.tokenizer, ids, stops)))
+            bar.update(len(pending))
+            elapsed = bar.format_dict.get("elapsed") or 0.0
+            if elapsed > started:
+                bar.set_postfix_str(f"{bar.n / elapsed:.2f} samples/s", refresh=False)
+            pending.clear()
+
+        for sample in samples:
+            prompts = build_prompts(loaded, sample, turn)
+            for k, prompt in zip(selected_turns(sample, turn), prompts):
+                pending.append((prompt, _generation_prompt(loaded, sample, prompt, k)))
+                if len(pending) >= batch_size:
+                    flush()
+        if pending:
+            flush()
+    return out
+
+
+def _generation_prompt(loaded, sample, prompt, k: int) -> dict:
+    """The worker prompt of one generation :class:`~genrecal.model.generate.Prompt`."""
+    if loaded.family.text_only:
+        tokenizer = loaded.tokenizer
+        bos = tokenizer.bos_token
+        add_special = not (bos is not None and prompt.text.startswith(bos))
+        ids = loaded.processor(text=[prompt.text], return_tensors="pt",
+                               add_special_tokens=add_special)["input_ids"][0].tolist()
+        return token_prompt(ids)
+    positions = [i for i, t in enumerate(sample.turns) if t.role == "assistant"]
+    refs = [p for t in sample.turns[:positions[k]] for p in t.parts if isinstance(p, int)]
+    return {"text": prompt.text, "images": [str(sample.images[i]) for i in refs]}
