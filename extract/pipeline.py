@@ -194,12 +194,14 @@ def _run_rank(job: ExtractJob, info: RankInfo, engine=None) -> ExtractResult:
                          settings=job.settings.to_dict(), rank=info.rank,
                          shard_tokens=job.shard_tokens or _NO_LIMIT,
                          shard_bytes=job.shard_bytes or _NO_LIMIT, commit=False)
-    loop_start = time.perf_counter()
-    with writer, (engine if engine is not None else nullcontext()):
-        done = {s.id for w in windows for s in w if writer.has(s.id)}
-        read_skips = inputs.skips if info.is_main else []
-        counters, stats = _extract(job, teacher, writer, windows, done, read_skips, info, engine)
-    loop_seconds = time.perf_counter() - loop_start
+    with engine if engine is not None else nullcontext():  # vLLM starts before the loop's clock
+        loop_start = time.perf_counter()
+        with writer:
+            done = {s.id for w in windows for s in w if writer.has(s.id)}
+            read_skips = inputs.skips if info.is_main else []
+            counters, stats = _extract(job, teacher, writer, windows, done, read_skips, info,
+                                       engine)
+        loop_seconds = time.perf_counter() - loop_start
     info.barrier()
     check_something_cached(job, info)
     manifest = finalise(job, teacher, files) if info.is_main else None

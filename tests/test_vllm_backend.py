@@ -147,11 +147,13 @@ def test_vllm_cache_equals_the_transformers_cache(tmp_path, vllm_python):
 
     Hidden states (the post-norm z): both engines run each block in bf16 but with their own
     kernels (vLLM's CPU attention, fused residual-add + RMSNorm), so they round at different
-    points. Each rounding moves a value by at most half a bf16 ulp, 2^-9 of its magnitude; the
-    residual stream of a block is rounded after attention, after its add, after the MLP and
-    after its add (4 per block, 2 blocks), z once more after the final norm, which rescales
-    the stream to the row's scale: at most (4 L + 1) = 9 half-ulps of the row's largest |z|
-    apart, i.e. |dz| <= 9 * 2^-9 * max|z| (~1.8 %; measured ~1.2 %).
+    points. Each rounding moves a value by at most half a bf16 ulp, 2^-9 of its magnitude. A
+    block rounds 10 times on the way from its input to its output (input norm, q/k/v,
+    attention, o_proj, residual add, post-attention norm, gate/up, SiLU * up, down, residual
+    add), each a value of the stream's order that passes to the output with gain ~1 (to first
+    order); the final norm rounds once more and rescales the stream to the row's scale. So the
+    engines may differ by (10 L + 1) half-ulps of the row's largest |z|: with L = 2 blocks,
+    |dz| <= 21 * 2^-9 * max|z| (~4.1 %; measured 1.2-1.6 %).
 
     Logit statistics come from z and the same head in both caches, so every logit moves by at
     most B = max_v ||W_v||_1 * max|dz| (the sample's measured largest hidden deviation, at a
@@ -175,7 +177,8 @@ def test_vllm_cache_equals_the_transformers_cache(tmp_path, vllm_python):
     w_l1 = float(weight.abs().sum(dim=1).max())
     vocab = int(weight.shape[0])
     temperature = get_pipeline("t", path).cache.features.logit_stats.temperature
-    z_bound = 9 * BF16_HALF_ULP
+    blocks = get_pipeline("t", path).teacher.tiny.num_layers
+    z_bound = (10 * blocks + 1) * BF16_HALF_ULP
     worst = 0.0
     for sid in hf.sample_ids():
         a, b = hf.get(sid, dtype=torch.float32), vl.get(sid, dtype=torch.float32)
@@ -261,7 +264,13 @@ def test_vllm_greedy_answers_equal_transformers_token_for_token(tmp_path, vllm_p
     rows = [[json.loads(line) for line in (tmp_path / f"answers-{b}.jsonl").read_text().splitlines()]
             for b in ("hf", "vllm")]
     assert rows[0] == rows[1] and len(rows[0]) == 12
-    teacher_turns = [c["value"] for r in rows[1] for c in r["conversations"] if c["from"] == "gpt"]
-    assert teacher_turns == [g.text or r for g, r in zip(texts, [None] * len(texts))] or \
-        [g.text for g in texts if g.text] == [t for t, s in zip(teacher_turns, [
-            x for r in rows[1] for x in r["answer_source"]]) if s == "teacher"]
+    # the file holds generate_answers_vllm's texts wherever it took the teacher's answer
+    by_turn = {(g.sample_id, g.turn): g.text for g in texts}
+    taken = 0
+    for row in rows[1]:
+        answers = [c["value"] for c in row["conversations"] if c["from"] == "gpt"]
+        for k, (answer, source) in enumerate(zip(answers, row["answer_source"])):
+            if source == "teacher":
+                assert answer == by_turn[(row["id"], k)]
+                taken += 1
+    assert taken > 0
