@@ -274,3 +274,40 @@ def test_vllm_greedy_answers_equal_transformers_token_for_token(tmp_path, vllm_p
                 assert answer == by_turn[(row["id"], k)]
                 taken += 1
     assert taken > 0
+
+
+def test_a_vlm_prompt_expands_to_the_ids_genrecal_encodes(loaded, make_sample):
+    """What a VLM teacher's worker prompt holds (the rendered conversation with the model's
+    unexpanded image placeholder, and the image files) gives, through the model's processor
+    (vLLM's multi-modal processor calls the same one), exactly the ids genrecal caches
+    features at; engine_states checks vLLM's ids against them on the GPU."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from genrecal.extract.vllm_engine import sample_prompt
+    from genrecal.model.encoding import encode_sample
+
+    vlm = loaded("qwen2_vl")
+    teacher = SimpleNamespace(family=vlm.family, vlm=vlm)
+    sample = make_sample(("user", (0, "What colour is the square?")), ("assistant", ("Red.",)),
+                         ("user", ("And the circle?",)), ("assistant", ("Blue.",)))
+    encoded = encode_sample(vlm, sample, max_length=512)
+    prompt = sample_prompt(teacher, sample, encoded)
+    assert prompt["images"] == [str(p) for p in sample.images]
+    images = [Image.open(p).convert("RGB") for p in prompt["images"]]
+    ids = vlm.processor(text=[prompt["text"]], images=images, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == encoded.input_ids
+    # a sample cut to fit max_length (its last question and answer dropped) renders without them
+    cut = encode_sample(vlm, sample, max_length=len(encoded.input_ids) - 2)
+    assert cut.dropped_turns == 1
+    prompt = sample_prompt(teacher, sample, cut)
+    ids = vlm.processor(text=[prompt["text"]], images=images, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == cut.input_ids
+
+    text = loaded("qwen2_text")
+    teacher = SimpleNamespace(family=text.family, vlm=text)
+    sample = make_sample(("user", ("What colour is the square?",)), ("assistant", ("Red.",)),
+                         images=())
+    encoded = encode_sample(text, sample, max_length=512)
+    assert sample_prompt(teacher, sample, encoded) == token_prompt(encoded.input_ids)
