@@ -104,7 +104,7 @@ venv-vllm: $(VLLM_STAMP)
 $(VLLM_BIN)/python:
 	$(PYTHON) -m venv $(VLLM_VENV)
 
-$(VLLM_STAMP): $(VLLM_LOCK) extract/vllm_worker.py | $(VLLM_BIN)/python
+$(VLLM_STAMP): $(VLLM_LOCK) | $(VLLM_BIN)/python
 	@want=$$(sed -n 's/^# environment: //p' $(VLLM_LOCK)); have=$$($(VLLM_BIN)/python -c '$(ENV_TAG)'); \
 	if [ "$$want" != "$$have" ]; then \
 	  echo "$(VLLM_LOCK) is for '$$want' but $(VLLM_VENV) is '$$have': use that Python" \

