@@ -172,6 +172,7 @@ class VllmEngine:
         self._calls = 0
         self.version: str | None = None
         self.start_seconds = 0.0
+        self.engine_seconds = 0.0  # time vLLM spent in LLM.encode (the worker's own clock)
 
     # ----- process
     def __enter__(self) -> "VllmEngine":
@@ -254,6 +255,7 @@ class VllmEngine:
         self._calls += 1
         path = Path(self._tmp.name) / f"hidden-{self._calls}.safetensors"
         reply = self._call({"op": "hidden", "prompts": list(prompts), "out": str(path)})
+        self.engine_seconds += float(reply.get("engine_s", 0.0))
         try:
             tensors = load_file(str(path))
         finally:

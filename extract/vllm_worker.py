@@ -177,9 +177,11 @@ class Worker:
         prompts = self._prompts(request["prompts"])
         tensors, ids = {}, []
         groups = [[p] for p in prompts] if self.penultimate else [prompts]
-        i = 0
+        i, engine_s = 0, 0.0
         for group in groups:
+            began = time.perf_counter()
             outputs = self.llm.encode(group, pooling_task="token_embed", use_tqdm=False)
+            engine_s += time.perf_counter() - began
             captured = self.llm.apply_model(_take_captured)[0] if self.penultimate else None
             for out in outputs:
                 data = out.outputs.data
@@ -194,7 +196,7 @@ class Worker:
                     tensors[f"penultimate.{i}"] = captured[0].to(torch.float32).contiguous()
                 i += 1
         save_file(tensors, request["out"])
-        return {"prompt_token_ids": ids}
+        return {"prompt_token_ids": ids, "engine_s": engine_s}
 
     def generate(self, request: dict) -> dict:
         from vllm import SamplingParams
