@@ -182,6 +182,12 @@ class VllmEngine:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
         if self.settings.tensor_parallel_size == 1:
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in the worker
+        elif self.penultimate:
+            # the penultimate hook is installed and read through LLM.apply_model, which sends a
+            # function to vLLM's own tensor-parallel worker processes (children of our worker,
+            # over its private IPC); vLLM requires this flag for that. No file or foreign data
+            # is unpickled: the tensors still reach genrecal as safetensors.
+            env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen([str(self._python), str(WORKER), "--serve"],
