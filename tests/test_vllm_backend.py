@@ -362,3 +362,15 @@ def test_the_vllm_environment_is_the_locked_one(vllm_python):
             if "==" in ln and not ln.startswith("#")}
     assert have == lock, {k: (have.get(k), lock.get(k)) for k in set(have) ^ set(lock) |
                           {k for k in have if have.get(k) != lock.get(k)}}
+
+
+def test_genrecal_run_takes_the_teacher_answers_engine_from_the_pipeline(tmp_path):
+    """`genrecal run`'s teacher-answers step honours teacher_engine.backend like the commands
+    (its cache step goes through job_from_pipeline, which does too)."""
+    from genrecal.runner import _answers_engine
+
+    assert _answers_engine(get_pipeline("t", _text_pipeline(tmp_path))) is None
+    path = _text_pipeline(tmp_path, backend="vllm", python=str(tmp_path / "none" / "python"))
+    with pytest.raises(EngineSetupError, match="make venv-vllm"):
+        _answers_engine(get_pipeline("t", path))
+    assert job_from_pipeline(get_pipeline("t", path)).engine.backend == "vllm"
