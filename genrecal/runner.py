@@ -370,7 +370,7 @@ class StepBuilder:
         what = ("GenRecal stages, the baselines" + (", GRACE bf16 / int4 and QAT-only int4"
                                                     if child else "")) if not self.plan.is_grace \
             else "GRACE bf16 / int4 and QAT-only int4 (then their INT4 exports)"
-        return [Phase("data", "build the synthetic visual QA data", (data,)),
+        return [Phase("data", "build the synthetic QA data", (data,)),
                 Phase("models", "build the tiny teacher and students", models),
                 Phase("teacher", "fine-tune the teacher on the task; its answers", teacher),
                 Phase("cache", "extract and validate the teacher cache", cache),

@@ -194,6 +194,22 @@ def test_extraction_of_text_samples(kind, loaded, samples):
 
 
 @pytest.mark.parametrize("kind", TEXT_KINDS)
+def test_a_text_model_runs_as_the_online_teacher(kind, loaded, samples):
+    from genrecal.train.data import TeacherRequest
+    from genrecal.train.online import OnlineSettings, OnlineTeacher
+
+    vlm = loaded(kind)
+    requests = [TeacherRequest(s.id, s.content_hash, enc, n_turns=len(enc.spans.answers))
+                for s, enc in ((s, encode_sample(vlm, s)) for s in samples)]
+    records = OnlineTeacher(vlm, OnlineSettings(question="text", round_to="bf16")).records(requests)
+    for record, request in zip(records, requests):
+        spans = request.encoded.spans
+        assert record.sample_id == request.sample_id
+        assert record.answer_hidden.shape == (sum(e - s + 1 for s, e in spans.answers), 128)
+        assert record.question_hidden.shape == (sum(e - s for s, e in spans.questions), 128)
+
+
+@pytest.mark.parametrize("kind", TEXT_KINDS)
 def test_batched_generation_equals_one_at_a_time(kind, loaded, samples):
     vlm = loaded(kind)
     batched = generate_answers(vlm, samples, max_new_tokens=5, batch_size=2, turn="all", progress=False)

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from genrecal.common.atomic import replace_dir, write_json_atomic
-from genrecal.model.families import Family
+from genrecal.model.families import Family, get_family
 from genrecal.model.saving import save_processor
+from genrecal.store.errors import ModelLoadError
 from genrecal.train.errors import StageSetupError, TrainError
 from genrecal.train.recalibrator import Recalibrator
 
@@ -416,16 +417,18 @@ class _Export:
 
 
 def _read_export(directory: Path) -> _Export:
+    import transformers
     from compressed_tensors.utils.match import match_named_modules
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     qconfig, scheme = _load_qconfig(directory)
     bits, group = scheme.weights.num_bits, scheme.weights.group_size
     try:
         config = AutoConfig.from_pretrained(directory)
+        auto = getattr(transformers, get_family(config).auto_class)  # text-only: AutoModelForCausalLM
         with torch.device("meta"):
-            skeleton = AutoModelForImageTextToText.from_config(config)
-    except (OSError, ValueError, KeyError) as exc:
+            skeleton = auto.from_config(config)
+    except (OSError, ValueError, KeyError, ModelLoadError) as exc:
         raise ExportError(f"{directory}: cannot build the model of its config.json "
                           f"({exc})") from exc
     quantized = dict(match_named_modules(skeleton, scheme.targets, qconfig.ignore))
