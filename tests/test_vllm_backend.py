@@ -130,11 +130,11 @@ def test_the_cli_backend_overrides_the_pipeline(tmp_path):
 # ----------------------------------------------------------------------------- real vLLM (slow)
 
 
-def _extract(path: Path, out: Path, backend: str) -> None:
+def _extract(path: Path, out: Path, backend: str, **overrides):
     from genrecal.extract.pipeline import run_extract
 
-    job = job_from_pipeline(get_pipeline("t", path), out=str(out), backend=backend)
-    run_extract(job.with_overrides(progress=False))
+    job = job_from_pipeline(get_pipeline("t", path), out=str(out), backend=backend, **overrides)
+    return run_extract(job.with_overrides(progress=False))
 
 
 def _row_scale(x: torch.Tensor) -> float:
@@ -143,7 +143,8 @@ def _row_scale(x: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_vllm_cache_equals_the_transformers_cache(tmp_path, vllm_python):
-    """Feature by feature, within what bf16 rounding in two different kernels allows.
+    """Feature by feature, within what bf16 rounding in two different kernels allows (the
+    vLLM cache made by an interrupted run and a --resume).
 
     Hidden states (the post-norm z): both engines run each block in bf16 but with their own
     kernels (vLLM's CPU attention, fused residual-add + RMSNorm), so they round at different
@@ -165,7 +166,10 @@ def test_vllm_cache_equals_the_transformers_cache(tmp_path, vllm_python):
     """
     path = _text_pipeline(tmp_path, python=str(vllm_python))
     _extract(path, tmp_path / "hf", "hf")
-    _extract(path, tmp_path / "vllm", "vllm")
+    # the vLLM cache is made in two runs, the second resuming the first (--resume)
+    assert _extract(path, tmp_path / "vllm", "vllm", limit=8).written == 8
+    resumed = _extract(path, tmp_path / "vllm", "vllm", resume=True)
+    assert (resumed.already, resumed.written) == (8, 8)
 
     from genrecal.store.reader import CacheReader
 
