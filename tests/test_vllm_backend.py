@@ -65,7 +65,7 @@ def test_a_missing_vllm_environment_names_the_make_target(tmp_path):
     assert str(tmp_path / "nowhere" / "python") in str(err.value)
 
 
-def test_extract_with_vllm_missing_fails_before_anything_runs(tmp_path, monkeypatch):
+def test_extract_and_answers_with_vllm_missing_fail_before_anything_runs(tmp_path, monkeypatch):
     """The CLI refuses at once: no teacher built, no data generated, no cache written."""
     path = _text_pipeline(tmp_path, python=str(tmp_path / "no-venv" / "bin" / "python"))
     monkeypatch.chdir(tmp_path)
@@ -74,6 +74,9 @@ def test_extract_with_vllm_missing_fails_before_anything_runs(tmp_path, monkeypa
     assert "make venv-vllm" in result.output
     assert not (tmp_path / "teacher").exists() and not (tmp_path / "cache").exists()
     assert not (tmp_path / "run").exists()
+    result = CliRunner().invoke(cli.app, ["answers", "t", "-f", str(path), "--backend", "vllm"])
+    assert result.exit_code != 0 and "make venv-vllm" in result.output
+    assert not (tmp_path / "teacher").exists() and not (tmp_path / "run").exists()
 
 
 def test_an_environment_without_vllm_is_refused():
