@@ -19,8 +19,19 @@ end-to-end time (loading, fingerprint, artifacts, commit included), the time the
 takes, and the share of the loop during which the forward waited on the background writer.
 Repeats alternate bare and extraction runs; the median is reported.
 
+``--backend vllm`` (issue 13) adds, on the same samples and batches in the same run, the teacher
+through vLLM (its own environment, ``make venv-vllm``; a text teacher, ``qwen2_text``, on a CPU
+machine, where vLLM runs no VLM): the engine's bare forward (``VllmEngine.hidden`` on the same
+batches, states only; its first pass on a fresh engine, as an extraction meets it, and the warm
+passes after it), and ``genrecal extract --backend vllm`` (loop: encoding, the engine's
+forward, the same features and writes; end to end: engine start-up included). Tokens/s for each
+row, and the overhead of the vLLM extraction loop over the vLLM bare forward and over the
+transformers bare forward (the first pass of a fresh vLLM engine on CPU is several times
+slower than its warm passes: the kernels warm up per batch shape).
+
     python benchmarks/bench_extract.py [--samples 96] [--batch-size 8] [--hidden 256] [--repeats 3]
                                        [--window 16] [--threads 1] [--device cpu|cuda]
+                                       [--backend hf|vllm] [--kind KIND] [--vllm-python PATH]
                                        [--smoke] [--json [PATH]]
 
 ``--smoke`` runs the same code paths at the smallest sizes (seconds), for CI; ``--json`` prints
@@ -53,7 +64,9 @@ from genrecal.store.writer import CacheWriter
 
 
 def _pipeline(root: Path, args) -> Pipeline:
-    tiny = {"kind": "qwen2_vl", "hidden_size": args.hidden, "path": str(root / "teacher")}
+    if args.kind.endswith("_text"):
+        return _text_pipeline(root, args)
+    tiny = {"kind": args.kind, "hidden_size": args.hidden, "path": str(root / "teacher")}
     return Pipeline.from_dict({
         "name": "bench",
         "teacher": {"tiny": tiny, "dtype": args.dtype, "device": args.device},
@@ -65,6 +78,25 @@ def _pipeline(root: Path, args) -> Pipeline:
                   "codecs": {"question_hidden": "fp8_e4m3"}},
         "stages": [{"name": "align", "steps": 1, "lr_start": 1e-3, "lr_end": 1e-4}],
         "evaluation": None, "output": str(root / "out")})
+
+
+def _text_pipeline(root: Path, args) -> Pipeline:
+    """A text teacher (head_dim 64, which vLLM's CPU attention needs) and text samples."""
+    tiny = {"kind": args.kind, "hidden_size": args.hidden, "num_heads": max(1, args.hidden // 64),
+            "num_kv_heads": max(1, args.hidden // 64), "path": str(root / "teacher")}
+    engine = {"enforce_eager": True, **({"python": args.vllm_python} if args.vllm_python else {})}
+    return Pipeline.from_dict({
+        "name": "bench",
+        "teacher": {"tiny": tiny, "dtype": args.dtype, "device": args.device},
+        "student": {"tiny": {"kind": "llama_text", "num_heads": 1, "num_kv_heads": 1,
+                             "hidden_size": 64, "path": str(root / "student")}},
+        "data": {"synthetic": {"n_train": args.samples, "n_test": 0, "modality": "text"}},
+        "cache": {"location": str(root / "cache"), "batch_size": args.batch_size, "max_length": 512,
+                  "features": {"answer_hidden": True, "question_hidden": "text",
+                               "logit_stats": {"top_k": 16, "temperature": 2.0}},
+                  "codecs": {"question_hidden": "fp8_e4m3"}},
+        "stages": [{"name": "align", "steps": 1, "lr_start": 1e-3, "lr_end": 1e-4}],
+        "evaluation": None, "output": str(root / "out"), "teacher_engine": engine})
 
 
 def _same_batches(teacher, job) -> tuple[list[list], int, float]:
@@ -127,7 +159,8 @@ def measure(args) -> dict:
             inner.append(_time_features_and_writes(teacher, job, batches, f"{tmp}/inner-{r}")[0])
             runs.append(run_extract(replace(job, out=f"{tmp}/cache-{r}")))
         loop = statistics.median(run.loop_seconds for run in runs)
-        return {"samples": runs[0].written, "batches": len(batches), "tokens": tokens,
+        vllm = _measure_vllm(job, batches, tmp, args.repeats) if args.backend == "vllm" else {}
+        return {**vllm, "backend": args.backend, "kind": args.kind, "samples": runs[0].written, "batches": len(batches), "tokens": tokens,
                 "hidden": teacher.hidden_size, "vocab": teacher.vocab_size,
                 "device": str(teacher.device), "threads": torch.get_num_threads(),
                 "bare_s": statistics.median(bare), "inner_s": statistics.median(inner), "loop_s": loop,
@@ -137,13 +170,46 @@ def measure(args) -> dict:
                 "writer_busy": statistics.median(run.writer.busy_fraction for run in runs)}
 
 
+def _measure_vllm(job, batches: list[list], tmp: str, repeats: int) -> dict:
+    """The same batches through vLLM: its bare forward and ``extract --backend vllm``."""
+    from genrecal.extract.vllm_engine import VllmEngine, token_prompt
+
+    engine = job.engine.model_copy(update={"backend": "vllm"})
+    source = job.settings.teacher
+    prompts = [[token_prompt(enc.input_ids) for _, enc in batch] for batch in batches]
+    bare = []
+    with VllmEngine(engine, model=source.location, mode="hidden", dtype=source.dtype,
+                    max_model_len=job.settings.max_length, vlm=False) as vllm:
+        # the first pass of a fresh engine is slower (vLLM's CPU kernels warm up per batch
+        # shape) and is what an extraction meets: timed apart from the warm passes after it
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            for batch in prompts:
+                vllm.hidden(batch)
+            bare.append(time.perf_counter() - t0)
+        version, start = vllm.version, vllm.start_seconds
+    runs = [run_extract(replace(job, out=f"{tmp}/vllm-cache-{r}", engine=engine))
+            for r in range(repeats)]
+    return {"vllm": version, "vllm_start_s": start, "vllm_bare_cold_s": bare[0],
+            "vllm_bare_s": statistics.median(bare[1:]),
+            "vllm_loop_s": statistics.median(run.loop_seconds for run in runs),
+            "vllm_end_to_end_s": statistics.median(run.seconds for run in runs)}
+
+
 def format_table(r: dict) -> str:
     rows = [("bare teacher forward", r["bare_s"], "1.00"),
             ("forward+features+writes", r["inner_s"], f"{r['inner_s'] / r['bare_s']:.2f}"),
             ("extraction loop", r["loop_s"], f"{r['ratio']:.2f}"),
             ("extraction end to end", r["end_to_end_s"], f"{r['end_to_end_s'] / r['bare_s']:.2f}"),
             ("encoding alone", r["encode_s"], "")]
-    lines = [f"tiny qwen2_vl teacher d={r['hidden']} V={r['vocab']}, {r['samples']} samples, "
+    if "vllm_bare_s" in r:
+        rows += [("vllm bare, 1st pass", r["vllm_bare_cold_s"],
+                  f"{r['vllm_bare_cold_s'] / r['bare_s']:.2f}"),
+                 ("vllm bare, warm", r["vllm_bare_s"], f"{r['vllm_bare_s'] / r['bare_s']:.2f}"),
+                 ("vllm extraction loop", r["vllm_loop_s"], f"{r['vllm_loop_s'] / r['bare_s']:.2f}"),
+                 ("vllm extraction e2e", r["vllm_end_to_end_s"],
+                  f"{r['vllm_end_to_end_s'] / r['bare_s']:.2f}")]
+    lines = [f"tiny {r['kind']} teacher d={r['hidden']} V={r['vocab']}, {r['samples']} samples, "
              f"{r['batches']} batches, {r['tokens']} tokens, {r['device']}, {r['threads']} threads",
              f"{'':<24}{'seconds':>9}{'samples/s':>11}{'tokens/s':>10}{'x bare':>8}"]
     for name, seconds, ratio in rows:
@@ -152,6 +218,11 @@ def format_table(r: dict) -> str:
     lines.append(f"overhead ratio (loop / bare): {r['ratio']:.3f} (goal <= 1.05); the forward "
                  f"waited on the writer {r['writer_wait']:.1%} of the loop, the writer was busy "
                  f"{r['writer_busy']:.1%}")
+    if "vllm_bare_s" in r:
+        lines.append(f"vllm {r['vllm']}: extraction loop (a fresh engine) / vllm bare 1st pass "
+                     f"{r['vllm_loop_s'] / r['vllm_bare_cold_s']:.3f}, "
+                     f"transformers loop / vllm loop {r['loop_s'] / r['vllm_loop_s']:.2f}, "
+                     f"engine start {r['vllm_start_s']:.1f} s (in e2e)")
     return "\n".join(lines)
 
 
@@ -170,13 +241,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="samples per plan window (default 16: several windows, so that "
                              "encoding the next one overlaps the current one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"),
+                        help="vllm: also run the same batches through vLLM (make venv-vllm)")
+    parser.add_argument("--kind", default=None,
+                        help="teacher kind of the kit (default qwen2_vl; qwen2_text with --backend "
+                             "vllm: vLLM runs no VLM on a CPU)")
+    parser.add_argument("--vllm-python", default=None,
+                        help="interpreter of the vLLM environment (default: .venv-vllm)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats (default 3)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: leaves a core to the encoding and "
                              "writer threads; on small shared machines more threads made the "
                              "tiny forward erratically 20x slower)")
     benchcli.add_smoke_and_json(parser, SMOKE)
-    return benchcli.parse(parser, SMOKE, argv)
+    args = benchcli.parse(parser, SMOKE, argv)
+    if args.kind is None:
+        args.kind = "qwen2_text" if args.backend == "vllm" else "qwen2_vl"
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -640,6 +640,31 @@ class EvaluationConfig(ConfigModel):
 
 
 # --------------------------------------------------------------------------------------------
+# Models: the teacher's inference engine (issue 13: vLLM)
+# --------------------------------------------------------------------------------------------
+
+class TeacherEngine(ConfigModel):
+    """Which engine runs the teacher for ``genrecal answers`` and ``genrecal extract``.
+
+    ``hf``: transformers in this process (``teacher.device`` / ``device_map``). ``vllm``: vLLM
+    in its own environment, as a subprocess (``make venv-vllm``; see
+    :mod:`genrecal.extract.vllm_engine`); the settings below are vLLM's engine arguments.
+    The CLI's ``--backend`` overrides ``backend``.
+    """
+
+    backend: Literal["hf", "vllm"] = "hf"
+    tensor_parallel_size: PosInt = 1
+    # share of device memory vLLM may take (on a CPU machine: of host memory); None: 0.9 on a
+    # GPU, 0.05 on a CPU
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_model_len: PosInt | None = None  # None: cache.max_length
+    enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (faster start-up)
+    cpu_kvcache_gib: PosInt = 1  # VLLM_CPU_KVCACHE_SPACE on a CPU machine
+    python: NonEmptyStr | None = None  # the vLLM environment's interpreter; None: .venv-vllm
+    seed: NonNegInt = 0
+
+
+# --------------------------------------------------------------------------------------------
 # Models: pipeline and file
 # --------------------------------------------------------------------------------------------
 
@@ -712,6 +737,7 @@ class Pipeline(ConfigModel):
     output: NonEmptyStr | None = None  # None: runs/<name>
     teacher_finetune: TeacherFinetune | None = None  # genrecal run only; tiny / local teachers
     run: RunConfig = Field(default_factory=RunConfig)  # genrecal run only: the rows' data regime
+    teacher_engine: TeacherEngine = Field(default_factory=TeacherEngine)  # answers / extract
 
     def _problems(self) -> list[Problem]:
         bad_name = [] if _NAME_RE.fullmatch(self.name) else [

@@ -27,6 +27,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,18 +160,26 @@ def _by_sample(generations: Sequence[Generation]) -> dict[str, list[str]]:
 def write_teacher_answers(loaded_teacher, read: DatasetRead, out_path: str | Path,
                           options: "GenerateAnswers", *, batch_size: int = 1,
                           image_root: str | Path | None = None, seed: int | None = 0,
-                          progress: bool = True) -> TeacherAnswersReport:
+                          progress: bool = True, engine=None) -> TeacherAnswersReport:
     """Answer every question of ``read`` with the teacher and write the new dataset file.
 
     ``options``: ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p`` and ``replace``
     (see the module docstring); ``seed`` seeds sampling when temperature > 0. Everything that
-    can be checked without the teacher is checked before it generates.
+    can be checked without the teacher is checked before it generates. ``engine``: a started
+    :class:`~genrecal.extract.vllm_engine.VllmEngine` (``--backend vllm``) generates instead
+    of transformers, from the same prompts; the rest is the same.
     """
     out = Path(out_path)
     _check_inputs(out, read, options.replace)
     out.parent.mkdir(parents=True, exist_ok=True)
     root = _image_root(read.samples, out.parent.resolve(), image_root)
-    generations = _by_sample(generate_answers(
+    if engine is not None:
+        from genrecal.extract.vllm_engine import generate_answers_vllm
+
+        generate = partial(generate_answers_vllm, engine)
+    else:
+        generate = generate_answers
+    generations = _by_sample(generate(
         loaded_teacher, read.samples, max_new_tokens=options.max_new_tokens,
         batch_size=batch_size, turn="all", temperature=options.temperature, top_p=options.top_p,
         seed=seed, progress=progress))

@@ -61,3 +61,12 @@ class FidelityError(ExtractError):
 class AnswersError(ExtractError):
     """Teacher answers cannot be written: no samples, an output path of the wrong kind, images
     outside the chosen image root, text that the LLaVA format cannot hold."""
+
+
+class EngineSetupError(ExtractSetupError):
+    """``--backend vllm`` cannot start: no vLLM environment, more tensor-parallel ranks than
+    devices, a VLM teacher without a GPU. Raised before any engine starts."""
+
+
+class EngineError(ExtractError, RuntimeError):
+    """The vLLM worker failed or died while running; the message quotes its log."""

@@ -21,7 +21,8 @@ import os
 from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 
-from genrecal.common.config import Codecs, DataSource, Features, Pipeline, SyntheticData, TinySpec
+from genrecal.common.config import (Codecs, DataSource, Features, Pipeline, SyntheticData,
+                                   TeacherEngine, TinySpec)
 from genrecal.extract.errors import ExtractSetupError
 from genrecal.store import schema
 from genrecal.data import pipeline_data
@@ -122,6 +123,7 @@ class ExtractJob:
     synthetic: SyntheticData | None = None
     synthetic_dir: str | None = None  # where synthetic data is generated (if missing)
     progress: bool = True
+    engine: TeacherEngine = field(default_factory=TeacherEngine)  # hf, or vllm in a subprocess
 
     @property
     def plan_window(self) -> int:
@@ -134,7 +136,7 @@ class ExtractJob:
 
 def job_from_pipeline(pipe: Pipeline, *, out: str | None = None, limit: int | None = None,
                       resume: bool = False, window: int | None = None,
-                      batch_size: int | None = None) -> ExtractJob:
+                      batch_size: int | None = None, backend: str | None = None) -> ExtractJob:
     """The :class:`ExtractJob` of ``pipe`` with the CLI overrides applied."""
     synthetic_dir = _absolute(str(pipeline_data.synthetic_dir(pipe.output_dir)))
     settings = ExtractSettings(
@@ -149,8 +151,20 @@ def job_from_pipeline(pipe: Pipeline, *, out: str | None = None, limit: int | No
         shard_bytes=None if pipe.cache.shard.max_bytes is None else int(pipe.cache.shard.max_bytes),
         on_error=pipe.cache.on_error, limit=limit, resume=resume, device=pipe.teacher.device,
         device_map=pipe.teacher.device_map, tiny=pipe.teacher.tiny, synthetic=pipe.data.synthetic,
-        synthetic_dir=synthetic_dir if pipe.data.synthetic is not None else None)
+        synthetic_dir=synthetic_dir if pipe.data.synthetic is not None else None,
+        engine=engine_settings(pipe, backend))
     return job.with_overrides(window=window, batch_size=batch_size)
+
+
+def engine_settings(pipe: Pipeline, backend: str | None = None) -> TeacherEngine:
+    """The pipeline's ``teacher_engine`` with the CLI's ``--backend`` (if given) applied."""
+    engine = pipe.teacher_engine
+    return engine if backend is None else engine.model_copy(update={"backend": backend})
+
+
+def teacher_source(pipe: Pipeline) -> TeacherSource:
+    """The pipeline's teacher as the cache records it (absolute path for a local one)."""
+    return _teacher_source(pipe)
 
 
 def _teacher_source(pipe: Pipeline) -> TeacherSource:

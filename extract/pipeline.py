@@ -32,6 +32,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -127,13 +128,26 @@ class ExtractResult:
 def run_extract(job: ExtractJob, *, info: RankInfo | None = None) -> ExtractResult:
     """Run this rank's share of ``job`` (see the module docstring)."""
     info = info or RankInfo.from_env()
+    engine = _vllm_engine(job, info)  # --backend vllm: its early errors before anything runs
     with process_group(info):
         check_output(job)
         if info.is_main:
             ensure_teacher(job)
             ensure_synthetic(job)
         info.barrier()
-        return _run_rank(job, info)
+        return _run_rank(job, info, engine)
+
+
+def _vllm_engine(job: ExtractJob, info: RankInfo):
+    """The (not yet started) vLLM engine of a ``--backend vllm`` job, else None."""
+    if job.engine.backend != "vllm":
+        return None
+    from genrecal.extract.vllm_engine import engine_for_teacher
+
+    return engine_for_teacher(job.engine, job.settings.teacher, mode="hidden",
+                              max_model_len=job.settings.max_length,
+                              penultimate=job.features.visual_gram,
+                              local_rank=info.local_rank, world=info.world)
 
 
 def check_output(job: ExtractJob) -> None:
@@ -164,10 +178,13 @@ def _check_directory(storage: CacheStorage, out: str) -> None:
             "set cache.location to) a new or existing directory, not a file")
 
 
-def _run_rank(job: ExtractJob, info: RankInfo) -> ExtractResult:
+def _run_rank(job: ExtractJob, info: RankInfo, engine=None) -> ExtractResult:
     start = time.perf_counter()
-    device = resolve_device(job.device, job.device_map, info.local_rank, info.world)
-    teacher = load_teacher(job.settings.teacher, device=device, device_map=job.device_map)
+    if engine is None:
+        device = resolve_device(job.device, job.device_map, info.local_rank, info.world)
+        teacher = load_teacher(job.settings.teacher, device=device, device_map=job.device_map)
+    else:  # vLLM runs the forward; this process needs the processor, head and identity only
+        teacher = load_teacher(job.settings.teacher, device="cpu")
     files = processor_files(teacher)
     specs = feature_specs(job.features, job.codecs, hidden_size=teacher.hidden_size,
                           vocab_size=teacher.vocab_size)
@@ -177,12 +194,14 @@ def _run_rank(job: ExtractJob, info: RankInfo) -> ExtractResult:
                          settings=job.settings.to_dict(), rank=info.rank,
                          shard_tokens=job.shard_tokens or _NO_LIMIT,
                          shard_bytes=job.shard_bytes or _NO_LIMIT, commit=False)
-    loop_start = time.perf_counter()
-    with writer:
-        done = {s.id for w in windows for s in w if writer.has(s.id)}
-        read_skips = inputs.skips if info.is_main else []
-        counters, stats = _extract(job, teacher, writer, windows, done, read_skips, info)
-    loop_seconds = time.perf_counter() - loop_start
+    with engine if engine is not None else nullcontext():  # vLLM starts before the loop's clock
+        loop_start = time.perf_counter()
+        with writer:
+            done = {s.id for w in windows for s in w if writer.has(s.id)}
+            read_skips = inputs.skips if info.is_main else []
+            counters, stats = _extract(job, teacher, writer, windows, done, read_skips, info,
+                                       engine)
+        loop_seconds = time.perf_counter() - loop_start
     info.barrier()
     check_something_cached(job, info)
     manifest = finalise(job, teacher, files) if info.is_main else None
@@ -251,14 +270,15 @@ def cached_answer_ids(storage: CacheStorage) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _extract(job, teacher, writer, windows, done, read_skips, info):
+def _extract(job, teacher, writer, windows, done, read_skips, info, engine=None):
     """Encode (prefetched), run and write this rank's windows; returns counters, writer stats."""
     counters = RunCounters(already=sum(s.id in done for w in windows for s in w))
     todo = [w for w in windows if any(s.id not in done for s in w)]
     bar = _progress(job, info, total=sum(map(len, windows)), initial=counters.already)
     encode = partial(encode_window, teacher, max_length=job.settings.max_length)
     with BackgroundWriter(partial(write_item, writer, job.on_error), max_queue=4) as background:
-        run = BatchRunner(job.on_error, teacher, writer.header.features, background, done, counters)
+        run = BatchRunner(job.on_error, teacher, writer.header.features, background, done, counters,
+                          engine)
         for skip in read_skips:
             background.submit(SkipItem(skip.sample_id, f"dataset: {skip.reason}", skip.file))
         for window in prefetched(encode, todo):
@@ -284,12 +304,13 @@ class BatchRunner:
     background: BackgroundWriter
     done: set[str]
     counters: RunCounters
+    engine: object = None  # a started VllmEngine (--backend vllm), else None: transformers
 
     def run_batch(self, batch: list[tuple[Sample, Encoded]]) -> None:
         """Run the batch whole unless every sample in it is cached; submit its new samples."""
         if all(sample.id in self.done for sample, _ in batch):
             return
-        features, failures = features_or_failures(self.teacher, self.specs, batch)
+        features, failures = features_or_failures(self.teacher, self.specs, batch, self.engine)
         for sample, reason in failures:
             self.fail(sample, reason)
         for item in features:
@@ -318,24 +339,33 @@ def window_batches(items: list[tuple[Sample, Encoded]], batch_size: int) -> Iter
         yield [items[i] for i in batch]
 
 
-def features_or_failures(teacher: Teacher, specs, batch: list[tuple[Sample, Encoded]]):
+def features_or_failures(teacher: Teacher, specs, batch: list[tuple[Sample, Encoded]],
+                         engine=None):
     """``(features, failures)`` of a batch. If the teacher gives non-finite values, each sample
     is run alone so that only the bad ones fail (with the reason)."""
     try:
-        return batch_sample_features(teacher, specs, batch), []
+        return batch_sample_features(teacher, specs, batch, engine), []
     except FeatureInputError as exc:
         if len(batch) == 1:
             return [], [(batch[0][0], f"non-finite teacher values: {exc}")]
-    results = [features_or_failures(teacher, specs, [item]) for item in batch]
+    results = [features_or_failures(teacher, specs, [item], engine) for item in batch]
     return [f for r in results for f in r[0]], [x for r in results for x in r[1]]
 
 
-def batch_sample_features(teacher: Teacher, specs, batch: list[tuple[Sample, Encoded]]
-                          ) -> list[SampleFeatures]:
-    """Pad ``batch`` (right), run the teacher once and compute every sample's features."""
+def batch_sample_features(teacher: Teacher, specs, batch: list[tuple[Sample, Encoded]],
+                          engine=None) -> list[SampleFeatures]:
+    """Pad ``batch`` (right), run the teacher once and compute every sample's features.
+
+    engine: a started :class:`~genrecal.extract.vllm_engine.VllmEngine` runs the forward
+    instead of transformers; the features come from the same code either way."""
     encoded = [enc for _, enc in batch]
-    states = teacher_forward(teacher.model, teacher.family, [enc.inputs for enc in encoded],
-                             teacher.pad_id, penultimate="visual_gram" in specs)
+    if engine is not None:
+        from genrecal.extract.vllm_engine import engine_states
+
+        states = engine_states(engine, teacher, batch)
+    else:
+        states = teacher_forward(teacher.model, teacher.family, [enc.inputs for enc in encoded],
+                                 teacher.pad_id, penultimate="visual_gram" in specs)
     with torch.inference_mode():
         values = batch_features(teacher, encoded, states, specs)
     return [SampleFeatures(sample_id=sample.id, content_hash=sample.content_hash,

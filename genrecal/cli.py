@@ -11,6 +11,7 @@ exception defined in a genrecal ``errors`` module (ConfigError, StoreError, ...)
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,6 +55,19 @@ class CliState:
 FileOption = Annotated[Optional[Path], typer.Option(
     "--file", "-f", envvar="GENRECAL_PIPELINES", dir_okay=False, show_default=False,
     help="pipelines.yaml to read (default: ./pipelines.yaml if present, else the packaged one).",
+)]
+
+class Backend(str, Enum):
+    """The engine that runs the teacher (``--backend``)."""
+
+    hf = "hf"
+    vllm = "vllm"
+
+
+BackendOption = Annotated[Optional[Backend], typer.Option(
+    "--backend", show_default=False, case_sensitive=False,
+    help="Engine that runs the teacher: hf (transformers, in this process) or vllm (vLLM in its "
+         "own environment, `make venv-vllm`). Default: the pipeline's teacher_engine.backend.",
 )]
 
 app = typer.Typer(
@@ -310,20 +324,32 @@ def answers_command(
     limit: Annotated[Optional[int], typer.Option(
         "--limit", min=1, show_default=False, help="Answer the first N samples only.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the pipeline's data.")] = "train",
+    backend: BackendOption = None,
     file: FileOption = None,
 ) -> None:
     """Let the teacher of pipeline NAME answer its data; write a new LLaVA JSONL dataset."""
+    import contextlib
     import json
 
     from genrecal.extract.answers import teacher_answers_path, write_teacher_answers
+    from genrecal.extract.job import engine_settings
     from genrecal.train.evaluate import load_pipeline_model, read_pipeline_split
 
     pipe = config.get_pipeline(name, pipelines_file(ctx, file))
     options = pipe.cache.generate_answers or config.GenerateAnswers()
+    settings = engine_settings(pipe, backend.value if backend else None)
+    engine = None
+    if settings.backend == "vllm":  # its early errors before the data is read
+        from genrecal.extract.job import teacher_source
+        from genrecal.extract.vllm_engine import engine_for_teacher
+
+        engine = engine_for_teacher(settings, teacher_source(pipe), mode="generate",
+                                    max_model_len=pipe.cache.max_length)
     read = read_pipeline_split(pipe, split, limit=limit)
-    teacher = load_pipeline_model(pipe, "teacher")
-    report = write_teacher_answers(teacher, read, out or teacher_answers_path(pipe, split),
-                                   options, batch_size=pipe.cache.batch_size)
+    teacher = load_pipeline_model(pipe, "teacher", device="cpu" if engine else None)
+    with engine if engine is not None else contextlib.nullcontext():
+        report = write_teacher_answers(teacher, read, out or teacher_answers_path(pipe, split),
+                                       options, batch_size=pipe.cache.batch_size, engine=engine)
     typer.echo(f"wrote {report.path}: {report.samples} samples, {report.answers} answers: "
                f"{report.replaced} from the teacher, {report.kept} references kept "
                f"(replace={report.replace}, {report.matched} teacher answers matched, "
@@ -345,6 +371,7 @@ def extract_command(
         "--window", min=1, show_default=False,
         help="Samples per batch-planning window, the unit dealt to torchrun ranks "
              "(default: 16 x batch size).")] = None,
+    backend: BackendOption = None,
     file: FileOption = None,
 ) -> None:
     """Run the teacher of pipeline NAME over its train data into the teacher cache (torchrun ok)."""
@@ -352,7 +379,8 @@ def extract_command(
     from genrecal.extract.pipeline import run_extract
 
     pipe = config.get_pipeline(name, pipelines_file(ctx, file))
-    result = run_extract(job_from_pipeline(pipe, out=out, limit=limit, resume=resume, window=window))
+    result = run_extract(job_from_pipeline(pipe, out=out, limit=limit, resume=resume, window=window,
+                                           backend=backend.value if backend else None))
     typer.echo(result.summary())
 
 

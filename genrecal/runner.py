@@ -30,6 +30,7 @@ labelled samples; it never reads the teacher.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -220,11 +221,15 @@ class StepBuilder:
             from genrecal.train.evaluate import load_pipeline_model
 
             pipe = self.plan.cache_pipeline()
+            engine = _answers_engine(pipe)  # teacher_engine.backend: vllm (issue 13)
             read = read_split(self.pipe.data, "train", output_dir=self.plan.root)
-            teacher = load_pipeline_model(pipe, "teacher", source=self.plan.teacher_dir)
-            report = write_teacher_answers(teacher, read, out, options, batch_size=pipe.cache.batch_size,
-                                           image_root=self.plan.answers_image_root,
-                                           progress=self.options.progress)
+            teacher = load_pipeline_model(pipe, "teacher", source=self.plan.teacher_dir,
+                                          device="cpu" if engine else None)
+            with engine if engine is not None else contextlib.nullcontext():
+                report = write_teacher_answers(teacher, read, out, options,
+                                               batch_size=pipe.cache.batch_size,
+                                               image_root=self.plan.answers_image_root,
+                                               progress=self.options.progress, engine=engine)
             return {"path": report.path, "samples": report.samples, "replaced": report.replaced,
                     "kept": report.kept, "matched": report.matched}
 
@@ -419,6 +424,18 @@ class StepBuilder:
                 Phase("cache", "extract and validate the teacher cache", cache),
                 Phase("train", f"train: {what}", train),
                 Phase("evaluate", "evaluate every model", evaluate)]
+
+
+def _answers_engine(pipe: Pipeline):
+    """The (not yet started) vLLM engine of the teacher-answers step when the pipeline's
+    ``teacher_engine.backend`` is vllm, else None (transformers)."""
+    if pipe.teacher_engine.backend != "vllm":
+        return None
+    from genrecal.extract.job import teacher_source
+    from genrecal.extract.vllm_engine import engine_for_teacher
+
+    return engine_for_teacher(pipe.teacher_engine, teacher_source(pipe), mode="generate",
+                              max_model_len=pipe.cache.max_length)
 
 
 def _location(location: str) -> str:

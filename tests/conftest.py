@@ -80,3 +80,17 @@ def make_sample(tmp_path):
         return Sample(id=sample_id, turns=turn_objs, images=paths, content_hash=digest, source=source)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The vLLM environment's interpreter (``make venv-vllm``; ``make test`` provisions it):
+    ``$GENRECAL_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` of this checkout. Tests that run
+    real vLLM skip, naming the make target, only where it is absent."""
+    import os
+
+    env = os.environ.get("GENRECAL_VLLM_PYTHON")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    if not path.is_file():
+        pytest.skip(f"no vLLM environment at {path}: `make venv-vllm` creates it (`make test` does)")
+    return path
