@@ -201,10 +201,8 @@ def _qwen2_5_vl_config(spec: TinySizes, tid):
 def _clip_vision():
     from transformers import CLIPVisionConfig
 
-    # 32 px in 8 px patches (16 tokens): the synthetic images' own resolution (a 16 px input
-    # left shapes of 2-3 px radius, and the student could not tell them apart; kit revision 3)
     return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+                            num_attention_heads=2, image_size=16, patch_size=4, projection_dim=32)
 
 
 def _llava_config(text_config, tid):
@@ -310,7 +308,7 @@ def _qwen_image_processor():
 def _clip_image_processor():
     from transformers import CLIPImageProcessorPil
 
-    return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
 
 
 def _gemma3_image_processor():
@@ -342,7 +340,7 @@ def _internvl_processor(image_processor, tokenizer, chat_template: str):
 def _llava_processor(image_processor, tokenizer, chat_template: str):
     from transformers import LlavaProcessor
 
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           image_token="<image>", chat_template=chat_template)
 
@@ -384,7 +382,7 @@ VLM_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in TEXT_KINDS)
 SPEC_FILE = "tiny_spec.json"  # the resolved TinySizes a directory was built from
 #: Bumped whenever a kind's config changes (2: Qwen M-RoPE theta / sections and width-scaled init),
 #: so that directories built by an older kit are rebuilt instead of reused.
-KIT_REVISION = 3
+KIT_REVISION = 2
 
 
 def _spec_record(spec: TinySizes) -> dict:
