@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import zarr
 from zarr.storage import MemoryStore
 
+from genrecal.store.chunkio import EMPTY, ArrayCodec
 from genrecal.store.codecs import array_layout, decode_feature, feature_parts, raw_bytes
 from genrecal.store.errors import CacheIntegrityError
 from genrecal.store.gram import upper_triangle_size
@@ -103,26 +105,33 @@ class ShardBuffer:
         self.records.append(record)
         self.tokens += len(record["input_ids"])
 
-    def files(self) -> dict[str, bytes]:
-        """The shard's files, keyed by path inside the shard directory."""
+    def files(self, pool: ThreadPoolExecutor | None = None) -> dict[str, bytes]:
+        """The shard's files, keyed by path inside the shard directory; ``pool``: threads that
+        encode the tensor chunks (None: this thread)."""
         files = {RECORDS_FILE: _records_bytes(self.records, self.features)}
-        files.update({f"{TENSORS_DIR}/{k}": v for k, v in self._zarr_files().items()})
+        files.update({f"{TENSORS_DIR}/{k}": v for k, v in self._zarr_files(pool).items()})
         return files
 
-    def _zarr_files(self) -> dict[str, bytes]:
+    def _zarr_files(self, pool: ThreadPoolExecutor | None) -> dict[str, bytes]:
+        """zarr writes the metadata; :class:`ArrayCodec` the shard objects (the bytes zarr writes)."""
         store: dict = {}
         group = zarr.open_group(MemoryStore(store), mode="w", zarr_format=3,
                                 attributes={"genrecal_cache_format": FORMAT_VERSION})
+        objects = {}
         for name, spec in self.features.items():
             for part in feature_parts(spec):
                 chunks = self.parts[name][part.name]
                 shape = (0, part.width) if part.width else (0,)
-                data = np.concatenate(chunks) if chunks else np.zeros(shape, part.dtype)
-                arr = group.create_array(f"{name}/{part.name}", **array_layout(len(data), part),
-                                         attributes={"codec": spec.codec, "feature": name})
-                if len(data):
-                    arr[...] = data
-        return {key: buf.to_bytes() for key, buf in store.items()}
+                data = np.concatenate(chunks) if len(chunks) > 1 else chunks[0] if chunks else np.zeros(shape, part.dtype)
+                layout = array_layout(len(data), part)
+                group.create_array(f"{name}/{part.name}", **layout, attributes={"codec": spec.codec, "feature": name})
+                codec = ArrayCodec.from_layout(layout)
+                encoded = codec.encode(np.ascontiguousarray(data, dtype=part.dtype), pool)
+                if encoded is not None:
+                    objects[f"{name}/{part.name}/{codec.chunk_key()}"] = encoded
+        files = {key: buf.to_bytes() for key, buf in store.items()}
+        files.update(objects)
+        return files
 
 
 def _records_bytes(records: list[dict], features: dict[str, FeatureSpec]) -> bytes:
@@ -133,26 +142,34 @@ def _records_bytes(records: list[dict], features: dict[str, FeatureSpec]) -> byt
     return sink.getvalue().to_pybytes()
 
 
-def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer) -> ShardEntry:
+def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer,
+                pool: ThreadPoolExecutor | None = None) -> ShardEntry:
     """Write ``buffer`` as shard ``name``; returns its entry (sizes and sha256 of every file).
 
     Locally the files go to a temporary directory renamed into place once complete; on other
     filesystems they are written in place (rename is a copy there) and the rank's shard list,
-    written by the caller afterwards, is the commit point.
+    written by the caller afterwards, is the commit point. The checksums are of the bytes
+    written, taken from memory (on ``pool``'s threads, while the files are written, if given).
     """
-    files = buffer.files()
+    files = buffer.files(pool)
+    keys = sorted(files)
+    digests = [pool.submit(_sha256, files[k]) for k in keys] if pool is not None else None
     final = f"{SHARDS_DIR}/{name}"
     target = f"{SHARDS_DIR}/{TMP_PREFIX}{name}-{secrets.token_hex(4)}" if storage.local else final
-    storage.write_tree(target, files)
+    storage.write_tree(target, files, pool)
     if target != final:
         storage.rename(target, final)
-    entries = tuple(FileEntry(path=f"{final}/{k}", size=len(v), sha256=hashlib.sha256(v).hexdigest())
-                    for k, v in sorted(files.items()))
+    hexes = [d.result() for d in digests] if digests is not None else [_sha256(files[k]) for k in keys]
+    entries = tuple(FileEntry(path=f"{final}/{k}", size=len(files[k]), sha256=h) for k, h in zip(keys, hexes))
     return ShardEntry(name=name, rank=rank, samples=len(buffer), tokens=buffer.tokens,
                       feature_rows=dict(buffer.rows),
                       feature_bytes=_feature_bytes(files, buffer.features),
                       raw_bytes={n: raw_bytes(s, buffer.rows[n]) for n, s in buffer.features.items()},
                       files=entries)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()  # releases the GIL for large buffers
 
 
 def _feature_bytes(files: dict[str, bytes], features: dict[str, FeatureSpec]) -> dict[str, int]:
@@ -234,8 +251,8 @@ class ShardReader:
     """
 
     def __init__(self, storage: CacheStorage, entry: ShardEntry, features: dict[str, FeatureSpec],
-                 verify: bool = True):
-        self.storage, self.entry, self.features = storage, entry, features
+                 verify: bool = True, pool: ThreadPoolExecutor | None = None):
+        self.storage, self.entry, self.features, self.pool = storage, entry, features, pool
         storage.check_no_escape(entry.dir)
         if verify:
             self.verify()
@@ -243,6 +260,7 @@ class ShardReader:
         self.group = self._open_group()
         self._arrays: dict[str, zarr.Array] = {}
         self._rows: dict[str, int] = {}
+        self._direct: dict[str, tuple | None] = {}
 
     def verify(self) -> None:
         """Raise :class:`CacheIntegrityError` naming every bad file of this shard."""
@@ -328,7 +346,42 @@ class ShardReader:
                 f"{self.storage.url}` for a full report; re-extract the affected samples into a new cache.")
 
     def read_part(self, feature: str, part: str, start: int, length: int) -> np.ndarray:
-        return self.array(feature, part)[start:start + length]
+        """Rows ``[start, start + length)`` of one feature part: decoded directly
+        (:mod:`genrecal.store.chunkio`, only the chunks they overlap, on the reader's threads)
+        when the array has the cache's layout, else through zarr."""
+        direct = self._direct_reader(feature, part)
+        if direct is None:
+            return self.array(feature, part)[start:start + length]
+        codec, index, read, where = direct
+        return codec.decode_rows(read, index, start, start + length, where, self.pool)
+
+    def _direct_reader(self, feature: str, part: str):
+        """``(ArrayCodec, shard index, read(offset, nbytes), where)`` of one array, or None when its
+        metadata is not exactly the cache writer's layout."""
+        key = f"{feature}/{part}"
+        if key not in self._direct:
+            rows = self.rows(feature)
+            spec = next(p for p in feature_parts(self.features[feature]) if p.name == part)
+            codec = ArrayCodec.for_array(self.array(feature, part), array_layout(rows, spec))
+            self._direct[key] = None if codec is None else self._open_object(key, codec)
+        return self._direct[key]
+
+    def _open_object(self, key: str, codec: ArrayCodec) -> tuple:
+        rel = f"{self.entry.dir}/{TENSORS_DIR}/{key}/{codec.chunk_key()}"
+        where = self.storage.where(rel)
+        if not self.storage.exists(rel):  # zarr writes no object for an all-fill array
+            return codec, None, None, where
+        read = self.storage.reader(rel)
+        size = self.storage.size(rel)
+        if size < codec.index_bytes:
+            raise CacheIntegrityError(f"{where}: {size} bytes, shorter than its shard index; run "
+                                      f"`genrecal validate {self.storage.url}`")
+        index = codec.index(read(size - codec.index_bytes, codec.index_bytes), where)
+        ends = index[index[:, 0] != EMPTY].sum(axis=1)
+        if len(ends) and int(ends.max()) > size - codec.index_bytes:
+            raise CacheIntegrityError(f"{where}: its shard index points past the end of the file (truncated?); "
+                                      f"run `genrecal validate {self.storage.url}`")
+        return codec, index, read, where
 
     def sample(self, row: int, dtype: torch.dtype, features=None) -> CachedSample:
         """The sample in record ``row``; ``features``: names to load (default: all declared)."""
@@ -347,7 +400,8 @@ class ShardReader:
         names = list(features if features is not None else self.features)
         for name in names:
             self.rows(name)  # shapes and dtypes checked before anything is read
-        arrays = {n: {p.name: self.array(n, p.name)[...] for p in feature_parts(self.features[n])} for n in names}
+        arrays = {n: {p.name: self.read_part(n, p.name, 0, self.rows(n)) for p in feature_parts(self.features[n])}
+                  for n in names}
         for row, rec in enumerate(self.records.to_pylist()):
             self.check_record(row, rec, names)
             values = {}

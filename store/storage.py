@@ -17,9 +17,11 @@ multi-file steps rely on the per-rank shard list as their commit point.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -151,6 +153,17 @@ class CacheStorage:
                 size += len(block)
         return size, h.hexdigest()
 
+    def reader(self, rel: str):
+        """``read(offset, nbytes)`` over file ``rel``: slices of a read-only memory map locally
+        (no copy; the map lives as long as the function), ranged reads elsewhere."""
+        if self.local:
+            with open(self.path(rel), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+            return lambda offset, nbytes: view[offset:offset + nbytes]
+        path = self.path(rel)
+        return lambda offset, nbytes: self.fs.cat_file(path, start=offset, end=offset + nbytes)
+
     def open_arrow(self, rel: str):
         """A random-access pyarrow input for ``rel``: memory-mapped locally, else a buffered file."""
         if self.local:
@@ -189,10 +202,50 @@ class CacheStorage:
         os.replace(tmp, path)
         fsync_path(os.path.dirname(path))
 
-    def write_tree(self, rel: str, files: dict[str, bytes]) -> None:
-        """Write every ``files[key]`` to ``rel/key`` (not atomic as a whole)."""
+    def write_tree(self, rel: str, files: dict[str, bytes], pool: ThreadPoolExecutor | None = None) -> None:
+        """Write every ``files[key]`` to ``rel/key`` (not atomic as a whole).
+
+        Locally ``rel`` must be a new directory that no reader looks at until the caller renames
+        it into place (:func:`genrecal.store.shard.write_shard`): each file is written in place
+        and fsynced (:meth:`write_new`), then every directory of the tree once, so that all of
+        it is on disk before the rename; no file needs a rename of its own. With a ``pool`` the
+        files are written first and all fsyncs then run at once on its threads (the filesystem
+        can commit them together); all of them finish before this returns. Elsewhere each file
+        is one object write.
+        """
+        if not self.local:
+            for key, data in files.items():
+                self.write_bytes(f"{rel}/{key}", data)
+            return
+        dirs, written = set(), []
         for key, data in files.items():
-            self.write_bytes(f"{rel}/{key}", data)
+            path = self.write_new(f"{rel}/{key}", data, fsync=pool is None)
+            written.append(path)
+            dirs.add(os.path.dirname(path))
+        top = self.path(rel)
+        for path in list(dirs):  # and every directory between them and the tree's root
+            while len(path) > len(top):
+                path = os.path.dirname(path)
+                dirs.add(path)
+        if pool is None:
+            for path in sorted(dirs, key=len, reverse=True):
+                fsync_path(path)
+        else:
+            for done in [pool.submit(fsync_path, p) for p in written + sorted(dirs, key=len, reverse=True)]:
+                done.result()
+
+    def write_new(self, rel: str, data: bytes, fsync: bool = True) -> str:
+        """Create local file ``rel`` (it must not exist; its directory is created), write ``data``
+        and (``fsync``) fsync it, without a temporary name: for files inside a directory not yet
+        in place. Returns its path."""
+        path = self.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "xb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        return path
 
     def rename(self, src: str, dst: str) -> None:
         """Rename directory ``src`` to ``dst`` (atomic on a local filesystem)."""
