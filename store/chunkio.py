@@ -94,24 +94,39 @@ class ArrayCodec:
 
     # ------------------------------------------------------------------ encode
 
-    def encode(self, data: np.ndarray, pool: ThreadPoolExecutor | None = None) -> bytes | None:
-        """data: ``dtype`` [rows(, width)] -> the shard object's bytes (None: all fill value, no object)."""
-        if data.shape != (self.rows, *self.row_shape) or data.dtype != self.dtype:
-            raise ValueError(f"array of {data.shape} {data.dtype}, codec is for {(self.rows, *self.row_shape)} "
-                             f"{self.dtype}")
+    def encode(self, data: np.ndarray | Sequence[np.ndarray],
+               pool: ThreadPoolExecutor | None = None) -> list[bytes] | None:
+        """data: ``dtype`` [rows(, width)], or pieces of it to stack row-wise (not copied: each
+        chunk is gathered from them) -> the shard object as a list of byte strings to write one
+        after the other (None: all fill value, no object)."""
+        pieces = [data] if isinstance(data, np.ndarray) else list(data)
+        rows = sum(len(p) for p in pieces)
+        bad = [p for p in pieces if p.shape[1:] != self.row_shape or p.dtype != self.dtype]
+        if rows != self.rows or bad:
+            raise ValueError(f"arrays of {[p.shape for p in pieces]} {[str(p.dtype) for p in pieces]}, codec is "
+                             f"for {(self.rows, *self.row_shape)} {self.dtype}")
         if self.rows == 0:
             return None
+        starts = np.cumsum([0] + [len(p) for p in pieces])
         blosc = self._blosc()
 
         def one(i: int) -> bytes:
-            block = data[i * self.chunk:(i + 1) * self.chunk]
-            if len(block) < self.chunk:  # the edge chunk is padded with the fill value, as zarr does
-                padded = np.zeros((self.chunk, *self.row_shape), self.dtype)
-                padded[:len(block)] = block
-                block = padded
+            lo, hi = i * self.chunk, min((i + 1) * self.chunk, self.rows)
+            k = int(np.searchsorted(starts, lo, side="right")) - 1
+            if hi <= starts[k + 1] and hi - lo == self.chunk:  # inside one piece: no copy
+                block = np.ascontiguousarray(pieces[k][lo - starts[k]:hi - starts[k]])
+            else:  # across pieces, or the edge chunk (padded with the fill value, as zarr does)
+                block = np.zeros((self.chunk, *self.row_shape), self.dtype)
+                at = lo
+                while at < hi:
+                    while starts[k + 1] <= at:
+                        k += 1
+                    take = min(hi, starts[k + 1]) - at
+                    block[at - lo:at - lo + take] = pieces[k][at - starts[k]:at - starts[k] + take]
+                    at += take
             if not block.any():  # zarr's write_empty_chunks=False: an all-fill chunk is not stored
                 return b""
-            return blosc.encode(np.ascontiguousarray(block))
+            return blosc.encode(block)
 
         parts = _map(pool, one, range(self.n_chunks))
         index = np.full((self.n_chunks, 2), EMPTY, dtype="<u8")
@@ -123,7 +138,7 @@ class ArrayCodec:
         if offset == 0:
             return None
         index_bytes = index.tobytes()
-        return b"".join([*parts, index_bytes, np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()])
+        return [p for p in parts if p] + [index_bytes, np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()]
 
     # ------------------------------------------------------------------ decode
 

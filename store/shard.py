@@ -105,14 +105,15 @@ class ShardBuffer:
         self.records.append(record)
         self.tokens += len(record["input_ids"])
 
-    def files(self, pool: ThreadPoolExecutor | None = None) -> dict[str, bytes]:
-        """The shard's files, keyed by path inside the shard directory; ``pool``: threads that
-        encode the tensor chunks (None: this thread)."""
+    def files(self, pool: ThreadPoolExecutor | None = None) -> dict[str, bytes | list[bytes]]:
+        """The shard's files, keyed by path inside the shard directory: each its bytes, or a list
+        of byte strings that make it up in order (the tensor objects: never joined in memory);
+        ``pool``: threads that encode the tensor chunks (None: this thread)."""
         files = {RECORDS_FILE: _records_bytes(self.records, self.features)}
         files.update({f"{TENSORS_DIR}/{k}": v for k, v in self._zarr_files(pool).items()})
         return files
 
-    def _zarr_files(self, pool: ThreadPoolExecutor | None) -> dict[str, bytes]:
+    def _zarr_files(self, pool: ThreadPoolExecutor | None) -> dict[str, bytes | list[bytes]]:
         """zarr writes the metadata; :class:`ArrayCodec` the shard objects (the bytes zarr writes)."""
         store: dict = {}
         group = zarr.open_group(MemoryStore(store), mode="w", zarr_format=3,
@@ -120,13 +121,11 @@ class ShardBuffer:
         objects = {}
         for name, spec in self.features.items():
             for part in feature_parts(spec):
-                chunks = self.parts[name][part.name]
-                shape = (0, part.width) if part.width else (0,)
-                data = np.concatenate(chunks) if len(chunks) > 1 else chunks[0] if chunks else np.zeros(shape, part.dtype)
-                layout = array_layout(len(data), part)
+                pieces = [np.asarray(a, dtype=part.dtype) for a in self.parts[name][part.name]]
+                layout = array_layout(sum(len(a) for a in pieces), part)
                 group.create_array(f"{name}/{part.name}", **layout, attributes={"codec": spec.codec, "feature": name})
                 codec = ArrayCodec.from_layout(layout)
-                encoded = codec.encode(np.ascontiguousarray(data, dtype=part.dtype), pool)
+                encoded = codec.encode(pieces, pool)
                 if encoded is not None:
                     objects[f"{name}/{part.name}/{codec.chunk_key()}"] = encoded
         files = {key: buf.to_bytes() for key, buf in store.items()}
@@ -156,11 +155,11 @@ def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer
     digests = [pool.submit(_sha256, files[k]) for k in keys] if pool is not None else None
     final = f"{SHARDS_DIR}/{name}"
     target = f"{SHARDS_DIR}/{TMP_PREFIX}{name}-{secrets.token_hex(4)}" if storage.local else final
-    storage.write_tree(target, files, pool)
+    storage.write_tree(target, files)
     if target != final:
         storage.rename(target, final)
     hexes = [d.result() for d in digests] if digests is not None else [_sha256(files[k]) for k in keys]
-    entries = tuple(FileEntry(path=f"{final}/{k}", size=len(files[k]), sha256=h) for k, h in zip(keys, hexes))
+    entries = tuple(FileEntry(path=f"{final}/{k}", size=_size(files[k]), sha256=h) for k, h in zip(keys, hexes))
     return ShardEntry(name=name, rank=rank, samples=len(buffer), tokens=buffer.tokens,
                       feature_rows=dict(buffer.rows),
                       feature_bytes=_feature_bytes(files, buffer.features),
@@ -168,12 +167,20 @@ def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer
                       files=entries)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()  # releases the GIL for large buffers
+def _sha256(data: bytes | list[bytes]) -> str:
+    """sha256 of a file's bytes (given whole or as its pieces in order); releases the GIL."""
+    h = hashlib.sha256()
+    for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+        h.update(piece)
+    return h.hexdigest()
+
+
+def _size(data: bytes | list[bytes]) -> int:
+    return len(data) if isinstance(data, (bytes, bytearray, memoryview)) else sum(len(p) for p in data)
 
 
 def _feature_bytes(files: dict[str, bytes], features: dict[str, FeatureSpec]) -> dict[str, int]:
-    return {name: sum(len(v) for k, v in files.items() if k.startswith(f"{TENSORS_DIR}/{name}/"))
+    return {name: sum(_size(v) for k, v in files.items() if k.startswith(f"{TENSORS_DIR}/{name}/"))
             for name in features}
 
 

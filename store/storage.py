@@ -202,24 +202,24 @@ class CacheStorage:
         os.replace(tmp, path)
         fsync_path(os.path.dirname(path))
 
-    def write_tree(self, rel: str, files: dict[str, bytes], pool: ThreadPoolExecutor | None = None) -> None:
+    def write_tree(self, rel: str, files: dict) -> None:
         """Write every ``files[key]`` to ``rel/key`` (not atomic as a whole).
 
         Locally ``rel`` must be a new directory that no reader looks at until the caller renames
         it into place (:func:`genrecal.store.shard.write_shard`): each file is written in place
         and fsynced (:meth:`write_new`), then every directory of the tree once, so that all of
-        it is on disk before the rename; no file needs a rename of its own. With a ``pool`` the
-        files are written first and all fsyncs then run at once on its threads (the filesystem
-        can commit them together); all of them finish before this returns. Elsewhere each file
-        is one object write.
+        it is on disk before the rename; no file needs a rename of its own. The files are written
+        first, then all fsyncs run at once on I/O threads (the filesystem can commit them
+        together); all of them finish before this returns. ``files[key]`` is bytes or a list of
+        byte strings written one after the other. Elsewhere each file is one object write.
         """
         if not self.local:
             for key, data in files.items():
-                self.write_bytes(f"{rel}/{key}", data)
+                self.write_bytes(f"{rel}/{key}", data if isinstance(data, (bytes, bytearray)) else b"".join(data))
             return
         dirs, written = set(), []
         for key, data in files.items():
-            path = self.write_new(f"{rel}/{key}", data, fsync=pool is None)
+            path = self.write_new(f"{rel}/{key}", data, fsync=False)
             written.append(path)
             dirs.add(os.path.dirname(path))
         top = self.path(rel)
@@ -227,23 +227,25 @@ class CacheStorage:
             while len(path) > len(top):
                 path = os.path.dirname(path)
                 dirs.add(path)
-        if pool is None:
-            for path in sorted(dirs, key=len, reverse=True):
-                fsync_path(path)
-        else:
-            for done in [pool.submit(fsync_path, p) for p in written + sorted(dirs, key=len, reverse=True)]:
+        # fsyncs wait on the disk, not the CPU: all at once on I/O threads, so the filesystem can
+        # commit them together; every one has finished (or raised) before this returns
+        targets = written + sorted(dirs, key=len, reverse=True)
+        with ThreadPoolExecutor(min(8, len(targets)), thread_name_prefix="cache-fsync") as io:
+            for done in [io.submit(fsync_path, p) for p in targets]:
                 done.result()
 
-    def write_new(self, rel: str, data: bytes, fsync: bool = True) -> str:
+    def write_new(self, rel: str, data: bytes | list[bytes], fsync: bool = True) -> str:
         """Create local file ``rel`` (it must not exist; its directory is created), write ``data``
-        and (``fsync``) fsync it, without a temporary name: for files inside a directory not yet
-        in place. Returns its path."""
+        (bytes, or byte strings written one after the other) and (``fsync``) fsync it, without a
+        temporary name: for files inside a directory not yet in place. Returns its path."""
         path = self.path(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "xb") as f:
-            f.write(data)
+        with open(path, "xb", buffering=0) as f:
+            for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                view = memoryview(piece)
+                while view:  # a raw write may write less than asked
+                    view = view[f.write(view):]
             if fsync:
-                f.flush()
                 os.fsync(f.fileno())
         return path
 
