@@ -309,7 +309,14 @@ def test_worker_processes_give_the_same_batches(tmp_path, teacher, student, samp
     in_process = epoch(make_loader(samples, student, cache=tmp_path / "cache", config=config()))
     workers = make_loader(samples, student, cache=tmp_path / "cache", config=config(num_workers=2))
     try:
-        assert_same_batches(epoch(workers), in_process)
+        from_workers = epoch(workers)
+        assert_same_batches(from_workers, in_process)
+        for batch in from_workers:  # handed over packed: one shared buffer per dtype
+            tensors = [*batch.student_inputs.values(), batch.student_labels]
+            tensors += [x for turns in batch.teacher for t in turns
+                        for x in (t.window, t.answer_ids, t.question, t.question_positions) if x is not None]
+            assert len({x.untyped_storage().data_ptr() for x in tensors}) == len({x.dtype for x in tensors})
+            assert all(x.is_shared() for x in tensors)
         assert workers.state.epoch == 1
         again = epoch(workers)  # persistent workers, next epoch's order
         assert sorted(flatten(again)) == sorted(flatten(in_process))

@@ -129,6 +129,12 @@ class TeacherTurn:
     def _tensors(self) -> tuple:
         return self.window, self.answer_ids, self.question
 
+    def _apply(self, fn) -> "TeacherTurn":
+        """A copy with ``fn`` applied to every tensor (``question_positions`` included)."""
+        return replace(self, window=fn(self.window), answer_ids=fn(self.answer_ids),
+                       question=None if self.question is None else fn(self.question),
+                       question_positions=None if self.question_positions is None else fn(self.question_positions))
+
     def to(self, device, non_blocking: bool = False) -> "TeacherTurn":
         return replace(self, **dict(zip(("window", "answer_ids", "question"),
                                         (_move(x, device, non_blocking) for x in self._tensors()))))
@@ -614,9 +620,51 @@ class Collator:
         requests = None
         if teacher and isinstance(teacher[0], TeacherRequest):  # online: the live teacher fills `teacher` in
             teacher, requests = None, teacher
-        return TrainBatch(ids=[x.sample_id for x in examples], student_inputs=inputs, student_labels=labels,
-                          student_answer_starts=[x.answer_starts for x in examples], teacher=teacher,
-                          skipped=skipped, teacher_requests=requests)
+        batch = TrainBatch(ids=[x.sample_id for x in examples], student_inputs=inputs, student_labels=labels,
+                           student_answer_starts=[x.answer_starts for x in examples], teacher=teacher,
+                           skipped=skipped, teacher_requests=requests)
+        return _packed_shared(batch) if torch.utils.data.get_worker_info() is not None else batch
+
+
+def _packed_shared(batch: TrainBatch) -> TrainBatch:
+    """``batch`` with every CPU tensor (student inputs and labels, teacher records) copied into
+    one shared-memory buffer per dtype, as views of it: for a loader worker to hand over.
+
+    A worker process hands a batch to the trainer by moving each tensor's storage into shared
+    memory: one segment (a file, an mmap, a descriptor passed over a socket) per storage, a few per
+    sample. Packed, a batch needs one per dtype, and the copy into shared memory is the one the
+    move would have made anyway. Values, shapes and dtypes are unchanged.
+    """
+    sizes: dict[torch.dtype, int] = {}
+
+    def count(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            sizes[x.dtype] = sizes.get(x.dtype, 0) + x.numel()
+        return x
+
+    _map_tensors(batch, count)
+    flat = {dt: torch.empty(0, dtype=dt).set_(torch.UntypedStorage._new_shared(n * dt.itemsize), 0, (n,))
+            for dt, n in sizes.items()}  # allocated in shared memory, as default_collate does in workers
+    at = dict.fromkeys(sizes, 0)
+
+    def place(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return x
+        view = flat[x.dtype][at[x.dtype]:at[x.dtype] + x.numel()].view(x.shape)
+        view.copy_(x)
+        at[x.dtype] += x.numel()
+        return view
+
+    return _map_tensors(batch, place)
+
+
+def _map_tensors(batch: TrainBatch, fn) -> TrainBatch:
+    """A copy of ``batch`` with ``fn`` applied to each of its tensors, in a fixed order."""
+    inputs = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in batch.student_inputs.items()}
+    labels = fn(batch.student_labels)
+    teacher = None if batch.teacher is None else [
+        [t._apply(fn) for t in turns] if isinstance(turns, list) else turns._apply(fn) for turns in batch.teacher]
+    return replace(batch, student_inputs=inputs, student_labels=labels, teacher=teacher)
 
 
 # ============================================================================ join
