@@ -19,9 +19,10 @@ shuffled order (shards already open and verified), and the trainer's loader
 (``genrecal.train.data.make_loader`` with n worker processes, the tiny student, float32 teacher
 tensors: from cache to collated batches; a second, warm epoch is timed). Every MB/s counts raw
 bf16 bytes of the hidden states; the ratios ``*_vs_codec`` divide by the codec's decode MB/s
-(encode MB/s for the writer) at the same thread count. ``random_access_ms`` is per sample,
-scaled to 4096 tokens; ``random_overhead_ms`` is that minus the codec's own decode time for
-those bytes. Runs in about a minute with the defaults:
+(encode MB/s for the writer) at the same thread count. ``random_access_ms`` is per sample
+of 4096 tokens (the same states regrouped, fetched in shuffled order); ``random_overhead_ms``
+is that minus the codec's own decode time for those bytes. The loader epoch goes over the
+states 4 times under other ids (at least 24 batches of 4). Runs in about a minute with the defaults:
 
     python benchmarks/bench_store.py [--tokens 16384] [--hidden 1024] [--samples 24] [--threads N]
                                      [--io-threads 1,2] [--smoke] [--json [PATH]]
@@ -258,7 +259,10 @@ def _loader_samples(n: int, root: Path):
 
 
 def bench_loader(states: list[torch.Tensor], workers: int, root: Path) -> float:
-    """Seconds of one warm epoch of the trainer's loader over a cache of ``states``."""
+    """Seconds of one warm epoch of the trainer's loader over a cache of ``states`` (given
+    ``LOADER_REPEAT`` times under other ids, so that the epoch is long next to the time its
+    first batches take to come through the workers)."""
+    states = states * LOADER_REPEAT
     from genrecal.model.loading import load_vlm
     from genrecal.model.tiny import build_tiny_vlm
     from genrecal.train.data import LoaderConfig, make_loader
@@ -281,13 +285,41 @@ def bench_loader(states: list[torch.Tensor], workers: int, root: Path) -> float:
     finally:
         loader.close()
     assert rows == sum(len(x) for x in states), (rows, sum(len(x) for x in states))
-    return seconds
+    return seconds / LOADER_REPEAT
+
+
+LOADER_REPEAT = 4
+RANDOM_TOKENS = 4096  # random access is timed on samples of this many tokens
+RANDOM_ROUNDS = 5
+
+
+def bench_random_access(states: list[torch.Tensor], threads: int, url: str) -> tuple[float, int]:
+    """(milliseconds per ``reader.get`` of a RANDOM_TOKENS-token sample in shuffled order, the
+    tokens per sample: fewer only when all states hold fewer than 2 x RANDOM_TOKENS rows).
+
+    The same states, regrouped into samples of that many rows; the shards are opened and
+    verified by a first pass, then every sample is fetched RANDOM_ROUNDS times.
+    """
+    rows = torch.cat(states)
+    size = min(RANDOM_TOKENS, len(rows) // 2)
+    samples = [rows[i:i + size] for i in range(0, len(rows) - size + 1, size)]
+    _write_cache(url, samples, 1)
+    reader = CacheReader(url, threads=threads)
+    for i in range(len(samples)):
+        reader.get(f"s{i:05d}")
+    order = [i for _ in range(RANDOM_ROUNDS) for i in range(len(samples))]
+    random.Random(0).shuffle(order)
+    t0 = time.perf_counter()
+    for i in order:
+        got = reader.get(f"s{i:05d}", dtype=torch.bfloat16)
+    ms = (time.perf_counter() - t0) * 1000 / len(order)
+    assert torch.equal(got.answer_hidden, samples[order[-1]])
+    return ms, size
 
 
 def bench_speed(states: list[torch.Tensor], threads: int, root: Path) -> dict:
     """The cache path vs the raw codec at ``threads`` threads (see the module docstring)."""
     mb = sum(x.numel() * 2 for x in states) / 2**20
-    tokens = sum(len(x) for x in states)
     codec = bench_codec(states, threads)
     url = str(root / f"speed-{threads}")
     write_s = _write_cache(url, states, threads)
@@ -296,19 +328,15 @@ def bench_speed(states: list[torch.Tensor], threads: int, root: Path) -> dict:
     got = [s.answer_hidden for s in reader.iter_samples(dtype=torch.bfloat16)]
     read_s = time.perf_counter() - t0
     assert all(torch.equal(a, b) for a, b in zip(states, got))
-    order = list(range(len(states)))
-    random.Random(0).shuffle(order)
-    t0 = time.perf_counter()
-    for i in order:
-        reader.get(f"s{i:05d}", dtype=torch.bfloat16)
-    per_token_ms = (time.perf_counter() - t0) * 1000 / tokens
+    random_ms, random_tokens = bench_random_access(states, threads, str(root / f"random-{threads}"))
     loader_s = bench_loader(states, threads, root)
-    decode_per_token_ms = mb / codec["decode_mbs"] * 1000 / tokens
+    decode_ms = random_tokens * states[0].shape[1] * 2 / 2**20 / codec["decode_mbs"] * 1000
     return {"codec_encode_mbs": codec["encode_mbs"], "codec_decode_mbs": codec["decode_mbs"],
             "write_mbs": mb / write_s, "read_mbs": mb / read_s, "loader_mbs": mb / loader_s,
             "write_vs_codec": mb / write_s / codec["encode_mbs"], "read_vs_codec": mb / read_s / codec["decode_mbs"],
             "loader_vs_codec": mb / loader_s / codec["decode_mbs"],
-            "random_access_ms": per_token_ms * 4096, "random_overhead_ms": (per_token_ms - decode_per_token_ms) * 4096}
+            "random_access_ms": random_ms, "random_overhead_ms": random_ms - decode_ms,
+            "random_tokens": random_tokens}
 
 
 def speed_table(speed: dict[int, dict]) -> str:

@@ -167,6 +167,11 @@ def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer
                       files=entries)
 
 
+def _is_tensor_object(path: str) -> bool:
+    """Whether a shard file is a zarr shard object (``.../c/0/0``, ``.../c/0``): the large ones."""
+    return f"/{TENSORS_DIR}/" in path and "/c/" in path
+
+
 def _sha256(data: bytes | list[bytes]) -> str:
     """sha256 of a file's bytes (given whole or as its pieces in order); releases the GIL."""
     h = hashlib.sha256()
@@ -261,7 +266,10 @@ class ShardReader:
                  verify: bool = True, pool: ThreadPoolExecutor | None = None):
         self.storage, self.entry, self.features, self.pool = storage, entry, features, pool
         storage.check_no_escape(entry.dir)
-        if verify:
+        self._pending: list = []
+        if verify and pool is not None:
+            self._verify_overlapped()
+        elif verify:
             self.verify()
         self.records = self._open_records()
         self.group = self._open_group()
@@ -271,7 +279,26 @@ class ShardReader:
 
     def verify(self) -> None:
         """Raise :class:`CacheIntegrityError` naming every bad file of this shard."""
-        bad = file_problems(self.storage, self.entry.files)
+        self._raise_bad(file_problems(self.storage, self.entry.files))
+
+    def _verify_overlapped(self) -> None:
+        """Verify on the pool's threads: the small files (records, metadata) before this returns,
+        the tensor objects while their chunks are decoded; :meth:`_settle` waits for those and
+        raises, before any decoded value leaves the reader."""
+        futures = [(e, self.pool.submit(file_problems, self.storage, [e])) for e in self.entry.files]
+        self._pending = [f for e, f in futures if _is_tensor_object(e.path)]
+        if any(f.result() for e, f in futures if not _is_tensor_object(e.path)):
+            self._settle()
+
+    def _settle(self) -> None:
+        """Wait for the overlapped checksums (if any); raise naming every bad file."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self._raise_bad([p for f in pending for p in f.result()] +
+                            file_problems(self.storage, [e for e in self.entry.files
+                                                         if not _is_tensor_object(e.path)]))
+
+    def _raise_bad(self, bad: list) -> None:
         if bad:
             lines = "\n".join(f"  - {self.storage.where(path)}: {msg}" for _, path, msg in bad)
             raise CacheIntegrityError(
@@ -358,9 +385,16 @@ class ShardReader:
         when the array has the cache's layout, else through zarr."""
         direct = self._direct_reader(feature, part)
         if direct is None:
+            self._settle()
             return self.array(feature, part)[start:start + length]
         codec, index, read, where = direct
-        return codec.decode_rows(read, index, start, start + length, where, self.pool)
+        try:
+            out = codec.decode_rows(read, index, start, start + length, where, self.pool)
+        except CacheIntegrityError:
+            self._settle()  # a bad checksum explains a failed decode: report that first
+            raise
+        self._settle()
+        return out
 
     def _direct_reader(self, feature: str, part: str):
         """``(ArrayCodec, shard index, read(offset, nbytes), where)`` of one array, or None when its
@@ -383,7 +417,11 @@ class ShardReader:
         if size < codec.index_bytes:
             raise CacheIntegrityError(f"{where}: {size} bytes, shorter than its shard index; run "
                                       f"`genrecal validate {self.storage.url}`")
-        index = codec.index(read(size - codec.index_bytes, codec.index_bytes), where)
+        try:
+            index = codec.index(read(size - codec.index_bytes, codec.index_bytes), where)
+        except CacheIntegrityError:
+            self._settle()
+            raise
         ends = index[index[:, 0] != EMPTY].sum(axis=1)
         if len(ends) and int(ends.max()) > size - codec.index_bytes:
             raise CacheIntegrityError(f"{where}: its shard index points past the end of the file (truncated?); "

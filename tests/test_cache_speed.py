@@ -209,3 +209,26 @@ def test_bf16_nonfinite_scan_finds_every_position(where, value):
 def test_bf16_nonfinite_scan_keeps_large_finite_values():
     x = torch.tensor([3.3e38, -3.3e38, 1e-40, -0.0], dtype=torch.bfloat16)  # max finite, subnormal
     assert torch.isfinite(x).all() and not _bf16_nonfinite(x.view(torch.int16).numpy().view(np.uint16))
+
+
+@pytest.mark.parametrize("target", ["answer_hidden/data/c/0/0", "records.arrow"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_checksums_still_checked_before_any_value_with_threads(caches, tmp_path, target, threads):
+    """With a thread pool the tensor objects are hashed while they are decoded; a bad checksum
+    still raises (naming the file) before any value is returned, as without threads."""
+    import shutil
+
+    url = str(tmp_path / "copy")
+    shutil.copytree(caches[1], url)
+    reader = CacheReader(url, threads=threads)
+    entry = next(f for f in reader.manifest.shards[1].files if f.path.endswith(target))
+    path = Path(url) / entry.path
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 3] ^= 0x01  # a chunk's payload (or the records' body), not the shard index
+    path.write_bytes(bytes(blob))
+    first_of_shard = reader.shard(0).records.num_rows  # shard 0 is intact and reads
+    assert reader.get(sample_id(0)).sample_id == sample_id(0)
+    with pytest.raises(CacheIntegrityError, match=f"(?s)is corrupt.*{entry.path}.*sha256"):
+        reader.get(sample_id(first_of_shard))
+    with pytest.raises(CacheIntegrityError, match="is corrupt"):
+        list(CacheReader(url, threads=threads).iter_samples())
