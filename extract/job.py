@@ -122,6 +122,7 @@ class ExtractJob:
     synthetic: SyntheticData | None = None
     synthetic_dir: str | None = None  # where synthetic data is generated (if missing)
     progress: bool = True
+    encode_workers: int = 1  # processes that encode windows ahead of the forward (0: a thread)
 
     @property
     def plan_window(self) -> int:
@@ -149,7 +150,8 @@ def job_from_pipeline(pipe: Pipeline, *, out: str | None = None, limit: int | No
         shard_bytes=None if pipe.cache.shard.max_bytes is None else int(pipe.cache.shard.max_bytes),
         on_error=pipe.cache.on_error, limit=limit, resume=resume, device=pipe.teacher.device,
         device_map=pipe.teacher.device_map, tiny=pipe.teacher.tiny, synthetic=pipe.data.synthetic,
-        synthetic_dir=synthetic_dir if pipe.data.synthetic is not None else None)
+        synthetic_dir=synthetic_dir if pipe.data.synthetic is not None else None,
+        encode_workers=pipe.cache.encode_workers)
     return job.with_overrides(window=window, batch_size=batch_size)
 
 
