@@ -155,10 +155,12 @@ def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer
     digests = [pool.submit(_sha256, files[k]) for k in keys] if pool is not None else None
     final = f"{SHARDS_DIR}/{name}"
     target = f"{SHARDS_DIR}/{TMP_PREFIX}{name}-{secrets.token_hex(4)}" if storage.local else final
-    storage.write_tree(target, files)
+    # without a pool, the checksums are taken while the fsyncs wait on the disk
+    hexes = storage.write_tree(target, files, while_syncing=None if pool is not None else
+                               (lambda: [_sha256(files[k]) for k in keys]))
     if target != final:
         storage.rename(target, final)
-    hexes = [d.result() for d in digests] if digests is not None else [_sha256(files[k]) for k in keys]
+    hexes = [d.result() for d in digests] if digests is not None else hexes
     entries = tuple(FileEntry(path=f"{final}/{k}", size=_size(files[k]), sha256=h) for k, h in zip(keys, hexes))
     return ShardEntry(name=name, rank=rank, samples=len(buffer), tokens=buffer.tokens,
                       feature_rows=dict(buffer.rows),

@@ -22,7 +22,9 @@ import os
 import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -212,7 +214,7 @@ class CacheStorage:
         os.replace(tmp, path)
         fsync_path(os.path.dirname(path))
 
-    def write_tree(self, rel: str, files: dict) -> None:
+    def write_tree(self, rel: str, files: dict, while_syncing: Callable[[], Any] | None = None) -> Any:
         """Write every ``files[key]`` to ``rel/key`` (not atomic as a whole).
 
         Locally ``rel`` must be a new directory that no reader looks at until the caller renames
@@ -222,11 +224,13 @@ class CacheStorage:
         first, then all fsyncs run at once on I/O threads (the filesystem can commit them
         together); all of them finish before this returns. ``files[key]`` is bytes or a list of
         byte strings written one after the other. Elsewhere each file is one object write.
+        ``while_syncing``: called while the fsyncs run (after the writes elsewhere); its result is
+        returned.
         """
         if not self.local:
             for key, data in files.items():
                 self.write_bytes(f"{rel}/{key}", data if isinstance(data, (bytes, bytearray)) else b"".join(data))
-            return
+            return while_syncing() if while_syncing is not None else None
         dirs, written = set(), []
         for key, data in files.items():
             path = self.write_new(f"{rel}/{key}", data, fsync=False)
@@ -241,8 +245,11 @@ class CacheStorage:
         # commit them together; every one has finished (or raised) before this returns
         targets = written + sorted(dirs, key=len, reverse=True)
         with ThreadPoolExecutor(min(8, len(targets)), thread_name_prefix="cache-fsync") as io:
-            for done in [io.submit(fsync_path, p) for p in targets]:
+            syncing = [io.submit(fsync_path, p) for p in targets]
+            result = while_syncing() if while_syncing is not None else None
+            for done in syncing:
                 done.result()
+        return result
 
     def write_new(self, rel: str, data: bytes | list[bytes], fsync: bool = True) -> str:
         """Create local file ``rel`` (it must not exist; its directory is created), write ``data``

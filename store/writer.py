@@ -178,6 +178,7 @@ class CacheWriter:
         self._seq = 1 + max((parse_shard_name(s.name)[1] for s in self._shards), default=-1)
         self._buffer = ShardBuffer(self.header.features)
         self._open = True
+        self._log_written = (len(self._shards), len(self._skipped)) if own is not None else None
         if own is None:
             self._write_log()
 
@@ -187,7 +188,8 @@ class CacheWriter:
             return None
         try:
             self.flush()
-            self._write_log()
+            if self._log_written != (len(self._shards), len(self._skipped)):  # skips since the last shard
+                self._write_log()
         finally:
             self._open = False
             if self._pool is not None:
@@ -310,6 +312,7 @@ class CacheWriter:
         return entry
 
     def _write_log(self) -> None:
+        self._log_written = (len(self._shards), len(self._skipped))
         log = RankLog(header=self.header, rank=self.rank, created_at=self._created_at,
                       shards=tuple(self._shards), skipped=tuple(self._skipped))
         self.storage.write_bytes(rank_log_path(self.rank), log.model_dump_json(indent=1).encode())
