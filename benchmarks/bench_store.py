@@ -14,7 +14,8 @@ Then the cache path against the codec (docs/cache_speed.md), on the same bf16 st
 ``--io-threads`` (default 1,2) threads: the raw codec (blosc zstd-1 + byte shuffle on the cache's
 chunks, numcodecs alone, chunks spread over the threads), the cache writer (``CacheWriter(threads=n)``,
 records, checksums and fsyncs included), the sequential read (``CacheReader(threads=n)``, shard
-checksums verified on first use, as the trainer reads), random access by sample id over a
+checksums verified on first use, as the trainer reads; also without them, to show their
+cost), random access by sample id over a
 shuffled order (shards already open and verified), and the trainer's loader
 (``genrecal.train.data.make_loader`` with n worker processes, the tiny student, float32 teacher
 tensors: from cache to collated batches; a second, warm epoch is timed). Every MB/s counts raw
@@ -337,26 +338,36 @@ def bench_speed(states: list[torch.Tensor], threads: int, root: Path) -> dict:
         read_times.append(time.perf_counter() - t0)
         assert all(torch.equal(a, b) for a, b in zip(states, got))
     read_s = min(read_times)
+    bare_times = []  # the same read without the checksums: what they cost
+    for _ in range(REPEATS):
+        reader = CacheReader(url, threads=threads, verify=False)
+        t0 = time.perf_counter()
+        for _ in reader.iter_samples(dtype=torch.bfloat16):
+            pass
+        bare_times.append(time.perf_counter() - t0)
     random_ms, random_tokens = bench_random_access(states, threads, str(root / f"random-{threads}"))
     loader_s = bench_loader(states, threads, root)
     decode_ms = random_tokens * states[0].shape[1] * 2 / 2**20 / codec["decode_mbs"] * 1000
     return {"codec_encode_mbs": codec["encode_mbs"], "codec_decode_mbs": codec["decode_mbs"],
             "write_mbs": mb / write_s, "read_mbs": mb / read_s, "loader_mbs": mb / loader_s,
+            "read_unverified_mbs": mb / min(bare_times),
             "write_vs_codec": mb / write_s / codec["encode_mbs"], "read_vs_codec": mb / read_s / codec["decode_mbs"],
+            "read_unverified_vs_codec": mb / min(bare_times) / codec["decode_mbs"],
             "loader_vs_codec": mb / loader_s / codec["decode_mbs"],
             "random_access_ms": random_ms, "random_overhead_ms": random_ms - decode_ms,
             "random_tokens": random_tokens}
 
 
 def speed_table(speed: dict[int, dict]) -> str:
-    head = (f"{'threads':>7} {'codec enc':>10} {'codec dec':>10} {'write':>8} {'read':>8} {'loader':>8} "
-            f"{'write/codec':>12} {'read/codec':>11} {'loader/codec':>13} {'get ms/4k':>10} {'overhead':>9}")
+    head = (f"{'threads':>7} {'codec enc':>10} {'codec dec':>10} {'write':>8} {'read':>8} {'unverif.':>9} "
+            f"{'loader':>8} {'write/codec':>12} {'read/codec':>11} {'unverif./codec':>15} {'loader/codec':>13} "
+            f"{'get ms/4k':>10} {'overhead':>9}")
     lines = [head, "-" * len(head)]
     for n, r in speed.items():
         lines.append(f"{n:>7} {r['codec_encode_mbs']:>10.0f} {r['codec_decode_mbs']:>10.0f} {r['write_mbs']:>8.0f} "
-                     f"{r['read_mbs']:>8.0f} {r['loader_mbs']:>8.0f} {r['write_vs_codec']:>12.2f} "
-                     f"{r['read_vs_codec']:>11.2f} {r['loader_vs_codec']:>13.2f} {r['random_access_ms']:>10.2f} "
-                     f"{r['random_overhead_ms']:>9.2f}")
+                     f"{r['read_mbs']:>8.0f} {r['read_unverified_mbs']:>9.0f} {r['loader_mbs']:>8.0f} "
+                     f"{r['write_vs_codec']:>12.2f} {r['read_vs_codec']:>11.2f} {r['read_unverified_vs_codec']:>15.2f} "
+                     f"{r['loader_vs_codec']:>13.2f} {r['random_access_ms']:>10.2f} {r['random_overhead_ms']:>9.2f}")
     return "\n".join(lines)
 
 
@@ -422,7 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
                "speed": {str(n): r for n, r in speed.items()}}
     # the headline keys: at the largest thread count measured
     summary.update({k: speed[max(speed)][k] for k in ("write_vs_codec", "read_vs_codec", "loader_vs_codec",
-                                                        "random_access_ms", "random_overhead_ms")})
+                                                        "read_unverified_vs_codec", "random_access_ms",
+                                                        "random_overhead_ms")})
     benchcli.write_json(summary, args.json)
     return summary
 

@@ -373,3 +373,25 @@ def test_loader_config_round_trip_and_validation():
         LoaderConfig(teacher_dtype="int8")
     with pytest.raises(ValueError, match="unknown keys"):
         LoaderConfig.from_dict({"batch": 2})
+
+
+def test_next_epoch_started_early_gives_the_same_batches_and_resumes(tmp_path, teacher, student, samples):
+    """Persistent workers get the next epoch's first batches when an epoch's last one is handed
+    out; the epochs are still exactly the in-process ones, and a load_state in between drops the
+    early start (the resumed position is served instead)."""
+    write_cache(tmp_path / "cache", teacher, samples)
+    in_process = make_loader(samples, student, cache=tmp_path / "cache", config=config())
+    want = [epoch(in_process) for _ in range(3)]
+    workers = make_loader(samples, student, cache=tmp_path / "cache", config=config(num_workers=1))
+    try:
+        first = epoch(workers)
+        assert workers._ahead is not None  # epoch 1 is under way in the worker
+        assert_same_batches(first, want[0])
+        assert_same_batches(epoch(workers), want[1])
+        mid = SamplerState(epoch=1, position=2, seed=3, world_size=1, rank=0)
+        workers.load_state(mid)  # drops the early start of epoch 2
+        assert workers._ahead is None
+        assert_same_batches(epoch(workers), want[1][1:])
+        assert_same_batches(epoch(workers), want[2])
+    finally:
+        workers.close()

@@ -872,6 +872,7 @@ class TrainLoader:
         self._state = plan.state()
         self._worker_skips: dict[str, Skip] = {}
         self.wait = DataWait()
+        self._ahead: tuple[list, Iterator] | None = None  # (batches, iterator) of the next epoch, started early
         if state is not None:
             self.load_state(state)
 
@@ -883,6 +884,7 @@ class TrainLoader:
         """Resume at ``state`` (checked against this run: seed, world size, rank, batch boundary)."""
         self.plan.remaining(state)
         self._state = state
+        self._ahead = None  # an epoch started early from another position is not this one
 
     @property
     def steps_per_epoch(self) -> int:
@@ -911,17 +913,35 @@ class TrainLoader:
         if not batches:  # resumed at the very end of an epoch
             self._state = self._state.next_epoch()
             return
-        self._sampler.batches = batches
-        self._loader.generator = self.worker_generator(self._state.epoch)  # never the global RNG
-        iterator = iter(self._loader)
-        for planned in batches:
+        ahead, self._ahead = self._ahead, None
+        iterator = ahead[1] if ahead is not None and ahead[0] == batches else self._start(self._state.epoch, batches)
+        for i, planned in enumerate(batches):
             started = time.perf_counter()
             batch = next(iterator)
             self.wait.add(time.perf_counter() - started)
             self._worker_skips.update((s.sample_id, s) for s in batch.skipped)
             self._state = self._state.advanced(len(planned))
+            if i == len(batches) - 1:
+                self._start_next_epoch()
             yield batch
         self._state = self._state.next_epoch()
+
+    def _start(self, epoch: int, batches: list) -> Iterator[TrainBatch]:
+        self._sampler.batches = batches
+        self._loader.generator = self.worker_generator(epoch)  # never the global RNG
+        return iter(self._loader)
+
+    def _start_next_epoch(self) -> None:
+        """With persistent workers, hand them the next epoch's first batches as soon as this
+        epoch's last one is received, so that the trainer does not wait a whole batch at every
+        epoch start. The order is the one the next ``iter()`` would start (it checks and takes
+        it over); :meth:`load_state` drops it."""
+        if not self._loader.persistent_workers:
+            return
+        following = self._state.next_epoch()
+        batches = self.plan.remaining(following)
+        if batches:
+            self._ahead = (batches, self._start(following.epoch, batches))
 
     def close(self) -> None:
         """Stop persistent worker processes (they also stop when the loader is garbage collected)."""
