@@ -304,19 +304,26 @@ def test_epochs_resume_and_ranks(tmp_path, teacher, student, samples):
     assert sorted(sum(per_rank, [])) == sorted(s.id for s in samples)
 
 
-def test_worker_processes_give_the_same_batches(tmp_path, teacher, student, samples):
+def test_worker_processes_give_the_same_batches(tmp_path, teacher, student, samples, monkeypatch):
     write_cache(tmp_path / "cache", teacher, samples)
     in_process = epoch(make_loader(samples, student, cache=tmp_path / "cache", config=config()))
     workers = make_loader(samples, student, cache=tmp_path / "cache", config=config(num_workers=2))
     try:
         from_workers = epoch(workers)
         assert_same_batches(from_workers, in_process)
-        for batch in from_workers:  # handed over packed: one shared buffer per dtype
+        for batch in from_workers:  # handed over packed: one buffer per dtype (small: inline, not shared)
             tensors = [*batch.student_inputs.values(), batch.student_labels]
             tensors += [x for turns in batch.teacher for t in turns
                         for x in (t.window, t.answer_ids, t.question, t.question_positions) if x is not None]
             assert len({x.untyped_storage().data_ptr() for x in tensors}) == len({x.dtype for x in tensors})
-            assert all(x.is_shared() for x in tensors)
+            assert not any(x.is_shared() for x in tensors)
+        monkeypatch.setattr("genrecal.train.data.INLINE_BYTES", 0)  # every batch through shared memory
+        shared = make_loader(samples, student, cache=tmp_path / "cache", config=config(num_workers=1,
+                                                                                       persistent_workers=False))
+        batches = epoch(shared)
+        assert_same_batches(batches, in_process)
+        for batch in batches:
+            assert batch.student_labels.is_shared() and batch.teacher[0][0].window.is_shared()
         assert workers.state.epoch == 1
         again = epoch(workers)  # persistent workers, next epoch's order
         assert sorted(flatten(again)) == sorted(flatten(in_process))

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
@@ -623,18 +624,90 @@ class Collator:
         batch = TrainBatch(ids=[x.sample_id for x in examples], student_inputs=inputs, student_labels=labels,
                            student_answer_starts=[x.answer_starts for x in examples], teacher=teacher,
                            skipped=skipped, teacher_requests=requests)
-        return _packed_shared(batch) if torch.utils.data.get_worker_info() is not None else batch
+        return _for_handover(batch) if torch.utils.data.get_worker_info() is not None else batch
 
 
-def _packed_shared(batch: TrainBatch) -> TrainBatch:
-    """``batch`` with every CPU tensor (student inputs and labels, teacher records) copied into
-    one shared-memory buffer per dtype, as views of it: for a loader worker to hand over.
+INLINE_BYTES = 4 << 20
+"""A worker sends a batch of at most this many tensor bytes inline through its result pipe."""
 
-    A worker process hands a batch to the trainer by moving each tensor's storage into shared
-    memory: one segment (a file, an mmap, a descriptor passed over a socket) per storage, a few per
-    sample. Packed, a batch needs one per dtype, and the copy into shared memory is the one the
-    move would have made anyway. Values, shapes and dtypes are unchanged.
+
+def _for_handover(batch: TrainBatch):
+    """How a loader worker hands ``batch`` to the trainer.
+
+    By default a worker moves each tensor's storage into shared memory: one segment per storage,
+    a few per sample, and for each one the trainer asks the worker's resource-sharer thread for
+    the file descriptor over a socket, a round trip that waits on the worker's GIL while it
+    prepares the next batch (measured: 1-8 ms per batch of 2 small samples, 10% of a tiny
+    step). Here a batch of at most :data:`INLINE_BYTES` of tensors travels inline in the pipe,
+    its tensors' bytes as one buffer per dtype (:class:`_Inline`: no descriptor); a larger one
+    as one shared-memory segment per dtype (:func:`_packed`).
     """
+    tensors = _tensors_of(batch)
+    if sum(x.numel() * x.element_size() for x in tensors) <= INLINE_BYTES:
+        return _Inline(batch)
+    return _packed(batch, shared=True)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor of an inline batch lies: ``shape`` elements from ``offset`` of its dtype's buffer."""
+
+    dtype: str
+    offset: int
+    shape: tuple[int, ...]
+
+
+class _Inline:
+    """A batch that pickles as its structure with :class:`_Slot` s for tensors, plus one
+    ``bytearray`` per dtype holding the tensors' values; it unpickles as the batch itself, its
+    tensors views of those buffers (:func:`_from_inline`), in the trainer process."""
+
+    def __init__(self, batch: TrainBatch):
+        self.batch = batch
+
+    def __reduce__(self):
+        buffers: dict[str, bytearray] = {}
+
+        def slot(x: torch.Tensor) -> _Slot:
+            name = str(x.dtype).removeprefix("torch.")
+            buf = buffers.setdefault(name, bytearray())
+            offset = len(buf) // x.element_size()
+            buf += x.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""
+            return _Slot(name, offset, tuple(x.shape))
+
+        skeleton = _map_tensors(self.batch, slot)
+        return _from_inline, (skeleton, buffers)
+
+
+def _from_inline(skeleton: TrainBatch, buffers: dict[str, bytearray]) -> TrainBatch:
+    flat = {name: torch.frombuffer(buf, dtype=getattr(torch, name)) if buf else torch.empty(0, dtype=getattr(torch, name))
+            for name, buf in buffers.items()}
+
+    def tensor(slot: _Slot) -> torch.Tensor:
+        n = math.prod(slot.shape)
+        if n == 0:
+            return torch.empty(slot.shape, dtype=getattr(torch, slot.dtype))
+        return flat[slot.dtype][slot.offset:slot.offset + n].view(slot.shape)
+
+    return _map_tensors(skeleton, tensor)
+
+
+def _tensors_of(batch: TrainBatch) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            found.append(x)
+        return x
+
+    _map_tensors(batch, keep)
+    return found
+
+
+def _packed(batch: TrainBatch, shared: bool) -> TrainBatch:
+    """``batch`` with every CPU tensor (student inputs and labels, teacher records) copied into
+    one buffer per dtype (in shared memory if ``shared``), as views of it. Values, shapes and
+    dtypes are unchanged."""
     sizes: dict[torch.dtype, int] = {}
 
     def count(x: torch.Tensor) -> torch.Tensor:
@@ -644,7 +717,8 @@ def _packed_shared(batch: TrainBatch) -> TrainBatch:
 
     _map_tensors(batch, count)
     flat = {dt: torch.empty(0, dtype=dt).set_(torch.UntypedStorage._new_shared(n * dt.itemsize), 0, (n,))
-            for dt, n in sizes.items()}  # allocated in shared memory, as default_collate does in workers
+            if shared else torch.empty(n, dtype=dt)
+            for dt, n in sizes.items()}  # shared: allocated there, as default_collate does in workers
     at = dict.fromkeys(sizes, 0)
 
     def place(x: torch.Tensor) -> torch.Tensor:
@@ -660,7 +734,7 @@ def _packed_shared(batch: TrainBatch) -> TrainBatch:
 
 def _map_tensors(batch: TrainBatch, fn) -> TrainBatch:
     """A copy of ``batch`` with ``fn`` applied to each of its tensors, in a fixed order."""
-    inputs = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in batch.student_inputs.items()}
+    inputs = {k: fn(v) if isinstance(v, (torch.Tensor, _Slot)) else v for k, v in batch.student_inputs.items()}
     labels = fn(batch.student_labels)
     teacher = None if batch.teacher is None else [
         [t._apply(fn) for t in turns] if isinstance(turns, list) else turns._apply(fn) for turns in batch.teacher]
