@@ -122,7 +122,7 @@ class ExtractJob:
     synthetic: SyntheticData | None = None
     synthetic_dir: str | None = None  # where synthetic data is generated (if missing)
     progress: bool = True
-    encode_workers: int = 1  # processes that encode windows ahead of the forward (0: a thread)
+    encode_workers: int = 0  # processes that encode windows ahead of the forward (0: a thread)
 
     @property
     def plan_window(self) -> int:

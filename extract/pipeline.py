@@ -256,12 +256,13 @@ def _extract(job, teacher, writer, windows, done, read_skips, info):
     """Encode (prefetched), run and write this rank's windows; returns counters, writer stats."""
     counters = RunCounters(already=sum(s.id in done for w in windows for s in w))
     todo = [w for w in windows if any(s.id not in done for s in w)]
+    encoded = encoded_windows(teacher, todo, job.settings.max_length, job.encode_workers)  # before any thread
     bar = _progress(job, info, total=sum(map(len, windows)), initial=counters.already)
     with BackgroundWriter(partial(write_item, writer, job.on_error), max_queue=4) as background:
         run = BatchRunner(job.on_error, teacher, writer.header.features, background, done, counters)
         for skip in read_skips:
             background.submit(SkipItem(skip.sample_id, f"dataset: {skip.reason}", skip.file))
-        for window in encoded_windows(teacher, todo, job.settings.max_length, job.encode_workers):
+        for window in encoded:
             for sample, reason in window.failed:
                 run.fail(sample, reason)
             for batch in window_batches(window.ok, job.batch_size):
@@ -396,24 +397,27 @@ def encoded_windows(teacher: Teacher, windows: list[list[Sample]], max_length: i
 
     ``workers == 0``: on one thread of this process, one window ahead (the chat template, the
     tokenizer and the image processor then share the interpreter with the forward). ``workers
-    >= 1``: in that many worker processes (spawned: no state of this process is inherited) that
-    hold the teacher's processor and family, ``workers`` windows ahead; the first window is
-    encoded here while they start. A single window is always encoded here.
+    >= 1``: in that many worker processes holding the teacher's processor and family,
+    ``workers`` windows ahead. They are started here, before the caller starts any thread of
+    its own, with the platform's default start method (fork on Linux, as the trainer's loader
+    workers: they start in milliseconds; they never touch the model or a GPU). The first
+    window is encoded here. A single window is always encoded here.
     """
     if workers == 0 or len(windows) < 2:
-        yield from prefetched(partial(encode_window, teacher, max_length=max_length), windows)
-        return
-    import multiprocessing
-
+        return prefetched(partial(encode_window, teacher, max_length=max_length), windows)
     from concurrent.futures import ProcessPoolExecutor
 
     pair = (teacher.vlm.processor, teacher.vlm.family)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_encoder, initargs=(pair, max_length)) as pool:
-        source = iter(windows[1:])
-        pending = deque(pool.submit(_encode_in_worker, w) for w in islice(source, workers))
+    pool = ProcessPoolExecutor(workers, initializer=_init_encoder, initargs=(pair, max_length))
+    source = iter(windows[1:])
+    pending = deque(pool.submit(_encode_in_worker, w) for w in islice(source, workers))  # starts them
+    return _in_order(pool, pending, source, encode_window(teacher, windows[0], max_length))
+
+
+def _in_order(pool, pending: deque, source: Iterator, first: WindowEncoding) -> Iterator[WindowEncoding]:
+    with pool:
         try:
-            yield encode_window(teacher, windows[0], max_length)
+            yield first
             while pending:
                 result = pending.popleft().result()
                 pending.extend(pool.submit(_encode_in_worker, w) for w in islice(source, 1))

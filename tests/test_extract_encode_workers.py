@@ -19,7 +19,7 @@ def _extract(pipe, workers: int, out: str, window: int):
 
 def test_encoding_workers_write_the_same_cache_as_a_thread(tiny_vlm_dir, tmp_path):
     pipe = make_pipeline("w", pipeline_dict(tiny_vlm_dir("qwen2_vl"), "qwen2_vl", tmp_path / "p"))
-    assert pipe.cache.encode_workers == 1  # the default
+    assert pipe.cache.encode_workers == 0  # the default: a thread
     # window 2: four windows, so that the workers encode windows 2..4 while the forward runs
     thread = _extract(pipe, 0, str(tmp_path / "thread"), window=2)
     workers = _extract(pipe, 2, str(tmp_path / "workers"), window=2)
