@@ -138,7 +138,8 @@ class ArrayCodec:
         if offset == 0:
             return None
         index_bytes = index.tobytes()
-        return [p for p in parts if p] + [index_bytes, np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()]
+        crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+        return [p for p in parts if p] + [index_bytes, crc]
 
     # ------------------------------------------------------------------ decode
 

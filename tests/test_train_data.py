@@ -402,3 +402,41 @@ def test_next_epoch_started_early_gives_the_same_batches_and_resumes(tmp_path, t
         assert_same_batches(epoch(workers), want[2])
     finally:
         workers.close()
+
+
+def test_inline_handover_round_trips_every_kind_of_teacher_record():
+    """A worker's small batch pickles as its structure plus one byte buffer per dtype and comes
+    back equal: TeacherTurns (views, None questions) and GRACE targets (logit statistics,
+    Grams, bf16 rows, an empty tensor), student inputs included."""
+    import pickle
+
+    from genrecal.store.logit_stats import STAT_FIELDS, LogitStats
+    from genrecal.train.data import GraceTarget, TeacherTurn, _Inline
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(9, 6, generator=gen)
+    turns = [[TeacherTurn(window=rows[1:4], answer_ids=torch.arange(3), question=rows[:1], answer_start=2,
+                          question_positions=torch.tensor([0])),
+              TeacherTurn(window=rows[4:9].t(), answer_ids=torch.arange(2), question=None)]]
+    stats = LogitStats(topk_ids=torch.randint(0, 50, (3, 4), generator=gen),
+                       topk_logprobs=torch.randn(3, 4, generator=gen),
+                       **{f: torch.randn(3, generator=gen) for f in STAT_FIELDS})
+    grace = [GraceTarget(input_ids=torch.arange(7), answer_ids=torch.arange(3), stats=stats,
+                         hidden=torch.randn(3, 6, generator=gen).to(torch.bfloat16),
+                         grams=[torch.randn(2, 2, generator=gen), torch.zeros(0, 0)], image_spans=((1, 3),))]
+    for teacher in (turns, grace):
+        batch = TrainBatch(ids=["a"], student_inputs={"input_ids": torch.arange(5)[None], "pixel_values":
+                                                      torch.randn(2, 3, generator=gen)},
+                           student_labels=torch.full((1, 5), -100), student_answer_starts=[[2]], teacher=teacher)
+        back = pickle.loads(pickle.dumps(_Inline(batch)))
+        assert isinstance(back, TrainBatch) and back.ids == ["a"]
+        assert all(torch.equal(back.student_inputs[k], v) for k, v in batch.student_inputs.items())
+        assert torch.equal(back.student_labels, batch.student_labels)
+        for mine, theirs in zip(back.teacher, batch.teacher):
+            as_list = (lambda x: x if isinstance(x, list) else [x])  # noqa: E731
+            for a, b in zip(as_list(mine), as_list(theirs)):
+                got, want = [], []
+                a._apply(lambda x: got.append(x) or x)
+                b._apply(lambda x: want.append(x) or x)
+                assert len(got) == len(want)
+                assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(got, want))

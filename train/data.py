@@ -51,6 +51,7 @@ seeds of epoch 0).
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import math
@@ -621,10 +622,16 @@ class Collator:
         requests = None
         if teacher and isinstance(teacher[0], TeacherRequest):  # online: the live teacher fills `teacher` in
             teacher, requests = None, teacher
-        batch = TrainBatch(ids=[x.sample_id for x in examples], student_inputs=inputs, student_labels=labels,
-                           student_answer_starts=[x.answer_starts for x in examples], teacher=teacher,
-                           skipped=skipped, teacher_requests=requests)
-        return _for_handover(batch) if torch.utils.data.get_worker_info() is not None else batch
+        return TrainBatch(ids=[x.sample_id for x in examples], student_inputs=inputs, student_labels=labels,
+                          student_answer_starts=[x.answer_starts for x in examples], teacher=teacher,
+                          skipped=skipped, teacher_requests=requests)
+
+
+def collate_for_handover(collator: Collator, items: Sequence[Example | Skip]):
+    """The loader's ``collate_fn``: ``collator(items)``, made ready (:func:`_for_handover`) when
+    it runs in a worker process."""
+    batch = collator(items)
+    return _for_handover(batch) if torch.utils.data.get_worker_info() is not None else batch
 
 
 INLINE_BYTES = 4 << 20
@@ -680,8 +687,8 @@ class _Inline:
 
 
 def _from_inline(skeleton: TrainBatch, buffers: dict[str, bytearray]) -> TrainBatch:
-    flat = {name: torch.frombuffer(buf, dtype=getattr(torch, name)) if buf else torch.empty(0, dtype=getattr(torch, name))
-            for name, buf in buffers.items()}
+    flat = {name: torch.frombuffer(buf, dtype=getattr(torch, name)) if buf
+            else torch.empty(0, dtype=getattr(torch, name)) for name, buf in buffers.items()}
 
     def tensor(slot: _Slot) -> torch.Tensor:
         n = math.prod(slot.shape)
@@ -733,12 +740,15 @@ def _packed(batch: TrainBatch, shared: bool) -> TrainBatch:
 
 
 def _map_tensors(batch: TrainBatch, fn) -> TrainBatch:
-    """A copy of ``batch`` with ``fn`` applied to each of its tensors, in a fixed order."""
-    inputs = {k: fn(v) if isinstance(v, (torch.Tensor, _Slot)) else v for k, v in batch.student_inputs.items()}
-    labels = fn(batch.student_labels)
-    teacher = None if batch.teacher is None else [
+    """A (shallow) copy of ``batch``, any attribute set on it kept, with ``fn`` applied to each
+    of its tensors, in a fixed order."""
+    out = copy.copy(batch)
+    out.student_inputs = {k: fn(v) if isinstance(v, (torch.Tensor, _Slot)) else v
+                          for k, v in batch.student_inputs.items()}
+    out.student_labels = fn(batch.student_labels)
+    out.teacher = None if batch.teacher is None else [
         [t._apply(fn) for t in turns] if isinstance(turns, list) else turns._apply(fn) for turns in batch.teacher]
-    return replace(batch, student_inputs=inputs, student_labels=labels, teacher=teacher)
+    return out
 
 
 # ============================================================================ join
@@ -941,7 +951,8 @@ class TrainLoader:
                  config: LoaderConfig, state: SamplerState | None = None):
         self.dataset, self.plan, self.report, self.config = dataset, plan, report, config
         self._sampler = _ReplaySampler()
-        self._loader = DataLoader(dataset, batch_sampler=self._sampler, collate_fn=collator,
+        self._loader = DataLoader(dataset, batch_sampler=self._sampler,
+                                  collate_fn=partial(collate_for_handover, collator),
                                   generator=torch.Generator(), **config.dataloader_kwargs())
         self._state = plan.state()
         self._worker_skips: dict[str, Skip] = {}
