@@ -411,17 +411,14 @@ def encoded_windows(teacher: Teacher, windows: list[list[Sample]], max_length: i
     pool = ProcessPoolExecutor(workers, initializer=_init_encoder, initargs=(pair, max_length))
     source = iter(windows[1:])
     pending = deque(pool.submit(_encode_in_worker, w) for w in islice(source, workers))  # starts them
-    return _in_order(pool, pending, source, encode_window(teacher, windows[0], max_length))
+    return _worker_windows(pool, pending, source, encode_window(teacher, windows[0], max_length))
 
 
-def _in_order(pool, pending: deque, source: Iterator, first: WindowEncoding) -> Iterator[WindowEncoding]:
+def _worker_windows(pool, pending: deque, source: Iterator, first: WindowEncoding) -> Iterator[WindowEncoding]:
     with pool:
         try:
             yield first
-            while pending:
-                result = pending.popleft().result()
-                pending.extend(pool.submit(_encode_in_worker, w) for w in islice(source, 1))
-                yield result
+            yield from _in_order(pool, _encode_in_worker, source, pending)
         finally:
             for future in pending:
                 future.cancel()
@@ -445,15 +442,20 @@ def prefetched(fn: Callable, items: Iterable, depth: int = 1) -> Iterator:
     """``fn(item)`` for each item, in order, computed ``depth`` items ahead on one thread."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="genrecal-encode") as pool:
         source = iter(items)
-        pending = deque(pool.submit(fn, item) for item in islice(source, depth + 1))
-        try:
-            while pending:
-                result = pending.popleft().result()
-                pending.extend(pool.submit(fn, item) for item in islice(source, 1))
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
+        yield from _in_order(pool, fn, source, deque(pool.submit(fn, item) for item in islice(source, depth + 1)))
+
+
+def _in_order(pool, fn: Callable, source: Iterator, pending: deque) -> Iterator:
+    """The results of the ``pending`` futures, in order; each result taken submits ``fn`` on
+    the next item of ``source``. Futures not yet taken are cancelled if the caller stops."""
+    try:
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(fn, item) for item in islice(source, 1))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 # ----------------------------------------------------------------------------- progress
