@@ -30,7 +30,7 @@ transformers bare forward (the first pass of a fresh vLLM engine on CPU is sever
 slower than its warm passes: the kernels warm up per batch shape).
 
     python benchmarks/bench_extract.py [--samples 96] [--batch-size 8] [--hidden 256] [--repeats 3]
-                                       [--window 16] [--threads 1] [--device cpu|cuda]
+                                       [--window 16] [--threads 1] [--encode-workers 0] [--device cpu|cuda]
                                        [--backend hf|vllm] [--kind KIND] [--vllm-python PATH]
                                        [--smoke] [--json [PATH]]
 
@@ -75,7 +75,7 @@ def _pipeline(root: Path, args) -> Pipeline:
         "cache": {"location": str(root / "cache"), "batch_size": args.batch_size, "max_length": 512,
                   "features": {"answer_hidden": True, "question_hidden": "all", "visual_gram": True,
                                "logit_stats": {"top_k": 16, "temperature": 2.0}},
-                  "codecs": {"question_hidden": "fp8_e4m3"}},
+                  "codecs": {"question_hidden": "fp8_e4m3"}, "encode_workers": args.encode_workers},
         "stages": [{"name": "align", "steps": 1, "lr_start": 1e-3, "lr_end": 1e-4}],
         "evaluation": None, "output": str(root / "out")})
 
@@ -163,6 +163,7 @@ def measure(args) -> dict:
         return {**vllm, "backend": args.backend, "kind": args.kind, "samples": runs[0].written, "batches": len(batches), "tokens": tokens,
                 "hidden": teacher.hidden_size, "vocab": teacher.vocab_size,
                 "device": str(teacher.device), "threads": torch.get_num_threads(),
+                "encode_workers": args.encode_workers,
                 "bare_s": statistics.median(bare), "inner_s": statistics.median(inner), "loop_s": loop,
                 "end_to_end_s": statistics.median(run.seconds for run in runs),
                 "encode_s": encode_s, "ratio": loop / statistics.median(bare),
@@ -240,6 +241,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=16,
                         help="samples per plan window (default 16: several windows, so that "
                              "encoding the next one overlaps the current one)")
+    parser.add_argument("--encode-workers", type=int, default=0,
+                        help="cache.encode_workers: processes encoding samples ahead of the forward "
+                             "(default 0: a thread of the extraction process)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="hf", choices=("hf", "vllm"),
                         help="vllm: also run the same batches through vLLM (make venv-vllm)")

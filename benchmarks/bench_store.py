@@ -8,10 +8,26 @@ as a teacher pass caches them. Random weights do not give a trained model's outl
 so treat absolute ratios as indicative; the comparison between codecs is the point.
 
 Side by side, in the same run: the baseline of speculative-decoding hidden-state caches, one
-bfloat16 safetensors file per sample. Runs in well under a minute with the defaults:
+bfloat16 safetensors file per sample.
+
+Then the cache path against the codec (docs/cache_speed.md), on the same bf16 states, at each of
+``--io-threads`` (default 1,2) threads: the raw codec (blosc zstd-1 + byte shuffle on the cache's
+chunks, numcodecs alone, chunks spread over the threads), the cache writer (``CacheWriter(threads=n)``,
+records, checksums and fsyncs included), the sequential read (``CacheReader(threads=n)``, shard
+checksums verified on first use, as the trainer reads; also without them, to show their
+cost), random access by sample id over a
+shuffled order (shards already open and verified), and the trainer's loader
+(``genrecal.train.data.make_loader`` with n worker processes, the tiny student, float32 teacher
+tensors: from cache to collated batches; a second, warm epoch is timed). Every MB/s counts raw
+bf16 bytes of the hidden states; the ratios ``*_vs_codec`` divide by the codec's decode MB/s
+(encode MB/s for the writer) at the same thread count. ``random_access_ms`` is per sample
+of 4096 tokens (the same states regrouped, fetched in shuffled order); ``random_overhead_ms``
+is that minus the codec's own decode time for those bytes. The loader epoch goes over the
+states 4 times under other ids (at least 24 batches of 4). Each figure is the best of 3 runs
+(the machine may be shared: the best run is the one least disturbed). Runs in about a minute with the defaults:
 
     python benchmarks/bench_store.py [--tokens 16384] [--hidden 1024] [--samples 24] [--threads N]
-                                     [--smoke] [--json [PATH]]
+                                     [--io-threads 1,2] [--smoke] [--json [PATH]]
 
 ``--smoke`` runs the same code paths at the smallest sizes (a few seconds), for CI; ``--json``
 prints the results as JSON after the table, ``--json PATH`` writes them to PATH instead.
@@ -22,9 +38,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import random
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import benchcli
@@ -182,6 +200,177 @@ def blosc_blocksize_check(states: list[torch.Tensor]) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- cache path vs codec
+
+
+def _chunks(states: list[torch.Tensor]) -> tuple[list[np.ndarray], int]:
+    """The bf16 bits of all states cut into the cache's chunks (the cache's chunk rows), and
+    the blosc block size."""
+    bits = encode_values(torch.cat(states), "bf16")["data"]
+    rows = chunk_rows(bits.shape[1] * 2, CHUNK_TARGET_BYTES)
+    return [np.ascontiguousarray(bits[i:i + rows]) for i in range(0, len(bits), rows)], rows * bits.shape[1] * 2
+
+
+def bench_codec(states: list[torch.Tensor], threads: int, repeats: int = 3) -> dict:
+    """Raw codec MB/s (best of ``repeats``): numcodecs blosc with the cache's settings, chunks
+    spread over ``threads`` threads (one thread: in this thread)."""
+    chunks, blocksize = _chunks(states)
+    codec = Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE, blocksize=blocksize, typesize=2)
+    mb = sum(c.nbytes for c in chunks) / 2**20
+    out = [np.empty_like(c) for c in chunks]
+    with ThreadPoolExecutor(threads) as pool:
+        run = (lambda fn, n: list(pool.map(fn, range(n)))) if threads > 1 else (lambda fn, n: [fn(i) for i in range(n)])
+        enc_s, dec_s, encoded = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            encoded = run(lambda i: codec.encode(chunks[i]), len(chunks))
+            enc_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            run(lambda i: codec.decode(encoded[i], out=out[i]), len(chunks))
+            dec_s.append(time.perf_counter() - t0)
+    assert all(np.array_equal(a, b) for a, b in zip(chunks, out))
+    return {"encode_mbs": mb / min(enc_s), "decode_mbs": mb / min(dec_s),
+            "ratio": sum(len(e) for e in encoded) / (mb * 2**20)}
+
+
+def _write_cache(url: str, states: list[torch.Tensor], threads: int, ids: list[str] | None = None,
+                 hashes: list[str] | None = None) -> float:
+    """Seconds to write ``states`` as answer_hidden (bf16) into a new cache at ``url``."""
+    d = states[0].shape[1]
+    teacher = teacher_fingerprint({"benchmark": "bench_store"}, weights_identity_tensors({}), {})
+    t0 = time.perf_counter()
+    with CacheWriter(url, teacher=teacher, features=[schema.answer_hidden(d, "bf16")], settings={},
+                     threads=threads) as writer:
+        for i, x in enumerate(states):
+            # one turn: question [0, 1), answer [1, L): its answer window [0, L) covers all L rows
+            writer.add(ids[i] if ids else f"s{i:05d}", content_hash=hashes[i] if hashes else "x",
+                       input_ids=torch.zeros(len(x), dtype=torch.long),
+                       spans={"questions": [[0, 1]], "answers": [[1, len(x)]]}, answer_hidden=x)
+    return time.perf_counter() - t0
+
+
+def _loader_samples(n: int, root: Path):
+    """n text-only one-turn samples for the student (ids and content hashes the cache records)."""
+    from genrecal.data.sample import Sample, Turn, content_hash
+
+    out = []
+    for i in range(n):
+        turns = (Turn("user", (f"Describe item {i}.",)), Turn("assistant", (f"Item {i} is blue.",)))
+        out.append(Sample(id=f"item-{i:05d}", turns=turns, images=(), content_hash=content_hash(turns, [])))
+    return out
+
+
+def bench_loader(states: list[torch.Tensor], workers: int, root: Path) -> float:
+    """Seconds of one warm epoch of the trainer's loader over a cache of ``states`` (given
+    ``LOADER_REPEAT`` times under other ids, so that the epoch is long next to the time its
+    first batches take to come through the workers)."""
+    states = states * LOADER_REPEAT
+    from genrecal.model.loading import load_vlm
+    from genrecal.model.tiny import build_tiny_vlm
+    from genrecal.train.data import LoaderConfig, make_loader
+
+    student_dir = root / "student"
+    if not student_dir.exists():
+        build_tiny_vlm("llava_qwen2", student_dir)
+    student = load_vlm(student_dir)
+    samples = _loader_samples(len(states), root)
+    url = str(root / f"loader-cache-{workers}")
+    _write_cache(url, states, 1, [s.id for s in samples], [s.content_hash for s in samples])
+    config = LoaderConfig(batch_size=4, num_workers=workers, prefetch_factor=2, persistent_workers=True)
+    loader = make_loader(samples, student, cache=url, config=config)
+    try:
+        for _ in loader:  # epoch 0: starts the workers, opens and verifies the shards
+            pass
+        times = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            rows = sum(sum(len(turns[0].window) for turns in batch.teacher) for batch in loader)
+            times.append(time.perf_counter() - t0)
+            assert rows == sum(len(x) for x in states), (rows, sum(len(x) for x in states))
+    finally:
+        loader.close()
+    return min(times) / LOADER_REPEAT
+
+
+LOADER_REPEAT = 4
+REPEATS = 3  # every measurement of the cache path: the best of 3 (the codec's too)
+RANDOM_TOKENS = 4096  # random access is timed on samples of this many tokens
+RANDOM_ROUNDS = 5
+
+
+def bench_random_access(states: list[torch.Tensor], threads: int, url: str) -> tuple[float, int]:
+    """(milliseconds per ``reader.get`` of a RANDOM_TOKENS-token sample in shuffled order, the
+    tokens per sample: fewer only when all states hold fewer than 2 x RANDOM_TOKENS rows).
+
+    The same states, regrouped into samples of that many rows; the shards are opened and
+    verified by a first pass, then every sample is fetched RANDOM_ROUNDS times.
+    """
+    rows = torch.cat(states)
+    size = min(RANDOM_TOKENS, len(rows) // 2)
+    samples = [rows[i:i + size] for i in range(0, len(rows) - size + 1, size)]
+    _write_cache(url, samples, 1)
+    reader = CacheReader(url, threads=threads)
+    for i in range(len(samples)):
+        reader.get(f"s{i:05d}")
+    order = [i for _ in range(RANDOM_ROUNDS) for i in range(len(samples))]
+    random.Random(0).shuffle(order)
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        for i in order:
+            got = reader.get(f"s{i:05d}", dtype=torch.bfloat16)
+        times.append((time.perf_counter() - t0) * 1000 / len(order))
+        assert torch.equal(got.answer_hidden, samples[order[-1]])
+    return min(times), size
+
+
+def bench_speed(states: list[torch.Tensor], threads: int, root: Path) -> dict:
+    """The cache path vs the raw codec at ``threads`` threads (see the module docstring)."""
+    mb = sum(x.numel() * 2 for x in states) / 2**20
+    codec = bench_codec(states, threads)
+    write_s = min(_write_cache(str(root / f"speed-{threads}-{r}"), states, threads) for r in range(REPEATS))
+    url = str(root / f"speed-{threads}-0")
+    read_times = []
+    for _ in range(REPEATS):
+        reader = CacheReader(url, threads=threads)  # verify=True: checksums on first use, as the trainer
+        t0 = time.perf_counter()
+        got = [s.answer_hidden for s in reader.iter_samples(dtype=torch.bfloat16)]
+        read_times.append(time.perf_counter() - t0)
+        assert all(torch.equal(a, b) for a, b in zip(states, got))
+    read_s = min(read_times)
+    bare_times = []  # the same read without the checksums: what they cost
+    for _ in range(REPEATS):
+        reader = CacheReader(url, threads=threads, verify=False)
+        t0 = time.perf_counter()
+        for _ in reader.iter_samples(dtype=torch.bfloat16):
+            pass
+        bare_times.append(time.perf_counter() - t0)
+    random_ms, random_tokens = bench_random_access(states, threads, str(root / f"random-{threads}"))
+    loader_s = bench_loader(states, threads, root)
+    decode_ms = random_tokens * states[0].shape[1] * 2 / 2**20 / codec["decode_mbs"] * 1000
+    return {"codec_encode_mbs": codec["encode_mbs"], "codec_decode_mbs": codec["decode_mbs"],
+            "write_mbs": mb / write_s, "read_mbs": mb / read_s, "loader_mbs": mb / loader_s,
+            "read_unverified_mbs": mb / min(bare_times),
+            "write_vs_codec": mb / write_s / codec["encode_mbs"], "read_vs_codec": mb / read_s / codec["decode_mbs"],
+            "read_unverified_vs_codec": mb / min(bare_times) / codec["decode_mbs"],
+            "loader_vs_codec": mb / loader_s / codec["decode_mbs"],
+            "random_access_ms": random_ms, "random_overhead_ms": random_ms - decode_ms,
+            "random_tokens": random_tokens}
+
+
+def speed_table(speed: dict[int, dict]) -> str:
+    head = (f"{'threads':>7} {'codec enc':>10} {'codec dec':>10} {'write':>8} {'read':>8} {'unverif.':>9} "
+            f"{'loader':>8} {'write/codec':>12} {'read/codec':>11} {'unverif./codec':>15} {'loader/codec':>13} "
+            f"{'get ms/4k':>10} {'overhead':>9}")
+    lines = [head, "-" * len(head)]
+    for n, r in speed.items():
+        lines.append(f"{n:>7} {r['codec_encode_mbs']:>10.0f} {r['codec_decode_mbs']:>10.0f} {r['write_mbs']:>8.0f} "
+                     f"{r['read_mbs']:>8.0f} {r['read_unverified_mbs']:>9.0f} {r['loader_mbs']:>8.0f} "
+                     f"{r['write_vs_codec']:>12.2f} {r['read_vs_codec']:>11.2f} {r['read_unverified_vs_codec']:>15.2f} "
+                     f"{r['loader_vs_codec']:>13.2f} {r['random_access_ms']:>10.2f} {r['random_overhead_ms']:>9.2f}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -207,6 +396,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=24, help="number of sequences (default 24)")
     parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="torch CPU threads (default: the CPU count, at most 4)")
+    parser.add_argument("--io-threads", default="1,2", type=lambda v: [int(x) for x in v.split(",")],
+                        help="thread counts of the cache-path measurements (default 1,2)")
     benchcli.add_smoke_and_json(parser, SMOKE)
     return benchcli.parse(parser, SMOKE, argv)
 
@@ -226,6 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
         for codec in CODECS:
             results[f"cache {codec}"] = bench_cache(states, codec, root)
         blocks = blosc_blocksize_check(states)
+        speed = {n: bench_speed(states, n, root) for n in args.io_threads}
     print(f"hidden states: {source}, {len(states)} sequences, {tokens} tokens x {args.hidden} "
           f"({raw_mb:.1f} MiB raw bf16; forward {forward_s:.1f} s)")
     print(table(results, tokens, raw_mb))
@@ -233,8 +425,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"with blocksize = chunk, {blocks['default']:.3f} with the default blocksize")
     print("B/token counts every file of the layout (cache: records, metadata, manifest, index). "
           "MB/s are raw bf16 MiB per second; 'get ms' is one random-access read.")
+    print(f"\nCache path vs raw codec (MB/s of raw bf16; ratios to the codec's decode MB/s, encode for the "
+          f"writer; get ms per 4096-token sample, overhead = beyond the codec's decode):")
+    print(speed_table(speed))
     summary = {"source": source, "tokens": tokens, "hidden": args.hidden, "threads": args.threads,
-               "forward_s": forward_s, "results": results, "blosc": blocks}
+               "forward_s": forward_s, "results": results, "blosc": blocks,
+               "speed": {str(n): r for n, r in speed.items()}}
+    # the headline keys: at the largest thread count measured
+    summary.update({k: speed[max(speed)][k] for k in ("write_vs_codec", "read_vs_codec", "loader_vs_codec",
+                                                        "read_unverified_vs_codec", "random_access_ms",
+                                                        "random_overhead_ms")})
     benchcli.write_json(summary, args.json)
     return summary
 

@@ -311,6 +311,9 @@ class CacheConfig(ConfigModel):
     max_length: PosInt = 4096
     on_error: OnError = "raise"
     generate_answers: GenerateAnswers | None = None
+    # processes that encode samples (chat template, tokenizer, images) ahead of the teacher's
+    # forward; 0: a thread of the extraction process (best on few cores: docs/cache_speed.md)
+    encode_workers: NonNegInt = 0
 
     def _problems(self) -> list[Problem]:
         unknown = _unknown_protocols(self.location)

@@ -124,6 +124,7 @@ class ExtractJob:
     synthetic_dir: str | None = None  # where synthetic data is generated (if missing)
     progress: bool = True
     engine: TeacherEngine = field(default_factory=TeacherEngine)  # hf, or vllm in a subprocess
+    encode_workers: int = 0  # processes that encode windows ahead of the forward (0: a thread)
 
     @property
     def plan_window(self) -> int:
@@ -152,7 +153,7 @@ def job_from_pipeline(pipe: Pipeline, *, out: str | None = None, limit: int | No
         on_error=pipe.cache.on_error, limit=limit, resume=resume, device=pipe.teacher.device,
         device_map=pipe.teacher.device_map, tiny=pipe.teacher.tiny, synthetic=pipe.data.synthetic,
         synthetic_dir=synthetic_dir if pipe.data.synthetic is not None else None,
-        engine=engine_settings(pipe, backend))
+        engine=engine_settings(pipe, backend), encode_workers=pipe.cache.encode_workers)
     return job.with_overrides(window=window, batch_size=batch_size)
 
 

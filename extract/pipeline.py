@@ -8,8 +8,9 @@ Per rank (:func:`run_extract`; one process, or one per GPU under torchrun):
    windows and the rank takes its own (:mod:`genrecal.extract.distributed`);
 3. a :class:`~genrecal.store.writer.CacheWriter` for the rank is opened; samples it already
    holds (committed by any rank, or skipped) are known up front;
-4. windows are encoded on a prefetch thread (chat template + processor + spans) while the
-   previous one runs; each window is planned into length-bucketed batches
+4. windows are encoded (chat template + processor + spans) in ``cache.encode_workers``
+   worker processes (0: on a prefetch thread) while the previous one runs
+   (:func:`encoded_windows`); each window is planned into length-bucketed batches
    (:func:`plan_batches`); a batch whose samples are all cached is skipped, any other runs
    whole (so that its numbers equal an uninterrupted run's), padded on the right, in one
    forward under ``torch.inference_mode``; the features of its new samples go to a
@@ -274,14 +275,14 @@ def _extract(job, teacher, writer, windows, done, read_skips, info, engine=None)
     """Encode (prefetched), run and write this rank's windows; returns counters, writer stats."""
     counters = RunCounters(already=sum(s.id in done for w in windows for s in w))
     todo = [w for w in windows if any(s.id not in done for s in w)]
+    encoded = encoded_windows(teacher, todo, job.settings.max_length, job.encode_workers)  # before any thread
     bar = _progress(job, info, total=sum(map(len, windows)), initial=counters.already)
-    encode = partial(encode_window, teacher, max_length=job.settings.max_length)
     with BackgroundWriter(partial(write_item, writer, job.on_error), max_queue=4) as background:
         run = BatchRunner(job.on_error, teacher, writer.header.features, background, done, counters,
                           engine)
         for skip in read_skips:
             background.submit(SkipItem(skip.sample_id, f"dataset: {skip.reason}", skip.file))
-        for window in prefetched(encode, todo):
+        for window in encoded:
             for sample, reason in window.failed:
                 run.fail(sample, reason)
             for batch in window_batches(window.ok, job.batch_size):
@@ -398,10 +399,14 @@ def write_item(writer: CacheWriter, on_error: str, item) -> None:
 
 def encode_window(teacher: Teacher, window: list[Sample], max_length: int) -> WindowEncoding:
     """Encode every sample of a window with the teacher's chat template and processor."""
+    return _encode_all((teacher.vlm.processor, teacher.vlm.family), window, max_length)
+
+
+def _encode_all(pair: tuple, window: list[Sample], max_length: int) -> WindowEncoding:
     ok, failed = [], []
     for sample in window:
         try:
-            ok.append((sample, encode_sample(teacher.vlm, sample, max_length=max_length)))
+            ok.append((sample, encode_sample(pair, sample, max_length=max_length)))
         except SAMPLE_ERRORS as exc:
             failed.append((sample, _reason(exc)))
     return WindowEncoding(ok=ok, failed=failed)
@@ -416,19 +421,71 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def encoded_windows(teacher: Teacher, windows: list[list[Sample]], max_length: int,
+                    workers: int) -> Iterator[WindowEncoding]:
+    """Every window encoded (:func:`encode_window`), in order, ahead of the forward.
+
+    ``workers == 0``: on one thread of this process, one window ahead (the chat template, the
+    tokenizer and the image processor then share the interpreter with the forward). ``workers
+    >= 1``: in that many worker processes holding the teacher's processor and family,
+    ``workers`` windows ahead. They are started here, before the caller starts any thread of
+    its own, with the platform's default start method (fork on Linux, as the trainer's loader
+    workers: they start in milliseconds; they never touch the model or a GPU). The first
+    window is encoded here. A single window is always encoded here.
+    """
+    if workers == 0 or len(windows) < 2:
+        return prefetched(partial(encode_window, teacher, max_length=max_length), windows)
+    from concurrent.futures import ProcessPoolExecutor
+
+    pair = (teacher.vlm.processor, teacher.vlm.family)
+    pool = ProcessPoolExecutor(workers, initializer=_init_encoder, initargs=(pair, max_length))
+    source = iter(windows[1:])
+    pending = deque(pool.submit(_encode_in_worker, w) for w in islice(source, workers))  # starts them
+    return _worker_windows(pool, pending, source, encode_window(teacher, windows[0], max_length))
+
+
+def _worker_windows(pool, pending: deque, source: Iterator, first: WindowEncoding) -> Iterator[WindowEncoding]:
+    with pool:
+        try:
+            yield first
+            yield from _in_order(pool, _encode_in_worker, source, pending)
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+_WORKER_ENCODER: tuple | None = None  # (processor, family), max_length: set in each encoding worker
+
+
+def _init_encoder(pair: tuple, max_length: int) -> None:
+    global _WORKER_ENCODER
+    torch.set_num_threads(1)  # the workers run beside the forward's threads
+    _WORKER_ENCODER = (pair, max_length)
+
+
+def _encode_in_worker(window: list[Sample]) -> WindowEncoding:
+    pair, max_length = _WORKER_ENCODER
+    return _encode_all(pair, window, max_length)
+
+
 def prefetched(fn: Callable, items: Iterable, depth: int = 1) -> Iterator:
     """``fn(item)`` for each item, in order, computed ``depth`` items ahead on one thread."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="genrecal-encode") as pool:
         source = iter(items)
-        pending = deque(pool.submit(fn, item) for item in islice(source, depth + 1))
-        try:
-            while pending:
-                result = pending.popleft().result()
-                pending.extend(pool.submit(fn, item) for item in islice(source, 1))
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
+        yield from _in_order(pool, fn, source, deque(pool.submit(fn, item) for item in islice(source, depth + 1)))
+
+
+def _in_order(pool, fn: Callable, source: Iterator, pending: deque) -> Iterator:
+    """The results of the ``pending`` futures, in order; each result taken submits ``fn`` on
+    the next item of ``source``. Futures not yet taken are cancelled if the caller stops."""
+    try:
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(fn, item) for item in islice(source, 1))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 # ----------------------------------------------------------------------------- progress

@@ -10,6 +10,7 @@ file without loading it: memory does not grow with the size of the cache.
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -29,16 +30,23 @@ class CacheReader:
 
     ``expect_teacher``: the teacher fingerprint (or a mapping naming some of its components) the
     caller requires; ``verify``: check each shard's file checksums on first read; ``dtype``: the
-    default float dtype of returned tensors; ``max_open_shards``: size of the shard LRU.
+    default float dtype of returned tensors; ``max_open_shards``: size of the shard LRU;
+    ``threads``: threads that decode the chunks of a read (1: the calling thread; the values
+    do not depend on it).
     """
 
     def __init__(self, url, *, expect_teacher: TeacherFingerprint | Mapping | None = None, verify: bool = True,
-                 dtype: torch.dtype = torch.float32, max_open_shards: int = 4, storage_options: dict | None = None):
+                 dtype: torch.dtype = torch.float32, max_open_shards: int = 4, storage_options: dict | None = None,
+                 threads: int = 1):
         self.storage = CacheStorage(url, storage_options)
         self.manifest = load_manifest(self.storage)
         if expect_teacher is not None:
             check_teacher(self.manifest, expect_teacher, self.storage.url)
         self.verify, self.dtype, self.max_open_shards = verify, dtype, max(1, max_open_shards)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"CacheReader: threads must be an integer >= 1, got {threads!r}")
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cache-reader") if threads > 1 else None
         self._open: OrderedDict[int, ShardReader] = OrderedDict()
         self._verified: set[int] = set()
         self._index: SampleIndex | None = None
@@ -65,7 +73,7 @@ class CacheReader:
             self._open.move_to_end(i)
             return self._open[i]
         verify = self.verify and i not in self._verified
-        reader = ShardReader(self.storage, self.manifest.shards[i], self.features, verify=verify)
+        reader = ShardReader(self.storage, self.manifest.shards[i], self.features, verify=verify, pool=self._pool)
         self._verified.add(i)
         self._open[i] = reader
         while len(self._open) > self.max_open_shards:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import zarr
 from zarr.storage import MemoryStore
 
+from genrecal.store.chunkio import EMPTY, ArrayCodec
 from genrecal.store.codecs import array_layout, decode_feature, feature_parts, raw_bytes
 from genrecal.store.errors import CacheIntegrityError
 from genrecal.store.gram import upper_triangle_size
@@ -103,26 +105,32 @@ class ShardBuffer:
         self.records.append(record)
         self.tokens += len(record["input_ids"])
 
-    def files(self) -> dict[str, bytes]:
-        """The shard's files, keyed by path inside the shard directory."""
+    def files(self, pool: ThreadPoolExecutor | None = None) -> dict[str, bytes | list[bytes]]:
+        """The shard's files, keyed by path inside the shard directory: each its bytes, or a list
+        of byte strings that make it up in order (the tensor objects: never joined in memory);
+        ``pool``: threads that encode the tensor chunks (None: this thread)."""
         files = {RECORDS_FILE: _records_bytes(self.records, self.features)}
-        files.update({f"{TENSORS_DIR}/{k}": v for k, v in self._zarr_files().items()})
+        files.update({f"{TENSORS_DIR}/{k}": v for k, v in self._zarr_files(pool).items()})
         return files
 
-    def _zarr_files(self) -> dict[str, bytes]:
+    def _zarr_files(self, pool: ThreadPoolExecutor | None) -> dict[str, bytes | list[bytes]]:
+        """zarr writes the metadata; :class:`ArrayCodec` the shard objects (the bytes zarr writes)."""
         store: dict = {}
         group = zarr.open_group(MemoryStore(store), mode="w", zarr_format=3,
                                 attributes={"genrecal_cache_format": FORMAT_VERSION})
+        objects = {}
         for name, spec in self.features.items():
             for part in feature_parts(spec):
-                chunks = self.parts[name][part.name]
-                shape = (0, part.width) if part.width else (0,)
-                data = np.concatenate(chunks) if chunks else np.zeros(shape, part.dtype)
-                arr = group.create_array(f"{name}/{part.name}", **array_layout(len(data), part),
-                                         attributes={"codec": spec.codec, "feature": name})
-                if len(data):
-                    arr[...] = data
-        return {key: buf.to_bytes() for key, buf in store.items()}
+                pieces = [np.asarray(a, dtype=part.dtype) for a in self.parts[name][part.name]]
+                layout = array_layout(sum(len(a) for a in pieces), part)
+                group.create_array(f"{name}/{part.name}", **layout, attributes={"codec": spec.codec, "feature": name})
+                codec = ArrayCodec.from_layout(layout)
+                encoded = codec.encode(pieces, pool)
+                if encoded is not None:
+                    objects[f"{name}/{part.name}/{codec.chunk_key()}"] = encoded
+        files = {key: buf.to_bytes() for key, buf in store.items()}
+        files.update(objects)
+        return files
 
 
 def _records_bytes(records: list[dict], features: dict[str, FeatureSpec]) -> bytes:
@@ -133,21 +141,27 @@ def _records_bytes(records: list[dict], features: dict[str, FeatureSpec]) -> byt
     return sink.getvalue().to_pybytes()
 
 
-def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer) -> ShardEntry:
+def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer,
+                pool: ThreadPoolExecutor | None = None) -> ShardEntry:
     """Write ``buffer`` as shard ``name``; returns its entry (sizes and sha256 of every file).
 
     Locally the files go to a temporary directory renamed into place once complete; on other
     filesystems they are written in place (rename is a copy there) and the rank's shard list,
-    written by the caller afterwards, is the commit point.
+    written by the caller afterwards, is the commit point. The checksums are of the bytes
+    written, taken from memory (on ``pool``'s threads, while the files are written, if given).
     """
-    files = buffer.files()
+    files = buffer.files(pool)
+    keys = sorted(files)
+    digests = [pool.submit(_sha256, files[k]) for k in keys] if pool is not None else None
     final = f"{SHARDS_DIR}/{name}"
     target = f"{SHARDS_DIR}/{TMP_PREFIX}{name}-{secrets.token_hex(4)}" if storage.local else final
-    storage.write_tree(target, files)
+    # without a pool, the checksums are taken while the fsyncs wait on the disk
+    hexes = storage.write_tree(target, files, while_syncing=None if pool is not None else
+                               (lambda: [_sha256(files[k]) for k in keys]))
     if target != final:
         storage.rename(target, final)
-    entries = tuple(FileEntry(path=f"{final}/{k}", size=len(v), sha256=hashlib.sha256(v).hexdigest())
-                    for k, v in sorted(files.items()))
+    hexes = [d.result() for d in digests] if digests is not None else hexes
+    entries = tuple(FileEntry(path=f"{final}/{k}", size=_size(files[k]), sha256=h) for k, h in zip(keys, hexes))
     return ShardEntry(name=name, rank=rank, samples=len(buffer), tokens=buffer.tokens,
                       feature_rows=dict(buffer.rows),
                       feature_bytes=_feature_bytes(files, buffer.features),
@@ -155,8 +169,25 @@ def write_shard(storage: CacheStorage, name: str, rank: int, buffer: ShardBuffer
                       files=entries)
 
 
+def _is_tensor_object(path: str) -> bool:
+    """Whether a shard file is a zarr shard object (``.../c/0/0``, ``.../c/0``): the large ones."""
+    return f"/{TENSORS_DIR}/" in path and "/c/" in path
+
+
+def _sha256(data: bytes | list[bytes]) -> str:
+    """sha256 of a file's bytes (given whole or as its pieces in order); releases the GIL."""
+    h = hashlib.sha256()
+    for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+        h.update(piece)
+    return h.hexdigest()
+
+
+def _size(data: bytes | list[bytes]) -> int:
+    return len(data) if isinstance(data, (bytes, bytearray, memoryview)) else sum(len(p) for p in data)
+
+
 def _feature_bytes(files: dict[str, bytes], features: dict[str, FeatureSpec]) -> dict[str, int]:
-    return {name: sum(len(v) for k, v in files.items() if k.startswith(f"{TENSORS_DIR}/{name}/"))
+    return {name: sum(_size(v) for k, v in files.items() if k.startswith(f"{TENSORS_DIR}/{name}/"))
             for name in features}
 
 
@@ -234,19 +265,42 @@ class ShardReader:
     """
 
     def __init__(self, storage: CacheStorage, entry: ShardEntry, features: dict[str, FeatureSpec],
-                 verify: bool = True):
-        self.storage, self.entry, self.features = storage, entry, features
+                 verify: bool = True, pool: ThreadPoolExecutor | None = None):
+        self.storage, self.entry, self.features, self.pool = storage, entry, features, pool
         storage.check_no_escape(entry.dir)
-        if verify:
+        self._pending: list = []
+        if verify and pool is not None:
+            self._verify_overlapped()
+        elif verify:
             self.verify()
         self.records = self._open_records()
         self.group = self._open_group()
         self._arrays: dict[str, zarr.Array] = {}
         self._rows: dict[str, int] = {}
+        self._direct: dict[str, tuple | None] = {}
 
     def verify(self) -> None:
         """Raise :class:`CacheIntegrityError` naming every bad file of this shard."""
-        bad = file_problems(self.storage, self.entry.files)
+        self._raise_bad(file_problems(self.storage, self.entry.files))
+
+    def _verify_overlapped(self) -> None:
+        """Verify on the pool's threads: the small files (records, metadata) before this returns,
+        the tensor objects while their chunks are decoded; :meth:`_settle` waits for those and
+        raises, before any decoded value leaves the reader."""
+        futures = [(e, self.pool.submit(file_problems, self.storage, [e])) for e in self.entry.files]
+        self._pending = [f for e, f in futures if _is_tensor_object(e.path)]
+        if any(f.result() for e, f in futures if not _is_tensor_object(e.path)):
+            self._settle()
+
+    def _settle(self) -> None:
+        """Wait for the overlapped checksums (if any); raise naming every bad file."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self._raise_bad([p for f in pending for p in f.result()] +
+                            file_problems(self.storage, [e for e in self.entry.files
+                                                         if not _is_tensor_object(e.path)]))
+
+    def _raise_bad(self, bad: list) -> None:
         if bad:
             lines = "\n".join(f"  - {self.storage.where(path)}: {msg}" for _, path, msg in bad)
             raise CacheIntegrityError(
@@ -328,7 +382,53 @@ class ShardReader:
                 f"{self.storage.url}` for a full report; re-extract the affected samples into a new cache.")
 
     def read_part(self, feature: str, part: str, start: int, length: int) -> np.ndarray:
-        return self.array(feature, part)[start:start + length]
+        """Rows ``[start, start + length)`` of one feature part: decoded directly
+        (:mod:`genrecal.store.chunkio`, only the chunks they overlap, on the reader's threads)
+        when the array has the cache's layout, else through zarr."""
+        direct = self._direct_reader(feature, part)
+        if direct is None:
+            self._settle()
+            return self.array(feature, part)[start:start + length]
+        codec, index, read, where = direct
+        try:
+            out = codec.decode_rows(read, index, start, start + length, where, self.pool)
+        except CacheIntegrityError:
+            self._settle()  # a bad checksum explains a failed decode: report that first
+            raise
+        self._settle()
+        return out
+
+    def _direct_reader(self, feature: str, part: str):
+        """``(ArrayCodec, shard index, read(offset, nbytes), where)`` of one array, or None when its
+        metadata is not exactly the cache writer's layout."""
+        key = f"{feature}/{part}"
+        if key not in self._direct:
+            rows = self.rows(feature)
+            spec = next(p for p in feature_parts(self.features[feature]) if p.name == part)
+            codec = ArrayCodec.for_array(self.array(feature, part), array_layout(rows, spec))
+            self._direct[key] = None if codec is None else self._open_object(key, codec)
+        return self._direct[key]
+
+    def _open_object(self, key: str, codec: ArrayCodec) -> tuple:
+        rel = f"{self.entry.dir}/{TENSORS_DIR}/{key}/{codec.chunk_key()}"
+        where = self.storage.where(rel)
+        if not self.storage.exists(rel):  # zarr writes no object for an all-fill array
+            return codec, None, None, where
+        read = self.storage.reader(rel)
+        size = self.storage.size(rel)
+        if size < codec.index_bytes:
+            raise CacheIntegrityError(f"{where}: {size} bytes, shorter than its shard index; run "
+                                      f"`genrecal validate {self.storage.url}`")
+        try:
+            index = codec.index(read(size - codec.index_bytes, codec.index_bytes), where)
+        except CacheIntegrityError:
+            self._settle()
+            raise
+        ends = index[index[:, 0] != EMPTY].sum(axis=1)
+        if len(ends) and int(ends.max()) > size - codec.index_bytes:
+            raise CacheIntegrityError(f"{where}: its shard index points past the end of the file (truncated?); "
+                                      f"run `genrecal validate {self.storage.url}`")
+        return codec, index, read, where
 
     def sample(self, row: int, dtype: torch.dtype, features=None) -> CachedSample:
         """The sample in record ``row``; ``features``: names to load (default: all declared)."""
@@ -347,7 +447,8 @@ class ShardReader:
         names = list(features if features is not None else self.features)
         for name in names:
             self.rows(name)  # shapes and dtypes checked before anything is read
-        arrays = {n: {p.name: self.array(n, p.name)[...] for p in feature_parts(self.features[n])} for n in names}
+        arrays = {n: {p.name: self.read_part(n, p.name, 0, self.rows(n)) for p in feature_parts(self.features[n])}
+                  for n in names}
         for row, rec in enumerate(self.records.to_pylist()):
             self.check_record(row, rec, names)
             values = {}

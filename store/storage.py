@@ -17,10 +17,14 @@ multi-file steps rely on the per-rank shard list as their commit point.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -145,11 +149,32 @@ class CacheStorage:
     def sha256(self, rel: str) -> tuple[int, str]:
         """(size, sha256 hex) of file ``rel``, streamed in 4 MiB blocks."""
         h, size = hashlib.sha256(), 0
+        if self.local:  # hashed straight from the page cache, no copy
+            with open(self.path(rel), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size:
+                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                        view = memoryview(m)
+                        for i in range(0, size, _READ_BLOCK):
+                            h.update(view[i:i + _READ_BLOCK])
+                        view.release()
+            return size, h.hexdigest()
         with self.fs.open(self.path(rel), "rb") as f:
             while block := f.read(_READ_BLOCK):
                 h.update(block)
                 size += len(block)
         return size, h.hexdigest()
+
+    def reader(self, rel: str):
+        """``read(offset, nbytes)`` over file ``rel``: slices of a read-only memory map locally
+        (no copy; the map lives as long as the function), ranged reads elsewhere."""
+        if self.local:
+            with open(self.path(rel), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+            return lambda offset, nbytes: view[offset:offset + nbytes]
+        path = self.path(rel)
+        return lambda offset, nbytes: self.fs.cat_file(path, start=offset, end=offset + nbytes)
 
     def open_arrow(self, rel: str):
         """A random-access pyarrow input for ``rel``: memory-mapped locally, else a buffered file."""
@@ -189,10 +214,57 @@ class CacheStorage:
         os.replace(tmp, path)
         fsync_path(os.path.dirname(path))
 
-    def write_tree(self, rel: str, files: dict[str, bytes]) -> None:
-        """Write every ``files[key]`` to ``rel/key`` (not atomic as a whole)."""
+    def write_tree(self, rel: str, files: dict, while_syncing: Callable[[], Any] | None = None) -> Any:
+        """Write every ``files[key]`` to ``rel/key`` (not atomic as a whole).
+
+        Locally ``rel`` must be a new directory that no reader looks at until the caller renames
+        it into place (:func:`genrecal.store.shard.write_shard`): each file is written in place
+        and fsynced (:meth:`write_new`), then every directory of the tree once, so that all of
+        it is on disk before the rename; no file needs a rename of its own. The files are written
+        first, then all fsyncs run at once on I/O threads (the filesystem can commit them
+        together); all of them finish before this returns. ``files[key]`` is bytes or a list of
+        byte strings written one after the other. Elsewhere each file is one object write.
+        ``while_syncing``: called while the fsyncs run (after the writes elsewhere); its result is
+        returned.
+        """
+        if not self.local:
+            for key, data in files.items():
+                self.write_bytes(f"{rel}/{key}", data if isinstance(data, (bytes, bytearray)) else b"".join(data))
+            return while_syncing() if while_syncing is not None else None
+        dirs, written = set(), []
         for key, data in files.items():
-            self.write_bytes(f"{rel}/{key}", data)
+            path = self.write_new(f"{rel}/{key}", data, fsync=False)
+            written.append(path)
+            dirs.add(os.path.dirname(path))
+        top = self.path(rel)
+        for path in list(dirs):  # and every directory between them and the tree's root
+            while len(path) > len(top):
+                path = os.path.dirname(path)
+                dirs.add(path)
+        # fsyncs wait on the disk, not the CPU: all at once on I/O threads, so the filesystem can
+        # commit them together; every one has finished (or raised) before this returns
+        targets = written + sorted(dirs, key=len, reverse=True)
+        with ThreadPoolExecutor(min(8, len(targets)), thread_name_prefix="cache-fsync") as io:
+            syncing = [io.submit(fsync_path, p) for p in targets]
+            result = while_syncing() if while_syncing is not None else None
+            for done in syncing:
+                done.result()
+        return result
+
+    def write_new(self, rel: str, data: bytes | list[bytes], fsync: bool = True) -> str:
+        """Create local file ``rel`` (it must not exist; its directory is created), write ``data``
+        (bytes, or byte strings written one after the other) and (``fsync``) fsync it, without a
+        temporary name: for files inside a directory not yet in place. Returns its path."""
+        path = self.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "xb", buffering=0) as f:
+            for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                view = memoryview(piece)
+                while view:  # a raw write may write less than asked
+                    view = view[f.write(view):]
+            if fsync:
+                os.fsync(f.fileno())
+        return path
 
     def rename(self, src: str, dst: str) -> None:
         """Rename directory ``src`` to ``dst`` (atomic on a local filesystem)."""

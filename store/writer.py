@@ -21,6 +21,7 @@ import json
 import os
 import platform
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
@@ -117,12 +118,14 @@ class CacheWriter:
     ``teacher``: the teacher fingerprint (:mod:`genrecal.store.fingerprint`).
     ``commit``: merge all ranks into ``manifest.json`` on a clean exit (leave False for
     multi-rank runs and call :func:`commit_cache` once every rank is done).
+    ``threads``: threads that encode a shard's chunks and checksum its files (1: the calling
+    thread alone; the bytes written do not depend on it).
     """
 
     def __init__(self, url, *, teacher: TeacherFingerprint, features: Iterable[FeatureSpec] | Mapping,
                  settings: Mapping | None = None, rank: int = 0,
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 commit: bool = True, storage_options: dict | None = None):
+                 commit: bool = True, storage_options: dict | None = None, threads: int = 1):
         specs = list(features.values()) if isinstance(features, Mapping) else list(features)
         settings = _json_normalised(dict(settings or {}))
         self.header = CacheHeader(format_version=FORMAT_VERSION, teacher=teacher, settings=settings,
@@ -134,6 +137,10 @@ class CacheWriter:
         self.storage = CacheStorage(url, storage_options)
         self.rank, self.commit = rank, commit
         self.shard_tokens, self.shard_bytes = shard_tokens, shard_bytes
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise CacheWriteError(f"threads must be an integer >= 1, got {threads!r}")
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
         self._lock_fd = None
         self._open = False
 
@@ -171,6 +178,7 @@ class CacheWriter:
         self._seq = 1 + max((parse_shard_name(s.name)[1] for s in self._shards), default=-1)
         self._buffer = ShardBuffer(self.header.features)
         self._open = True
+        self._log_written = (len(self._shards), len(self._skipped)) if own is not None else None
         if own is None:
             self._write_log()
 
@@ -180,9 +188,13 @@ class CacheWriter:
             return None
         try:
             self.flush()
-            self._write_log()
+            if self._log_written != (len(self._shards), len(self._skipped)):  # skips since the last shard
+                self._write_log()
         finally:
             self._open = False
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
             self._unlock()
         return commit_cache(self.storage.url, self.storage.options) if commit else None
 
@@ -290,7 +302,9 @@ class CacheWriter:
         self._require_open()
         if not len(self._buffer):
             return None
-        entry = write_shard(self.storage, shard_name(self.rank, self._seq), self.rank, self._buffer)
+        if self.threads > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cache-writer")
+        entry = write_shard(self.storage, shard_name(self.rank, self._seq), self.rank, self._buffer, self._pool)
         self._shards.append(entry)
         self._write_log()
         self._seq += 1
@@ -298,6 +312,7 @@ class CacheWriter:
         return entry
 
     def _write_log(self) -> None:
+        self._log_written = (len(self._shards), len(self._skipped))
         log = RankLog(header=self.header, rank=self.rank, created_at=self._created_at,
                       shards=tuple(self._shards), skipped=tuple(self._skipped))
         self.storage.write_bytes(rank_log_path(self.rank), log.model_dump_json(indent=1).encode())
@@ -380,8 +395,24 @@ def _tensor_problems(t, rows: int, width: int, what: str) -> list[str]:
 def _has_nonfinite(t: torch.Tensor) -> bool:
     """Any NaN/Inf in ``t``; bfloat16 is tested on its exponent bits (5x faster than isfinite)."""
     if t.dtype == torch.bfloat16:
-        return bool(((t.contiguous().view(torch.int16) & 0x7F80) == 0x7F80).any())
+        return _bf16_nonfinite(t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1))
     return not bool(torch.isfinite(t).all())
+
+
+_SCAN = 1 << 16  # elements per block: the masked copy stays in the CPU cache
+
+
+def _bf16_nonfinite(bits: np.ndarray) -> bool:
+    """bits: uint16 [n] bfloat16 bit patterns -> any NaN/Inf (exponent bits all ones, i.e.
+    ``bits & 0x7FFF >= 0x7F80``), scanned block by block (one pass over memory)."""
+    buf = np.empty(min(len(bits), _SCAN), np.uint16)
+    for i in range(0, len(bits), _SCAN):
+        block = bits[i:i + _SCAN]
+        out = buf[:len(block)]
+        np.bitwise_and(block, 0x7FFF, out=out)
+        if out.max() >= 0x7F80:
+            return True
+    return False
 
 
 def _check_answer(spec, value, spans, record) -> list[str]:

@@ -68,6 +68,15 @@ def test_bench_store_smoke(tmp_path):
     assert data["results"]["cache bf16"]["rel_err"] == 0  # bf16 is lossless
     check_numbers(data["blosc"], ("chunk", "default"), where="bench_store.blosc")
     assert "B/token" in stdout
+    # the cache path vs the raw codec, at 1 and 2 threads; headline keys at the top level
+    ratios = ("write_vs_codec", "read_vs_codec", "loader_vs_codec", "read_unverified_vs_codec", "random_access_ms")
+    check_numbers(data, ratios, where="bench_store")
+    assert set(data["speed"]) == {"1", "2"}
+    for n, r in data["speed"].items():
+        check_numbers(r, ratios + ("codec_encode_mbs", "codec_decode_mbs", "write_mbs", "read_mbs", "loader_mbs",
+                                   "read_unverified_mbs", "random_tokens"), where=f"bench_store.speed[{n}]")
+        assert math.isfinite(r["random_overhead_ms"])
+    assert "Cache path vs raw codec" in stdout
 
 
 def test_bench_extract_smoke(tmp_path):

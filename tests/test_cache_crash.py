@@ -50,15 +50,19 @@ def install_kill_point(point: str) -> None:
     """Patch the storage layer so that the child stops at ``point`` in its third shard."""
     global KILL_POINT
     KILL_POINT = point
-    write_bytes, rename = CacheStorage.write_bytes, CacheStorage.rename
+    write_bytes, write_new, rename = CacheStorage.write_bytes, CacheStorage.write_new, CacheStorage.rename
     state = {"tmp_files": 0, "logs": 0}
 
-    def patched_write(self, rel, data):
-        write_bytes(self, rel, data)
+    def patched_new(self, rel, data, fsync=True):  # the files of a shard, inside its temporary directory
+        path = write_new(self, rel, data, fsync)
         if "/.tmp-r00000-00002-" in rel:
             state["tmp_files"] += 1
             if point == "inside_files" and state["tmp_files"] == 3:
                 stop_here()
+        return path
+
+    def patched_write(self, rel, data):
+        write_bytes(self, rel, data)
         if rel.startswith("ranks/"):
             state["logs"] += 1
             if point == "between" and state["logs"] == 3:  # initial log + 2 shard commits
@@ -69,7 +73,7 @@ def install_kill_point(point: str) -> None:
         if point == "after_rename" and dst.endswith("r00000-00002"):
             stop_here()
 
-    CacheStorage.write_bytes, CacheStorage.rename = patched_write, patched_rename
+    CacheStorage.write_bytes, CacheStorage.write_new, CacheStorage.rename = patched_write, patched_new, patched_rename
 
 
 # ----------------------------------------------------------------------------- parent side

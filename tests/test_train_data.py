@@ -304,12 +304,26 @@ def test_epochs_resume_and_ranks(tmp_path, teacher, student, samples):
     assert sorted(sum(per_rank, [])) == sorted(s.id for s in samples)
 
 
-def test_worker_processes_give_the_same_batches(tmp_path, teacher, student, samples):
+def test_worker_processes_give_the_same_batches(tmp_path, teacher, student, samples, monkeypatch):
     write_cache(tmp_path / "cache", teacher, samples)
     in_process = epoch(make_loader(samples, student, cache=tmp_path / "cache", config=config()))
     workers = make_loader(samples, student, cache=tmp_path / "cache", config=config(num_workers=2))
     try:
-        assert_same_batches(epoch(workers), in_process)
+        from_workers = epoch(workers)
+        assert_same_batches(from_workers, in_process)
+        for batch in from_workers:  # handed over packed: one buffer per dtype (small: inline, not shared)
+            tensors = [*batch.student_inputs.values(), batch.student_labels]
+            tensors += [x for turns in batch.teacher for t in turns
+                        for x in (t.window, t.answer_ids, t.question, t.question_positions) if x is not None]
+            assert len({x.untyped_storage().data_ptr() for x in tensors}) == len({x.dtype for x in tensors})
+            assert not any(x.is_shared() for x in tensors)
+        monkeypatch.setattr("genrecal.train.data.INLINE_BYTES", 0)  # every batch through shared memory
+        shared = make_loader(samples, student, cache=tmp_path / "cache", config=config(num_workers=1,
+                                                                                       persistent_workers=False))
+        batches = epoch(shared)
+        assert_same_batches(batches, in_process)
+        for batch in batches:
+            assert batch.student_labels.is_shared() and batch.teacher[0][0].window.is_shared()
         assert workers.state.epoch == 1
         again = epoch(workers)  # persistent workers, next epoch's order
         assert sorted(flatten(again)) == sorted(flatten(in_process))
@@ -386,3 +400,63 @@ def test_loader_config_round_trip_and_validation():
         LoaderConfig(teacher_dtype="int8")
     with pytest.raises(ValueError, match="unknown keys"):
         LoaderConfig.from_dict({"batch": 2})
+
+
+def test_next_epoch_started_early_gives_the_same_batches_and_resumes(tmp_path, teacher, student, samples):
+    """Persistent workers get the next epoch's first batches when an epoch's last one is handed
+    out; the epochs are still exactly the in-process ones, and a load_state in between drops the
+    early start (the resumed position is served instead)."""
+    write_cache(tmp_path / "cache", teacher, samples)
+    in_process = make_loader(samples, student, cache=tmp_path / "cache", config=config())
+    want = [epoch(in_process) for _ in range(3)]
+    workers = make_loader(samples, student, cache=tmp_path / "cache", config=config(num_workers=1))
+    try:
+        first = epoch(workers)
+        assert workers._ahead is not None  # epoch 1 is under way in the worker
+        assert_same_batches(first, want[0])
+        assert_same_batches(epoch(workers), want[1])
+        mid = SamplerState(epoch=1, position=2, seed=3, world_size=1, rank=0)
+        workers.load_state(mid)  # drops the early start of epoch 2
+        assert workers._ahead is None
+        assert_same_batches(epoch(workers), want[1][1:])
+        assert_same_batches(epoch(workers), want[2])
+    finally:
+        workers.close()
+
+
+def test_inline_handover_round_trips_every_kind_of_teacher_record():
+    """A worker's small batch pickles as its structure plus one byte buffer per dtype and comes
+    back equal: TeacherTurns (views, None questions) and GRACE targets (logit statistics,
+    Grams, bf16 rows, an empty tensor), student inputs included."""
+    import pickle
+
+    from genrecal.store.logit_stats import STAT_FIELDS, LogitStats
+    from genrecal.train.data import GraceTarget, TeacherTurn, _Inline
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(9, 6, generator=gen)
+    turns = [[TeacherTurn(window=rows[1:4], answer_ids=torch.arange(3), question=rows[:1], answer_start=2,
+                          question_positions=torch.tensor([0])),
+              TeacherTurn(window=rows[4:9].t(), answer_ids=torch.arange(2), question=None)]]
+    stats = LogitStats(topk_ids=torch.randint(0, 50, (3, 4), generator=gen),
+                       topk_logprobs=torch.randn(3, 4, generator=gen),
+                       **{f: torch.randn(3, generator=gen) for f in STAT_FIELDS})
+    grace = [GraceTarget(input_ids=torch.arange(7), answer_ids=torch.arange(3), stats=stats,
+                         hidden=torch.randn(3, 6, generator=gen).to(torch.bfloat16),
+                         grams=[torch.randn(2, 2, generator=gen), torch.zeros(0, 0)], image_spans=((1, 3),))]
+    for teacher in (turns, grace):
+        batch = TrainBatch(ids=["a"], student_inputs={"input_ids": torch.arange(5)[None], "pixel_values":
+                                                      torch.randn(2, 3, generator=gen)},
+                           student_labels=torch.full((1, 5), -100), student_answer_starts=[[2]], teacher=teacher)
+        back = pickle.loads(pickle.dumps(_Inline(batch)))
+        assert isinstance(back, TrainBatch) and back.ids == ["a"]
+        assert all(torch.equal(back.student_inputs[k], v) for k, v in batch.student_inputs.items())
+        assert torch.equal(back.student_labels, batch.student_labels)
+        for mine, theirs in zip(back.teacher, batch.teacher):
+            as_list = (lambda x: x if isinstance(x, list) else [x])  # noqa: E731
+            for a, b in zip(as_list(mine), as_list(theirs)):
+                got, want = [], []
+                a._apply(lambda x: got.append(x) or x)
+                b._apply(lambda x: want.append(x) or x)
+                assert len(got) == len(want)
+                assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(got, want))

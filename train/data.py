@@ -51,8 +51,10 @@ seeds of epoch 0).
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
@@ -128,6 +130,12 @@ class TeacherTurn:
 
     def _tensors(self) -> tuple:
         return self.window, self.answer_ids, self.question
+
+    def _apply(self, fn) -> "TeacherTurn":
+        """A copy with ``fn`` applied to every tensor (``question_positions`` included)."""
+        return replace(self, window=fn(self.window), answer_ids=fn(self.answer_ids),
+                       question=None if self.question is None else fn(self.question),
+                       question_positions=None if self.question_positions is None else fn(self.question_positions))
 
     def to(self, device, non_blocking: bool = False) -> "TeacherTurn":
         return replace(self, **dict(zip(("window", "answer_ids", "question"),
@@ -648,6 +656,130 @@ class Collator:
                           skipped=skipped, teacher_requests=requests)
 
 
+def collate_for_handover(collator: Collator, items: Sequence[Example | Skip]):
+    """The loader's ``collate_fn``: ``collator(items)``, made ready (:func:`_for_handover`) when
+    it runs in a worker process."""
+    batch = collator(items)
+    return _for_handover(batch) if torch.utils.data.get_worker_info() is not None else batch
+
+
+INLINE_BYTES = 4 << 20
+"""A worker sends a batch of at most this many tensor bytes inline through its result pipe."""
+
+
+def _for_handover(batch: TrainBatch):
+    """How a loader worker hands ``batch`` to the trainer.
+
+    By default a worker moves each tensor's storage into shared memory: one segment per storage,
+    a few per sample, and for each one the trainer asks the worker's resource-sharer thread for
+    the file descriptor over a socket, a round trip that waits on the worker's GIL while it
+    prepares the next batch (measured: 1-8 ms per batch of 2 small samples, 10% of a tiny
+    step). Here a batch of at most :data:`INLINE_BYTES` of tensors travels inline in the pipe,
+    its tensors' bytes as one buffer per dtype (:class:`_Inline`: no descriptor); a larger one
+    as one shared-memory segment per dtype (:func:`_packed`).
+    """
+    tensors = _tensors_of(batch)
+    if sum(x.numel() * x.element_size() for x in tensors) <= INLINE_BYTES:
+        return _Inline(batch)
+    return _packed(batch, shared=True)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor of an inline batch lies: ``shape`` elements from ``offset`` of its dtype's buffer."""
+
+    dtype: str
+    offset: int
+    shape: tuple[int, ...]
+
+
+class _Inline:
+    """A batch that pickles as its structure with :class:`_Slot` s for tensors, plus one
+    ``bytearray`` per dtype holding the tensors' values; it unpickles as the batch itself, its
+    tensors views of those buffers (:func:`_from_inline`), in the trainer process."""
+
+    def __init__(self, batch: TrainBatch):
+        self.batch = batch
+
+    def __reduce__(self):
+        buffers: dict[str, bytearray] = {}
+
+        def slot(x: torch.Tensor) -> _Slot:
+            name = str(x.dtype).removeprefix("torch.")
+            buf = buffers.setdefault(name, bytearray())
+            offset = len(buf) // x.element_size()
+            buf += x.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""
+            return _Slot(name, offset, tuple(x.shape))
+
+        skeleton = _map_tensors(self.batch, slot)
+        return _from_inline, (skeleton, buffers)
+
+
+def _from_inline(skeleton: TrainBatch, buffers: dict[str, bytearray]) -> TrainBatch:
+    flat = {name: torch.frombuffer(buf, dtype=getattr(torch, name)) if buf
+            else torch.empty(0, dtype=getattr(torch, name)) for name, buf in buffers.items()}
+
+    def tensor(slot: _Slot) -> torch.Tensor:
+        n = math.prod(slot.shape)
+        if n == 0:
+            return torch.empty(slot.shape, dtype=getattr(torch, slot.dtype))
+        return flat[slot.dtype][slot.offset:slot.offset + n].view(slot.shape)
+
+    return _map_tensors(skeleton, tensor)
+
+
+def _tensors_of(batch: TrainBatch) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            found.append(x)
+        return x
+
+    _map_tensors(batch, keep)
+    return found
+
+
+def _packed(batch: TrainBatch, shared: bool) -> TrainBatch:
+    """``batch`` with every CPU tensor (student inputs and labels, teacher records) copied into
+    one buffer per dtype (in shared memory if ``shared``), as views of it. Values, shapes and
+    dtypes are unchanged."""
+    sizes: dict[torch.dtype, int] = {}
+
+    def count(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            sizes[x.dtype] = sizes.get(x.dtype, 0) + x.numel()
+        return x
+
+    _map_tensors(batch, count)
+    flat = {dt: torch.empty(0, dtype=dt).set_(torch.UntypedStorage._new_shared(n * dt.itemsize), 0, (n,))
+            if shared else torch.empty(n, dtype=dt)
+            for dt, n in sizes.items()}  # shared: allocated there, as default_collate does in workers
+    at = dict.fromkeys(sizes, 0)
+
+    def place(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return x
+        view = flat[x.dtype][at[x.dtype]:at[x.dtype] + x.numel()].view(x.shape)
+        view.copy_(x)
+        at[x.dtype] += x.numel()
+        return view
+
+    return _map_tensors(batch, place)
+
+
+def _map_tensors(batch: TrainBatch, fn) -> TrainBatch:
+    """A (shallow) copy of ``batch``, any attribute set on it kept, with ``fn`` applied to each
+    of its tensors, in a fixed order."""
+    out = copy.copy(batch)
+    out.student_inputs = {k: fn(v) if isinstance(v, (torch.Tensor, _Slot)) else v
+                          for k, v in batch.student_inputs.items()}
+    out.student_labels = fn(batch.student_labels)
+    out.teacher = None if batch.teacher is None else [
+        [t._apply(fn) for t in turns] if isinstance(turns, list) else turns._apply(fn) for turns in batch.teacher]
+    return out
+
+
 # ============================================================================ join
 
 
@@ -850,11 +982,13 @@ class TrainLoader:
                  config: LoaderConfig, state: SamplerState | None = None):
         self.dataset, self.plan, self.report, self.config = dataset, plan, report, config
         self._sampler = _ReplaySampler()
-        self._loader = DataLoader(dataset, batch_sampler=self._sampler, collate_fn=collator,
+        self._loader = DataLoader(dataset, batch_sampler=self._sampler,
+                                  collate_fn=partial(collate_for_handover, collator),
                                   generator=torch.Generator(), **config.dataloader_kwargs())
         self._state = plan.state()
         self._worker_skips: dict[str, Skip] = {}
         self.wait = DataWait()
+        self._ahead: tuple[list, Iterator] | None = None  # (batches, iterator) of the next epoch, started early
         if state is not None:
             self.load_state(state)
 
@@ -866,6 +1000,7 @@ class TrainLoader:
         """Resume at ``state`` (checked against this run: seed, world size, rank, batch boundary)."""
         self.plan.remaining(state)
         self._state = state
+        self._ahead = None  # an epoch started early from another position is not this one
 
     @property
     def steps_per_epoch(self) -> int:
@@ -894,17 +1029,35 @@ class TrainLoader:
         if not batches:  # resumed at the very end of an epoch
             self._state = self._state.next_epoch()
             return
-        self._sampler.batches = batches
-        self._loader.generator = self.worker_generator(self._state.epoch)  # never the global RNG
-        iterator = iter(self._loader)
-        for planned in batches:
+        ahead, self._ahead = self._ahead, None
+        iterator = ahead[1] if ahead is not None and ahead[0] == batches else self._start(self._state.epoch, batches)
+        for i, planned in enumerate(batches):
             started = time.perf_counter()
             batch = next(iterator)
             self.wait.add(time.perf_counter() - started)
             self._worker_skips.update((s.sample_id, s) for s in batch.skipped)
             self._state = self._state.advanced(len(planned))
+            if i == len(batches) - 1:
+                self._start_next_epoch()
             yield batch
         self._state = self._state.next_epoch()
+
+    def _start(self, epoch: int, batches: list) -> Iterator[TrainBatch]:
+        self._sampler.batches = batches
+        self._loader.generator = self.worker_generator(epoch)  # never the global RNG
+        return iter(self._loader)
+
+    def _start_next_epoch(self) -> None:
+        """With persistent workers, hand them the next epoch's first batches as soon as this
+        epoch's last one is received, so that the trainer does not wait a whole batch at every
+        epoch start. The order is the one the next ``iter()`` would start (it checks and takes
+        it over); :meth:`load_state` drops it."""
+        if not self._loader.persistent_workers:
+            return
+        following = self._state.next_epoch()
+        batches = self.plan.remaining(following)
+        if batches:
+            self._ahead = (batches, self._start(following.epoch, batches))
 
     def close(self) -> None:
         """Stop persistent worker processes (they also stop when the loader is garbage collected)."""
