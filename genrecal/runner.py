@@ -1,6 +1,8 @@
 """``genrecal run PIPELINE``: the whole method end to end, reusing what a rerun may reuse.
 
-Phases, each a group of steps with done markers (:mod:`genrecal.phases`):
+Phases, each a group of steps with done markers (:mod:`genrecal.phases`); with ``jobs`` > 1
+the steps of all phases run as one dependency graph on parallel processes
+(:mod:`genrecal.scheduler`), each as soon as the steps it reads from are done:
 
 1. **data**: the synthetic VQA sets (the pipeline's; the teacher's own when
    ``teacher_finetune.data`` declares one), :mod:`genrecal.data.pipeline_data`;
@@ -10,7 +12,8 @@ Phases, each a group of steps with done markers (:mod:`genrecal.phases`):
 4. **cache**: the teacher pass over the pipeline's train split into the teacher cache, then
    ``validate_cache``, which must find no problem;
 5. **train**: per seed, the pipeline's stages (align -> distill -> finetune) and the SFT-only
-   baseline;
+   baseline (with teacher answers also SFT on them; ``run.grace``: the GRACE companion's rows;
+   ``run.variants``: one GenRecal ablation each);
 6. **evaluate**: the teacher, and per seed the student before training, after SFT only and
    after GenRecal; then the report (:mod:`genrecal.report`).
 
