@@ -23,9 +23,11 @@ ROWS = ("teacher", "student_init", "student_sft", "student_genrecal")
 ANSWER_ROWS = ("teacher", "student_init", "student_sft", "student_sft_answers", "student_genrecal")
 GRACE_ROWS = ("teacher", "student_init", "grace_bf16", "grace_int4", "qat_int4")
 #: The pairs of rows the report compares (a - b, paired over seeds), when a run has both.
+#: GRACE int4 against BF16 SFT: SFT on the teacher's answers when the run has it (the data the
+#: GRACE rows read: the same images and targets, no teacher logits, no QAT), else SFT on labels.
 COMPARISONS = (("student_genrecal", "student_sft_answers"), ("student_genrecal", "student_sft"),
-               ("grace_int4", "qat_int4"),
-               ("grace_int4", "grace_bf16"), ("grace_int4", "student_sft"))
+               ("grace_int4", "qat_int4"), ("grace_int4", "grace_bf16"),
+               ("grace_int4", ("student_sft_answers", "student_sft")))
 #: GRACE run variants: the row, what the stage becomes, where its model is evaluated from.
 GRACE_VARIANTS = ("grace_bf16", "grace_int4", "qat_int4")
 EXPORTS_DIR = "exports"

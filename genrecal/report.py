@@ -64,9 +64,13 @@ def _comparisons(plan: RunPlan, rows: list[dict[str, Any]]) -> list[dict[str, An
     that the run has, then every ``run.variants`` row against GenRecal."""
     by_row = {r["row"]: r for r in rows}
     pairs = [*COMPARISONS, *((row, "student_genrecal") for row in plan.variant_rows)]
-    return [paired_comparison(by_row[a]["name"], by_row[b]["name"], by_row[a]["per_seed"],
-                              by_row[b]["per_seed"]).to_dict()
-            for a, b in pairs if a in by_row and b in by_row]
+    out = []
+    for a, b in pairs:
+        b = next((x for x in ((b,) if isinstance(b, str) else b) if x in by_row), None)
+        if a in by_row and b is not None:  # b: a row, or the first of alternatives the run has
+            out.append(paired_comparison(by_row[a]["name"], by_row[b]["name"], by_row[a]["per_seed"],
+                                         by_row[b]["per_seed"]).to_dict())
+    return out
 
 
 def _variants(plan: RunPlan, phases, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -203,8 +207,11 @@ def format_variants(report: dict[str, Any]) -> str:
 
 
 def format_phases(report: dict[str, Any]) -> str:
-    """Phase times in Markdown: this run's seconds and the seconds when computed."""
-    lines = ["| phase | this run (s) | computed in (s) | state |", "|---|---|---|---|"]
+    """Phase times in Markdown: this run's wall seconds (with parallel jobs phases overlap: from
+    a phase's first step's start to its last step's end) and the seconds its steps took when
+    computed (summed over steps)."""
+    lines = ["| phase | this run, wall (s) | computed in, summed over steps (s) | state |",
+             "|---|---|---|---|"]
     for p in report["phases"]:
         state = "reused" if p["reused"] else ", ".join(sorted({s["action"] for s in p["steps"]})) \
             or "not configured"

@@ -24,7 +24,7 @@ ROW_TITLES = ["teacher", "student before training", "SFT on labels", "SFT on tea
               "GenRecal", "GRACE bf16", "GRACE int4", "QAT-only int4"]
 COMPARISONS = [("GenRecal", "SFT on teacher answers"), ("GenRecal", "SFT on labels"),
                ("GRACE int4", "QAT-only int4"), ("GRACE int4", "GRACE bf16"),
-               ("GRACE int4", "SFT on labels")]
+               ("GRACE int4", "SFT on teacher answers")]
 
 
 def _shrink(pipe: dict, tmp_path: Path, finetune_steps: int) -> dict:
