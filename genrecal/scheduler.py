@@ -32,6 +32,8 @@ from genrecal.errors import RunError
 from genrecal.phases import MarkerBook, Step, StepOutcome, reused_outcome, run_step
 
 LOGS_DIR = "logs"
+#: The most parallel steps ``genrecal run`` starts by itself: each holds its models in memory.
+MAX_DEFAULT_JOBS = 8
 _LOG_TAIL_LINES = 30
 
 
@@ -46,11 +48,12 @@ class Timed:
 
 def default_jobs(threads: int, all_on_cpu: bool) -> int:
     """Parallel steps when the user gives none: as many as the CPUs this process may use hold
-    ``threads`` each, when every model of the run is on the CPU (tiny or CPU pipelines); else
-    1 (accelerators and big models are not shared between processes)."""
+    ``threads`` each (at most :data:`MAX_DEFAULT_JOBS`), when every model of the run is on the
+    CPU (tiny or CPU pipelines); else 1 (accelerators and big models are not shared between
+    processes)."""
     if not all_on_cpu:
         return 1
-    return max(1, len(os.sched_getaffinity(0)) // max(1, threads))
+    return max(1, min(MAX_DEFAULT_JOBS, len(os.sched_getaffinity(0)) // max(1, threads)))
 
 
 def run_graph(steps: Sequence[Step], book: MarkerBook, *, jobs: int, threads: int,

@@ -12,7 +12,7 @@ import pytest
 
 from genrecal.errors import RunError
 from genrecal.phases import MarkerBook, Step
-from genrecal.scheduler import default_jobs, run_graph
+from genrecal.scheduler import MAX_DEFAULT_JOBS, default_jobs, run_graph
 
 
 def file_step(step_id: str, out: Path, after: tuple[str, ...] = (), work=None) -> Step:
@@ -122,6 +122,6 @@ def test_an_upstream_that_is_not_a_step_before_it_is_refused(tmp_path):
 
 def test_default_jobs():
     cpus = len(os.sched_getaffinity(0))
-    assert default_jobs(1, all_on_cpu=True) == cpus
+    assert default_jobs(1, all_on_cpu=True) == min(cpus, MAX_DEFAULT_JOBS)
     assert default_jobs(cpus * 2, all_on_cpu=True) == 1
     assert default_jobs(1, all_on_cpu=False) == 1
