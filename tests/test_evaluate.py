@@ -181,6 +181,7 @@ def pipeline_file(tmp_path, tiny_teacher_dir, tiny_student_dir) -> Path:
     # The fixtures' own spec (kit defaults): another spec would rebuild the shared fixture dirs.
     demo["teacher"]["tiny"] = {"kind": "qwen2_vl", "path": str(tiny_teacher_dir)}
     demo["student"]["tiny"] = {"kind": "llava_qwen2", "path": str(tiny_student_dir)}
+    demo["student"].pop("family", None)  # the kind says it
     demo["data"]["synthetic"] = {"n_train": 3, "n_test": 5, "image_size": 32, "seed": 0}
     demo["evaluation"] = {"split": "test", "max_new_tokens": 2, "batch_size": 4,
                           "metrics": ["exact_match", "token_f1"]}
