@@ -188,7 +188,7 @@ class RunPlan:
         """The row's name in the table and in results.json."""
         if row in ROW_TITLES:
             return ROW_TITLES[row]
-        return self.pipeline.run.variants[self.variant_rows.index(row)].name
+        return self.variant(row).name
 
     # -- run.variants: ablations of the GenRecal row ---------------------------------------
     @cached_property
@@ -203,10 +203,20 @@ class RunPlan:
             rows.append(row if row not in rows else f"{row}-{len(rows)}")
         return tuple(rows)
 
+    def variant(self, row: str):
+        """The ``run.variants`` entry (StudyVariant) of row ``row``."""
+        return self.pipeline.run.variants[self.variant_rows.index(row)]
+
+    def variant_cache_step(self, row: str) -> str:
+        """The id of the cache step a variant reads: ``cache-<row>`` when it has its own
+        (:meth:`variant_cache`), else the run's ``cache``."""
+        own = self.variant_cache(row)["location"] != self.pipeline.cache.location
+        return f"cache-{row}" if own else "cache"
+
     def variant_cache(self, row: str) -> dict:
         """The cache a variant's stages read: the run's, unless the variant stores z_ql with
         another codec or reads the teacher's token embeddings (then ``<output>/<row>/cache``)."""
-        variant = self.pipeline.run.variants[self.variant_rows.index(row)]
+        variant = self.variant(row)
         base = self.pipeline.cache.to_dict()
         cache = {**base, "codecs": dict(base["codecs"]), "features": dict(base["features"])}
         if variant.question_hidden_codec is not None:
@@ -225,7 +235,7 @@ class RunPlan:
     def variant_pipeline(self, seed: int, row: str) -> Pipeline:
         """The GenRecal stages of seed ``seed`` with the variant's changes
         (:class:`genrecal.common.config.StudyVariant`), under ``<output>/seed-<seed>/<row>``."""
-        variant = self.pipeline.run.variants[self.variant_rows.index(row)]
+        variant = self.variant(row)
         recalibrator = {**self.pipeline.recalibrator.to_dict(),
                         **{k: getattr(variant, k) for k in ("answer_input", "reassign_positions", "blocks")
                            if getattr(variant, k) is not None}}
@@ -248,7 +258,7 @@ class RunPlan:
 
     def variant_quantize(self, row: str):
         """The variant's QuantConfig (its row is then evaluated as its export), else None."""
-        return self.pipeline.run.variants[self.variant_rows.index(row)].quantize
+        return self.variant(row).quantize
 
     @property
     def uses_answers(self) -> bool:

@@ -79,9 +79,7 @@ def _variants(plan: RunPlan, phases, rows: list[dict[str, Any]]) -> list[dict[st
     by_row = {r["row"]: r for r in rows}
     out = []
     for row, variant in zip(plan.variant_rows, plan.pipeline.run.variants):
-        cache_id = "cache" if plan.variant_cache(row)["location"] == \
-            plan.cache_pipeline().cache.location else f"cache-{row}"
-        cache = _step_details(phases, cache_id)
+        cache = _step_details(phases, plan.variant_cache_step(row))
         out.append({"name": variant.name, "row": row,
                     "changes": {k: v for k, v in variant.to_dict().items()
                                 if v is not None and k != "name"},

@@ -264,13 +264,8 @@ class StepBuilder:
 
     def variant_cache_steps(self) -> list[Step]:
         """The caches of the ``run.variants`` that need their own (another codec, embeddings)."""
-        base = self.plan.cache_pipeline().cache.location
         return [self.cache_step(row) for row in self.plan.variant_rows
-                if self.plan.variant_cache(row)["location"] != base]
-
-    def _variant_cache_id(self, row: str) -> str:
-        own = self.plan.variant_cache(row)["location"] != self.plan.cache_pipeline().cache.location
-        return f"cache-{row}" if own else "cache"
+                if self.plan.variant_cache_step(row) != "cache"]
 
     # -- phase 5: training ------------------------------------------------------------------
     def _student_upstream(self, seed: int) -> list[str]:
@@ -319,7 +314,7 @@ class StepBuilder:
                 f"{row}-seed-{seed}", f"{self.plan.title(row)}, seed {seed}",
                 {"stages": [s.to_dict() for s in pipe.stages], "student": pipe.student.to_dict(),
                  "recalibrator": pipe.recalibrator.to_dict(), "cache": pipe.cache.location},
-                [*self._student_upstream(seed), self._variant_cache_id(row)], dirs,
+                [*self._student_upstream(seed), self.plan.variant_cache_step(row)], dirs,
                 self._trainer(pipe, dirs[-1]), _stage_check(dirs[-1])))
             quantize = self.plan.variant_quantize(row)
             if quantize is not None:
