@@ -64,39 +64,34 @@ from genrecal.store.writer import CacheWriter
 
 
 def _pipeline(root: Path, args) -> Pipeline:
-    if args.kind.endswith("_text"):
-        return _text_pipeline(root, args)
+    """The bench's pipeline: a VLM teacher (the kit's ``args.kind``) on synthetic VQA, or a
+    text teacher (head_dim 64, which vLLM's CPU attention needs) on the text set."""
+    text = args.kind.endswith("_text")
     tiny = {"kind": args.kind, "hidden_size": args.hidden, "path": str(root / "teacher")}
+    student = {"kind": "llava_qwen2", "path": str(root / "student")}
+    features = {"answer_hidden": True, "question_hidden": "all", "visual_gram": True,
+                "logit_stats": {"top_k": 16, "temperature": 2.0}}
+    synthetic = {"n_train": args.samples, "n_test": 0, "image_size": 32}
+    extra = {}
+    if text:
+        heads = max(1, args.hidden // 64)
+        tiny.update(num_heads=heads, num_kv_heads=heads)
+        student = {"kind": "llama_text", "num_heads": 1, "num_kv_heads": 1, "hidden_size": 64,
+                   "path": str(root / "student")}
+        features = {**features, "question_hidden": "text", "visual_gram": False}
+        synthetic = {"n_train": args.samples, "n_test": 0, "modality": "text"}
+        extra["teacher_engine"] = {"enforce_eager": True,
+                                   **({"python": args.vllm_python} if args.vllm_python else {})}
     return Pipeline.from_dict({
         "name": "bench",
         "teacher": {"tiny": tiny, "dtype": args.dtype, "device": args.device},
-        "student": {"tiny": {"kind": "llava_qwen2", "path": str(root / "student")}},
-        "data": {"synthetic": {"n_train": args.samples, "n_test": 0, "image_size": 32}},
+        "student": {"tiny": student},
+        "data": {"synthetic": synthetic},
         "cache": {"location": str(root / "cache"), "batch_size": args.batch_size, "max_length": 512,
-                  "features": {"answer_hidden": True, "question_hidden": "all", "visual_gram": True,
-                               "logit_stats": {"top_k": 16, "temperature": 2.0}},
-                  "codecs": {"question_hidden": "fp8_e4m3"}, "encode_workers": args.encode_workers},
+                  "features": features, "codecs": {"question_hidden": "fp8_e4m3"},
+                  "encode_workers": args.encode_workers},
         "stages": [{"name": "align", "steps": 1, "lr_start": 1e-3, "lr_end": 1e-4}],
-        "evaluation": None, "output": str(root / "out")})
-
-
-def _text_pipeline(root: Path, args) -> Pipeline:
-    """A text teacher (head_dim 64, which vLLM's CPU attention needs) and text samples."""
-    tiny = {"kind": args.kind, "hidden_size": args.hidden, "num_heads": max(1, args.hidden // 64),
-            "num_kv_heads": max(1, args.hidden // 64), "path": str(root / "teacher")}
-    engine = {"enforce_eager": True, **({"python": args.vllm_python} if args.vllm_python else {})}
-    return Pipeline.from_dict({
-        "name": "bench",
-        "teacher": {"tiny": tiny, "dtype": args.dtype, "device": args.device},
-        "student": {"tiny": {"kind": "llama_text", "num_heads": 1, "num_kv_heads": 1,
-                             "hidden_size": 64, "path": str(root / "student")}},
-        "data": {"synthetic": {"n_train": args.samples, "n_test": 0, "modality": "text"}},
-        "cache": {"location": str(root / "cache"), "batch_size": args.batch_size, "max_length": 512,
-                  "features": {"answer_hidden": True, "question_hidden": "text",
-                               "logit_stats": {"top_k": 16, "temperature": 2.0}},
-                  "codecs": {"question_hidden": "fp8_e4m3"}},
-        "stages": [{"name": "align", "steps": 1, "lr_start": 1e-3, "lr_end": 1e-4}],
-        "evaluation": None, "output": str(root / "out"), "teacher_engine": engine})
+        "evaluation": None, "output": str(root / "out"), **extra})
 
 
 def _same_batches(teacher, job) -> tuple[list[list], int, float]:

@@ -749,7 +749,7 @@ class Pipeline(ConfigModel):
         return [*bad_name, *_stage_order_problems(self.stages), *_cache_feature_problems(self),
                 *_text_model_problems(self),
                 *_recalibrator_problems(self), *_grace_problems(self), *_split_problems(self),
-                *_teacher_finetune_problems(self)]
+                *_teacher_finetune_problems(self), *_engine_problems(self)]
 
     @property
     def output_dir(self) -> str:
@@ -880,6 +880,17 @@ def _grace_problems(pipe: Pipeline) -> list[Problem]:
             problems.append((("cache", "features", "visual_gram"), f"must be true: {where} has "
                              "rcka.omega > 0 (or set rcka.omega: 0)"))
     return problems
+
+
+def _engine_problems(pipe: Pipeline) -> list[Problem]:
+    """vLLM's context must hold the longest sequence the pipeline encodes."""
+    limit = pipe.teacher_engine.max_model_len
+    if limit is not None and limit < pipe.cache.max_length:
+        return [(("teacher_engine", "max_model_len"), f"{limit} is below cache.max_length "
+                 f"({pipe.cache.max_length}): vLLM would refuse the longest samples; raise it "
+                 "or leave it out (default: cache.max_length, plus the answer length when "
+                 "answering)")]
+    return []
 
 
 def _teacher_finetune_problems(pipe: Pipeline) -> list[Problem]:

@@ -291,6 +291,16 @@ def token_prompt(input_ids: Sequence[int]) -> dict:
 # ----------------------------------------------------------------------------- the teacher pass
 
 
+def answers_engine(settings: TeacherEngine, pipe, options) -> VllmEngine:
+    """The (not yet started) engine of ``genrecal answers`` / the teacher-answers step: room
+    for the longest prompt the pipeline encodes (``cache.max_length``) plus the answer
+    (``options.max_new_tokens``), so no answer is cut shorter than the transformers path cuts it."""
+    from genrecal.extract.job import teacher_source
+
+    return engine_for_teacher(settings, teacher_source(pipe), mode="generate",
+                              max_model_len=pipe.cache.max_length + options.max_new_tokens)
+
+
 def engine_for_teacher(settings: TeacherEngine, source, *, mode: str, max_model_len: int,
                        penultimate: bool = False, local_rank: int = 0,
                        world: int = 1) -> VllmEngine:

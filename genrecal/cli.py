@@ -340,11 +340,9 @@ def answers_command(
     settings = engine_settings(pipe, backend.value if backend else None)
     engine = None
     if settings.backend == "vllm":  # its early errors before the data is read
-        from genrecal.extract.job import teacher_source
-        from genrecal.extract.vllm_engine import engine_for_teacher
+        from genrecal.extract.vllm_engine import answers_engine
 
-        engine = engine_for_teacher(settings, teacher_source(pipe), mode="generate",
-                                    max_model_len=pipe.cache.max_length)
+        engine = answers_engine(settings, pipe, options)
     read = read_pipeline_split(pipe, split, limit=limit)
     teacher = load_pipeline_model(pipe, "teacher", device="cpu" if engine else None)
     with engine if engine is not None else contextlib.nullcontext():

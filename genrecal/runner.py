@@ -429,11 +429,9 @@ def _answers_engine(pipe: Pipeline):
     ``teacher_engine.backend`` is vllm, else None (transformers)."""
     if pipe.teacher_engine.backend != "vllm":
         return None
-    from genrecal.extract.job import teacher_source
-    from genrecal.extract.vllm_engine import engine_for_teacher
+    from genrecal.extract.vllm_engine import answers_engine
 
-    return engine_for_teacher(pipe.teacher_engine, teacher_source(pipe), mode="generate",
-                              max_model_len=pipe.cache.max_length)
+    return answers_engine(pipe.teacher_engine, pipe, pipe.cache.generate_answers)
 
 
 def _location(location: str) -> str:

@@ -538,3 +538,10 @@ def test_pipeline_paths_and_lookups():
         student={"source": "/models/s", "family": "llava"})})
     assert custom.stage_dir("align") == "/out/align"
     assert custom.model_location("student") == "/models/s"
+
+
+def test_vllm_context_shorter_than_the_cache_length_is_refused(tmp_path):
+    pipe = minimal_pipeline(teacher_engine={"backend": "vllm", "max_model_len": 128},
+                            cache={"location": "memory://cache", "max_length": 256})
+    found = problems(write(tmp_path, {"p": pipe}))
+    assert "cache.max_length" in found["pipelines.p.teacher_engine.max_model_len"]

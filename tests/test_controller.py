@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from genrecal.common.config import ControllerConfig
-from genrecal.train.controller import (
-    ControllerError,
-    LagrangianController,
-    all_reduce_mean,
-    linear_warmup,
-    local_sum_count,
-    step_mean,
-)
+from genrecal.train.controller import ControllerError, LagrangianController, linear_warmup
 
 DEFAULT = ControllerConfig()
 
@@ -119,104 +111,18 @@ def test_non_finite_loss_refused_and_state_kept():
 
 
 # ---------------------------------------------------------------------------------------------
-# averaging over micro-batches (single process: no process group)
+# fed once per optimizer step
 # ---------------------------------------------------------------------------------------------
-
-def test_step_mean_over_micro_batches():
-    assert step_mean([1.0, 2.0, 6.0]) == 3.0
-    assert step_mean([4.5]) == 4.5
-    assert local_sum_count([1.0, 2.0, 6.0]) == (9.0, 3.0)
-    # Weighted (e.g. each micro-batch's gate sum): sum w v / sum w.
-    assert step_mean([1.0, 3.0], [3.0, 1.0]) == 1.5
-    assert step_mean([1.0, 3.0, 100.0], [1.0, 1.0, 0.0]) == 2.0
-    assert all_reduce_mean(torch.tensor(9.0, dtype=torch.float64),
-                           torch.tensor(3.0, dtype=torch.float64)) == 3.0
-
-
-@pytest.mark.parametrize("values, weights", [
-    ([], None),                       # no micro-batch at all
-    ([1.0, 2.0], [0.0, 0.0]),         # zero total weight
-    ([1.0, float("nan")], None),
-    ([1.0, 2.0], [1.0]),              # length mismatch
-    ([1.0, 2.0], [1.0, -1.0]),        # negative weight
-    ([1.0], [float("inf")]),
-])
-def test_step_mean_refuses_bad_input(values, weights):
-    with pytest.raises(ControllerError):
-        step_mean(values, weights)
-
 
 def test_controller_fed_accumulation_means():
     micro = [[5.0, 3.0, 1.0, 2.0], [0.5, 0.25, 6.0, 6.0], [3.0, 3.0, 3.0, 3.0]] * 20
     ctl = LagrangianController(DEFAULT)
-    got = [ctl.update(step_mean(mb)) for mb in micro]
+    got = [ctl.update(sum(mb) / len(mb)) for mb in micro]
     want = reference_betas(DEFAULT, [sum(mb) / len(mb) for mb in micro])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
     # Not per micro-batch: feeding every micro-batch separately gives another trajectory.
     per_micro = run(DEFAULT, [x for mb in micro for x in mb])
     assert per_micro[3::4] != got
-
-
-# ---------------------------------------------------------------------------------------------
-# across 2 ranks (gloo)
-# ---------------------------------------------------------------------------------------------
-
-STEPS = 25
-
-
-def rank_micro_batches(rank: int) -> tuple[list[list[float]], list[list[float]]]:
-    """Different local losses (and micro-batch weights) per rank and step."""
-    rng = np.random.default_rng(100 + rank)
-    values = rng.uniform(0.0, 8.0, size=(STEPS, 2 + rank)).tolist()
-    weights = rng.integers(1, 50, size=(STEPS, 2 + rank)).astype(float).tolist()
-    return values, weights
-
-
-def _two_rank_worker(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        values, weights = rank_micro_batches(rank)
-        ctl = LagrangianController(DEFAULT)
-        means, betas = [], []
-        for v, w in zip(values, weights):
-            means.append(step_mean(v, w))
-            betas.append(ctl.update(means[-1]))
-        # A bad loss on one rank is raised on BOTH (no rank hangs in a skipped collective).
-        try:
-            step_mean([float("nan")] if rank == 1 else [1.0])
-            error = None
-        except ControllerError as exc:
-            error = str(exc)
-        Path(out, f"rank{rank}.json").write_text(json.dumps(
-            {"means": means, "betas": betas, "error": error}))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_gloo_ranks_agree_with_single_controller_fed_global_means(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_two_rank_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
-             nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["betas"] == r1["betas"] and r0["means"] == r1["means"]
-
-    (v0, w0), (v1, w1) = rank_micro_batches(0), rank_micro_batches(1)
-    global_means = []
-    for step in range(STEPS):
-        s0, c0 = local_sum_count(v0[step], w0[step])
-        s1, c1 = local_sum_count(v1[step], w1[step])
-        global_means.append((s0 + s1) / (c0 + c1))
-        pooled = [x * w for x, w in zip(v0[step] + v1[step], w0[step] + w1[step])]
-        assert global_means[-1] == pytest.approx(sum(pooled) / sum(w0[step] + w1[step]),
-                                                 rel=1e-14)
-    assert r0["means"] == global_means
-    assert r0["betas"] == run(DEFAULT, global_means)  # bitwise: same floats, same order
-    assert r0["error"] and r1["error"]
-    assert "nan" in r1["error"] and "other rank" in r0["error"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ step (not per micro-batch), without gradient, projected dual ascent:
     (2.11) beta <- clip(beta + eta * (m - tau), beta_min, beta_max)
 
 ``Lbar_GDKD`` is the step's L_GDKD averaged over its accumulation micro-batches and over all
-ranks (:func:`step_mean`, :func:`all_reduce_mean`), so every rank feeds the same value and holds
+ranks: the trainer feeds the global ``gdkd`` mean it logs (summed over micro-batches and ranks
+with one all-reduce, :mod:`genrecal.train.loop`), so every rank feeds the same value and holds
 the same ``beta``. Everything is plain Python floats (IEEE float64); no tensor, no autograd.
 
 How the EMA starts (the reference leaves it open): bias-corrected, as in Adam. The controller
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,18 +38,11 @@ import torch
 from genrecal.common.config import ControllerConfig
 from genrecal.train.errors import TrainError
 
-__all__ = [
-    "ControllerError",
-    "LagrangianController",
-    "all_reduce_mean",
-    "linear_warmup",
-    "local_sum_count",
-    "step_mean",
-]
+__all__ = ["ControllerError", "LagrangianController", "linear_warmup"]
 
 
 class ControllerError(TrainError, ValueError):
-    """The controller, its averaging helpers or a warm-up got a value they cannot use, or a
+    """The controller or a warm-up got a value they cannot use, or a
     controller checkpoint state that does not fit."""
 
 
@@ -61,8 +55,7 @@ class LagrangianController:
 
     :attr:`beta` is the value the NEXT optimizer step's loss uses: ``beta_init`` before the
     first :meth:`update`, afterwards the result of the latest one. Call :meth:`update` once per
-    optimizer step with that step's L_GDKD averaged over micro-batches and ranks
-    (:func:`step_mean`).
+    optimizer step with that step's L_GDKD averaged over micro-batches and ranks.
     """
 
     def __init__(self, config: ControllerConfig | None = None):
@@ -156,86 +149,6 @@ class LagrangianController:
 
 
 # ==============================================================================================
-# Averaging over micro-batches and ranks
-# ==============================================================================================
-
-def local_sum_count(values: Sequence[float],
-                    weights: Sequence[float] | None = None) -> tuple[float, float]:
-    """``(sum_i w_i * v_i, sum_i w_i)`` over this rank's micro-batches (``w_i = 1`` without
-    ``weights``: a plain mean over micro-batches; pass e.g. each micro-batch's summed gate to
-    get the step's gated mean instead). Raises :class:`ControllerError` on a length mismatch,
-    a non-finite value or a negative / non-finite weight."""
-    vals = [_finite_float(v, f"values[{i}]") for i, v in enumerate(values)]
-    if weights is None:
-        ws = [1.0] * len(vals)
-    else:
-        ws = [_finite_float(w, f"weights[{i}]") for i, w in enumerate(weights)]
-        if len(ws) != len(vals):
-            raise ControllerError(f"step_mean: {len(vals)} values but {len(ws)} weights. Fix: "
-                                  "pass one weight per micro-batch value")
-        bad = [i for i, w in enumerate(ws) if w < 0]
-        if bad:
-            raise ControllerError(f"step_mean: negative weights at micro-batches {bad}. Fix: "
-                                  "weights are counts or gate sums, >= 0")
-    return math.fsum(w * v for w, v in zip(ws, vals)), math.fsum(ws)
-
-
-def all_reduce_mean(local_sum: float | torch.Tensor, local_count: float | torch.Tensor,
-                    *, _local_error: str | None = None) -> float:
-    """Global mean ``sum over ranks of local_sum / sum over ranks of local_count``, identical
-    on every rank: one float64 SUM all-reduce of ``[sum, count, error flag]`` on the default
-    process group (on the current CUDA device for NCCL, on the CPU otherwise); without an
-    initialised process group just ``local_sum / local_count``. Raises
-    :class:`ControllerError` on every rank alike when the global count is 0 or the global mean is
-    not finite, or when any rank reported a local error (so no rank is left waiting in a
-    collective another one skipped)."""
-    import torch.distributed as dist
-
-    try:
-        local = [_scalar(local_sum), _scalar(local_count)]
-    except (ControllerError, TypeError, ValueError) as exc:  # raised on every rank below
-        local, _local_error = [0.0, 0.0], _local_error or str(exc)
-    if _local_error:
-        local = [0.0, 0.0]
-    packed = torch.tensor([*local, 1.0 if _local_error else 0.0], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend() == "nccl" else torch.device("cpu")
-        reduced = packed.to(device)
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        packed = reduced.cpu()
-    total, count, errors = (float(x) for x in packed.tolist())
-    if _local_error:
-        raise ControllerError(_local_error)
-    if errors > 0:
-        raise ControllerError(f"step_mean: {int(errors)} other rank(s) reported bad step "
-                              "losses; see their logs")
-    if not count > 0:
-        raise ControllerError(f"step mean of L_GDKD: total weight over all ranks is {count!r}; "
-                              "no micro-batch carried a loss. Fix: call the controller only "
-                              "for steps with at least one supervised position")
-    mean = total / count
-    if not math.isfinite(mean):
-        raise ControllerError(f"step mean of L_GDKD is {mean!r} (sum {total!r} / weight "
-                              f"{count!r}). Fix: find the non-finite loss upstream")
-    return mean
-
-
-def step_mean(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
-    """The step's L_GDKD for :meth:`LagrangianController.update`: the (weighted) mean of this
-    rank's micro-batch values pooled with every other rank's (:func:`local_sum_count`, then
-    :func:`all_reduce_mean`). Every rank must call it once per optimizer step (it is a
-    collective when a process group is initialised); every rank gets the same float. A local
-    input error is raised on every rank after the collective."""
-    try:
-        total, count = local_sum_count(values, weights)
-        error = None
-    except ControllerError as exc:
-        total, count, error = 0.0, 0.0, str(exc)
-    return all_reduce_mean(total, count, _local_error=error)
-
-
-# ==============================================================================================
 # Warm-ups
 # ==============================================================================================
 
@@ -260,15 +173,6 @@ def linear_warmup(step: int, warmup_steps: int) -> float:
 # ==============================================================================================
 # Helpers
 # ==============================================================================================
-
-def _scalar(x: float | torch.Tensor) -> float:
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ControllerError(f"all_reduce_mean: expected a scalar, got shape "
-                                  f"{tuple(x.shape)}")
-        return float(x.detach().to(torch.float64).cpu().item())
-    return float(x)
-
 
 def _finite_float(x: Any, what: str) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):

@@ -48,8 +48,8 @@ from genrecal.store.artifacts import TeacherHead
 from genrecal.store.logit_stats import STAT_FIELDS, LogitStats, logit_statistics
 from genrecal.store.logit_transform import LogitTransform
 from genrecal.train.errors import LossInputError
-from genrecal.train.losses import (DEFAULT_CHUNK_SIZE, DEFAULT_ROW_BLOCK, LmHead, _check_head,
-                                   _head_chunk, _log1mexp, _logits_and_slope, _spans)
+from genrecal.train.losses import (DEFAULT_CHUNK_SIZE, DEFAULT_ROW_BLOCK, LmHead, _cast, _check_head,
+                                   _head_chunk, _log1mexp, _logits_and_slope, _pick_targets, _spans)
 
 #: Anything with ``weight [V, d]``, ``bias [V] | None`` and ``transform: LogitTransform``.
 Head = Union[LmHead, TeacherHead]
@@ -87,13 +87,6 @@ class GdkdOut:
     tckd: torch.Tensor
     nckd: torch.Tensor
     gate: torch.Tensor
-
-    def scalars(self) -> dict[str, float]:
-        """Detached Python floats for logging: L_GDKD and the row means of the terms."""
-        def mean(x: torch.Tensor) -> float:
-            return float(x.detach().mean()) if x.numel() else 0.0
-        return {"gdkd": float(self.loss.detach()), "dkd": mean(self.dkd),
-                "tckd": mean(self.tckd), "nckd": mean(self.nckd), "gate": mean(self.gate)}
 
 
 @dataclass(frozen=True)
@@ -195,13 +188,6 @@ def _member(ids: torch.Tensor, c0: int, width: int, like: torch.Tensor) -> torch
     return hits > 0
 
 
-def _pick(x: torch.Tensor, ids: torch.Tensor, c0: int) -> torch.Tensor:
-    """x [n, c] (columns c0..), ids [n] -> [n]: x[i, ids_i - c0] if inside, else 0."""
-    local, inside = _local_ids(ids.unsqueeze(1), c0, x.shape[1])
-    picked = x.gather(1, local).squeeze(1)
-    return torch.where(inside.squeeze(1), picked, torch.zeros_like(picked))
-
-
 def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """p (log p - log q) elementwise; 0 where p = 0 (log_p = -inf), gradient-safe in log_q."""
     empty = torch.isneginf(log_p)
@@ -223,10 +209,6 @@ def _grads_like(needs: Sequence[bool], tensors: Sequence[torch.Tensor | None],
                 dtype: torch.dtype) -> list[torch.Tensor | None]:
     return [torch.zeros(x.shape, dtype=dtype, device=x.device) if need and x is not None
             else None for need, x in zip(needs, tensors)]
-
-
-def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
-    return None if grad is None else grad.to(like.dtype)
 
 
 def _accumulate(grads: list[torch.Tensor | None], g: torch.Tensor, x: torch.Tensor,
@@ -267,8 +249,8 @@ def _exact_forward_rows(xs: torch.Tensor, xt: torch.Tensor, y: torch.Tensor, ws,
         t_T, s_T = t / temp, s / temp
         tea.update(t_T.masked_fill(is_y, _NEG_INF), t_T - s_T)
         stu.update(s_T.masked_fill(is_y, _NEG_INF))
-        t_y = t_y + _pick(t, y, c0)
-        s_y = s_y + _pick(s, y, c0)
+        t_y = t_y + _pick_targets(t, y, c0)
+        s_y = s_y + _pick_targets(s, y, c0)
     b_t, b_s = tea.lse(), stu.lse()
     log_bt, log_nbt = _binary_split(b_t, t_y / temp)
     log_bs, log_nbs = _binary_split(b_s, s_y / temp)
@@ -425,7 +407,7 @@ def _bucket_forward_rows(x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, w_
         is_y = _is_col(y, c0, c1 - c0)
         nt.update(sig.masked_fill(is_y, _NEG_INF))
         tail.update(sig.masked_fill(is_y | _member(ids, c0, c1 - c0, sig), _NEG_INF))
-        s_y = s_y + _pick(sig, y, c0)
+        s_y = s_y + _pick_targets(sig, y, c0)
         local, inside = _local_ids(ids, c0, c1 - c0)
         s_ids = s_ids + torch.where(inside, sig.gather(1, local), torch.zeros_like(s_ids))
     return s_y, nt.lse(), s_ids, tail.lse()

@@ -513,7 +513,7 @@ class StageModel(nn.Module):
 
     def forward(self, batch: TrainBatch,
                 denominators: TokenCounts | None = None) -> dict[str, torch.Tensor]:
-        counts = denominators or TokenCounts.of_batch(batch)
+        counts = denominators or self.token_counts(batch)  # GRACE: gates and images too
         if not batch.ids:  # every sample skipped: a zero loss that still reaches every
             return {"total": self._zero_loss()}  # trainable (DDP expects their gradients)
         z, penultimate = self.student_features(batch, penultimate=self.spec.grace is not None
