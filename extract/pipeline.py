@@ -276,19 +276,22 @@ def _extract(job, teacher, writer, windows, done, read_skips, info, engine=None)
     counters = RunCounters(already=sum(s.id in done for w in windows for s in w))
     todo = [w for w in windows if any(s.id not in done for s in w)]
     encoded = encoded_windows(teacher, todo, job.settings.max_length, job.encode_workers)  # before any thread
-    bar = _progress(job, info, total=sum(map(len, windows)), initial=counters.already)
-    with BackgroundWriter(partial(write_item, writer, job.on_error), max_queue=4) as background:
-        run = BatchRunner(job.on_error, teacher, writer.header.features, background, done, counters,
-                          engine)
-        for skip in read_skips:
-            background.submit(SkipItem(skip.sample_id, f"dataset: {skip.reason}", skip.file))
-        for window in encoded:
-            for sample, reason in window.failed:
-                run.fail(sample, reason)
-            for batch in window_batches(window.ok, job.batch_size):
-                run.run_batch(batch)
-                _advance(bar, counters)
-    bar.close()
+    try:
+        bar = _progress(job, info, total=sum(map(len, windows)), initial=counters.already)
+        with BackgroundWriter(partial(write_item, writer, job.on_error), max_queue=4) as background:
+            run = BatchRunner(job.on_error, teacher, writer.header.features, background, done, counters,
+                              engine)
+            for skip in read_skips:
+                background.submit(SkipItem(skip.sample_id, f"dataset: {skip.reason}", skip.file))
+            for window in encoded:
+                for sample, reason in window.failed:
+                    run.fail(sample, reason)
+                for batch in window_batches(window.ok, job.batch_size):
+                    run.run_batch(batch)
+                    _advance(bar, counters)
+        bar.close()
+    finally:  # the encoders (a thread, or worker processes) stop now, also on an error
+        encoded.close()
     return counters, background.stats()
 
 
@@ -422,8 +425,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def encoded_windows(teacher: Teacher, windows: list[list[Sample]], max_length: int,
-                    workers: int) -> Iterator[WindowEncoding]:
-    """Every window encoded (:func:`encode_window`), in order, ahead of the forward.
+                    workers: int) -> Iterator[WindowEncoding] | _WorkerWindows:
+    """Every window encoded (:func:`encode_window`), in order, ahead of the forward; an
+    iterable with ``close()``, which the caller calls when it stops (the encoders stop).
 
     ``workers == 0``: on one thread of this process, one window ahead (the chat template, the
     tokenizer and the image processor then share the interpreter with the forward). ``workers
@@ -439,19 +443,34 @@ def encoded_windows(teacher: Teacher, windows: list[list[Sample]], max_length: i
 
     pair = (teacher.vlm.processor, teacher.vlm.family)
     pool = ProcessPoolExecutor(workers, initializer=_init_encoder, initargs=(pair, max_length))
-    source = iter(windows[1:])
-    pending = deque(pool.submit(_encode_in_worker, w) for w in islice(source, workers))  # starts them
-    return _worker_windows(pool, pending, source, encode_window(teacher, windows[0], max_length))
+    try:
+        source = iter(windows[1:])
+        pending = deque(pool.submit(_encode_in_worker, w) for w in islice(source, workers))  # starts them
+        first = encode_window(teacher, windows[0], max_length)
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+    return _WorkerWindows(pool, pending, source, first)
 
 
-def _worker_windows(pool, pending: deque, source: Iterator, first: WindowEncoding) -> Iterator[WindowEncoding]:
-    with pool:
-        try:
-            yield first
-            yield from _in_order(pool, _encode_in_worker, source, pending)
-        finally:
-            for future in pending:
-                future.cancel()
+class _WorkerWindows:
+    """The windows encoded by a worker pool, in order (the first one encoded by the caller).
+    :meth:`close` stops the workers, whether or not iteration started."""
+
+    def __init__(self, pool, pending: deque, source: Iterator, first: WindowEncoding):
+        self.pool = pool
+        self._windows = self._run(pending, source, first)
+
+    def _run(self, pending: deque, source: Iterator, first: WindowEncoding) -> Iterator[WindowEncoding]:
+        yield first
+        yield from _in_order(self.pool, _encode_in_worker, source, pending)  # cancels what it left
+
+    def __iter__(self) -> Iterator[WindowEncoding]:
+        return self._windows
+
+    def close(self) -> None:
+        self._windows.close()
+        self.pool.shutdown(cancel_futures=True)
 
 
 _WORKER_ENCODER: tuple | None = None  # (processor, family), max_length: set in each encoding worker
