@@ -157,8 +157,7 @@ class VllmEngine:
         python = vllm_python(settings)
         self.facts = facts or probe(python)
         check_engine(settings, self.facts, vlm=vlm)
-        self.settings = settings
-        self.mode, self.vlm, self.penultimate = mode, vlm, penultimate
+        self.settings, self.penultimate = settings, penultimate
         self._start = {"op": "start", "mode": mode, "model": model, "penultimate": penultimate,
                        "engine": engine_arguments(settings, self.facts, dtype=dtype,
                                                   max_model_len=max_model_len,
@@ -172,7 +171,6 @@ class VllmEngine:
         self._calls = 0
         self.version: str | None = None
         self.start_seconds = 0.0
-        self.engine_seconds = 0.0  # time vLLM spent in LLM.encode (the worker's own clock)
 
     # ----- process
     def __enter__(self) -> "VllmEngine":
@@ -261,7 +259,6 @@ class VllmEngine:
         self._calls += 1
         path = Path(self._tmp.name) / f"hidden-{self._calls}.safetensors"
         reply = self._call({"op": "hidden", "prompts": list(prompts), "out": str(path)})
-        self.engine_seconds += float(reply.get("engine_s", 0.0))
         try:
             tensors = load_file(str(path))
         finally:
