@@ -485,7 +485,11 @@ def check_export(out_dir: str | Path) -> dict[str, Any]:
     Returns ``{"bits", "group_size", "modules"}``.
     """
     directory = Path(out_dir)
-    export = _read_export(directory)
+    return _check_export(directory, _read_export(directory))
+
+
+def _check_export(directory: Path, export) -> dict[str, Any]:
+    """:func:`check_export` on an export already read."""
     for name, module in export.quantized.items():
         scale, shape = export.tensors(name, ("weight_scale", "weight_shape"))
         if shape.tolist() != list(module.weight.shape):
@@ -508,8 +512,8 @@ def _verify_packed(directory: Path, expected: dict[str, Any]) -> None:
 
     from genrecal.train.quant import codes_and_scales, dequantized_weight
 
-    check_export(directory)
     export = _read_export(directory)
+    _check_export(directory, export)
     if sorted(export.quantized) != sorted(expected):
         raise ExportError(f"{directory}: the config quantises {len(export.quantized)} linears, "
                           f"the QAT model {len(expected)}")
