@@ -660,7 +660,7 @@ class TeacherEngine(ConfigModel):
     # share of device memory vLLM may take (on a CPU machine: of host memory); None: 0.9 on a
     # GPU, 0.05 on a CPU
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
-    max_model_len: PosInt | None = None  # None: cache.max_length
+    max_model_len: PosInt | None = None  # None: cache.max_length (+ max_new_tokens when answering)
     enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (faster start-up)
     cpu_kvcache_gib: PosInt = 1  # VLLM_CPU_KVCACHE_SPACE on a CPU machine
     python: NonEmptyStr | None = None  # the vLLM environment's interpreter; None: .venv-vllm
