@@ -161,16 +161,31 @@ def _grid_radius(size: int) -> int:
     return max(4, int(size * 0.17))
 
 
-def _distinct_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
+def max_jitter(size: int) -> int:
+    """The largest ``jitter`` (see :func:`make_synthetic_vqa`) at image size ``size``: every
+    object then stays inside its own quadrant of the image, one pixel from its edges (so
+    objects never touch and a position object's side is never ambiguous: ``size // 8`` at most)."""
+    return max(0, min(size // 4 - 1 - _grid_radius(size), size // 8))
+
+
+def _jittered(rng: random.Random, centre: tuple[int, int], jitter: int) -> tuple[int, int]:
+    """``centre`` moved by up to ``jitter`` pixels along each axis (uniform, independent)."""
+    if not jitter:
+        return centre
+    return centre[0] + rng.randint(-jitter, jitter), centre[1] + rng.randint(-jitter, jitter)
+
+
+def _distinct_scene(rng: random.Random, size: int, jitter: int) -> tuple[ShapeSpec, ...]:
     """2-3 objects, all shapes different and all colours different (colour / shape questions)."""
     k = rng.randint(2, len(SHAPES))
     cells = rng.sample(_grid_cells(size), k)
     shapes, colours = rng.sample(SHAPES, k), rng.sample(list(COLOURS), k)
     r = _grid_radius(size)
-    return tuple(ShapeSpec(s, c, x, y, r) for s, c, (x, y) in zip(shapes, colours, cells))
+    return tuple(ShapeSpec(s, c, *_jittered(rng, cell, jitter), r)
+                 for s, c, cell in zip(shapes, colours, cells))
 
 
-def _count_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
+def _count_scene(rng: random.Random, size: int, jitter: int) -> tuple[ShapeSpec, ...]:
     """1-4 copies of one shape in one colour, plus distractors of other shapes in free cells."""
     target, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     n = rng.randint(1, MAX_COUNT)
@@ -178,15 +193,15 @@ def _count_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
     cells = rng.sample(_grid_cells(size), n + n_distractors)
     others = [s for s in SHAPES if s != target]
     r = _grid_radius(size)
-    objects = [ShapeSpec(target, colour, x, y, r) for x, y in cells[:n]]
-    objects += [ShapeSpec(rng.choice(others), rng.choice(list(COLOURS)), x, y, r)
-                for x, y in cells[n:]]
+    objects = [ShapeSpec(target, colour, *_jittered(rng, cell, jitter), r) for cell in cells[:n]]
+    objects += [ShapeSpec(rng.choice(others), rng.choice(list(COLOURS)),
+                          *_jittered(rng, cell, jitter), r) for cell in cells[n:]]
     return tuple(objects)
 
 
-def _position_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
+def _position_scene(rng: random.Random, size: int, jitter: int) -> tuple[ShapeSpec, ...]:
     """One object on the left / right / top / bottom."""
-    x, y = position_centre(rng.choice(POSITIONS), size)
+    x, y = _jittered(rng, position_centre(rng.choice(POSITIONS), size), jitter)
     r = max(4, int(size * 0.18))
     return (ShapeSpec(rng.choice(SHAPES), rng.choice(list(COLOURS)), x, y, r),)
 
@@ -199,7 +214,7 @@ TEST_SCENE_FRACTION = 0.25
 VALIDATION_SCENE_FRACTION = 0.15
 #: Changes whenever the same arguments start giving other files (2: disjoint train / test
 #: scenes), so that a record of generated sets can tell an older set from a current one.
-GENERATOR_REVISION = 3  # 3: a validation side of the scene space
+GENERATOR_REVISION = 4  # 3: a validation side of the scene space; 4: jittered objects
 _MAX_DRAWS = 10_000  # a split generator that finds no scene of its side in this many is a bug
 
 
@@ -227,10 +242,12 @@ def is_test_scene(scene: Iterable[ShapeSpec | dict]) -> bool:
     return scene_side(scene) == "test"
 
 
-def _draw_scene(rng: random.Random, qtype: str, size: int, split: str) -> tuple[ShapeSpec, ...]:
-    """A scene for a ``qtype`` question from ``split``'s side of the scene space."""
+def _draw_scene(rng: random.Random, qtype: str, size: int, split: str,
+                jitter: int = 0) -> tuple[ShapeSpec, ...]:
+    """A scene for a ``qtype`` question from ``split``'s side of the scene space, each object
+    moved by up to ``jitter`` pixels from its place (0: the fixed grid)."""
     for _ in range(_MAX_DRAWS):
-        scene = _SCENES[qtype](rng, size)
+        scene = _SCENES[qtype](rng, size, jitter)
         if scene_side(scene) == split:
             return scene
     raise RuntimeError(f"no {split} scene for a {qtype} question at image size {size} in "
@@ -333,6 +350,7 @@ class SyntheticVQA:
     image_size: int
     seed: int
     n_validation: int = 0
+    jitter: int = 0
 
     @property
     def validation(self) -> Path:
@@ -346,13 +364,14 @@ class SyntheticVQA:
         paths = {k: Path(data[k]) for k in ("root", "train", "test")}
         numbers = {k: int(data[k]) for k in ("n_train", "n_test", "image_size", "seed")}
         numbers["n_validation"] = int(data.get("n_validation", 0))
+        numbers["jitter"] = int(data.get("jitter", 0))
         return cls(**paths, **numbers)
 
 
-def _row(rng: random.Random, split: str, index: int, size: int, multi_turn_fraction: float,
-         image_dir: Path, root: Path) -> dict:
+def _row(rng: random.Random, split: str, index: int, size: int, jitter: int,
+         multi_turn_fraction: float, image_dir: Path, root: Path) -> dict:
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
-    scene = _draw_scene(rng, qtype, size, split)
+    scene = _draw_scene(rng, qtype, size, split, jitter)
     multi_turn = rng.random() < multi_turn_fraction
     questions = _questions(rng, qtype, scene, size, multi_turn)
     image_path = image_dir / f"{index:06d}.png"
@@ -362,7 +381,7 @@ def _row(rng: random.Random, split: str, index: int, size: int, multi_turn_fract
             "types": [qa.type for qa in questions], "scene": [asdict(o) for o in scene]}
 
 
-def _write_split(root: Path, split: str, n: int, size: int, seed: int,
+def _write_split(root: Path, split: str, n: int, size: int, jitter: int, seed: int,
                  multi_turn_fraction: float) -> Path:
     rng = random.Random(f"genrecal-synthetic-{seed}-{split}")
     image_dir = root / "images" / split
@@ -371,14 +390,14 @@ def _write_split(root: Path, split: str, n: int, size: int, seed: int,
     tmp = target.with_suffix(".jsonl.part")
     with tmp.open("w", encoding="utf-8") as fh:
         for index in range(n):
-            row = _row(rng, split, index, size, multi_turn_fraction, image_dir, root)
+            row = _row(rng, split, index, size, jitter, multi_turn_fraction, image_dir, root)
             fh.write(json.dumps(row) + "\n")
     os.replace(tmp, target)
     return target
 
 
 def _check_args(n_train: int, n_test: int, image_size: int, multi_turn_fraction: float,
-                n_validation: int = 0) -> None:
+                n_validation: int = 0, jitter: int = 0) -> None:
     if min(n_train, n_test, n_validation) < 0:
         raise ValueError(f"n_train={n_train}, n_test={n_test}, n_validation={n_validation}: "
                          "sizes must be >= 0")
@@ -386,11 +405,16 @@ def _check_args(n_train: int, n_test: int, image_size: int, multi_turn_fraction:
         raise ValueError(f"image_size={image_size}: use at least 32 pixels so shapes stay legible")
     if not 0.0 <= multi_turn_fraction <= 1.0:
         raise ValueError(f"multi_turn_fraction={multi_turn_fraction}: must be within [0, 1]")
+    if not 0 <= jitter <= max_jitter(image_size):
+        raise ValueError(f"jitter={jitter}: must be within [0, {max_jitter(image_size)}] at "
+                         f"image_size={image_size} (objects stay inside their quadrant); use a "
+                         "larger image or a smaller jitter")
 
 
 def make_synthetic_vqa(out_dir: str | Path, *, n_train: int = 1000, n_test: int = 200,
                        image_size: int = 64, seed: int = 0,
-                       multi_turn_fraction: float = 0.2, n_validation: int = 0) -> SyntheticVQA:
+                       multi_turn_fraction: float = 0.2, n_validation: int = 0,
+                       jitter: int | None = None) -> SyntheticVQA:
     """Write the synthetic VQA set (see module docstring) under ``out_dir``.
 
     Writes ``train.jsonl`` / ``test.jsonl`` (LLaVA format, image paths relative to
@@ -399,13 +423,17 @@ def make_synthetic_vqa(out_dir: str | Path, *, n_train: int = 1000, n_test: int 
     colour, shape, count, position so each is a quarter of every split; a
     ``multi_turn_fraction`` of the rows ask 1-2 follow-up questions about the same image.
     The splits draw from disjoint scenes (:func:`is_test_scene`), for any sizes and seeds.
+    Every object's centre is moved from its place (grid cell or side) by up to ``jitter``
+    pixels along each axis (default and most: :func:`max_jitter`; 0 = the fixed places).
     Deterministic: the same arguments always give byte-identical files.
     """
-    _check_args(n_train, n_test, image_size, multi_turn_fraction, n_validation)
+    jitter = max_jitter(image_size) if jitter is None else jitter
+    _check_args(n_train, n_test, image_size, multi_turn_fraction, n_validation, jitter)
     root = Path(out_dir)
-    train = _write_split(root, "train", n_train, image_size, seed, multi_turn_fraction)
-    test = _write_split(root, "test", n_test, image_size, seed, multi_turn_fraction)
-    if n_validation:
-        _write_split(root, "validation", n_validation, image_size, seed, multi_turn_fraction)
-    return SyntheticVQA(root=root, train=train, test=test, n_train=n_train, n_test=n_test,
-                        image_size=image_size, seed=seed, n_validation=n_validation)
+    splits = {"train": n_train, "test": n_test, "validation": n_validation}
+    for split, n in splits.items():
+        if n or split != "validation":
+            _write_split(root, split, n, image_size, jitter, seed, multi_turn_fraction)
+    return SyntheticVQA(root=root, train=root / "train.jsonl", test=root / "test.jsonl",
+                        n_train=n_train, n_test=n_test, image_size=image_size, seed=seed,
+                        n_validation=n_validation, jitter=jitter)

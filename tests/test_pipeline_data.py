@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from genrecal.data import make_synthetic_vqa, read_dataset
-from genrecal.data.synthetic import GENERATOR_REVISION
+from genrecal.data.synthetic import GENERATOR_REVISION, max_jitter
 from genrecal.data.pipeline_data import (SYNTHETIC_SPEC, SourceRef, ensure_synthetic,
                                                read_sources, read_split, synthetic_dir,
                                                synthetic_is_current)
@@ -31,7 +31,9 @@ def test_synthetic_dir_is_under_the_output():
 def test_ensure_synthetic_generates_once_and_again_for_another_spec(tmp_path):
     made = ensure_synthetic(spec(), tmp_path)
     assert (made.n_train, made.n_test, made.train) == (4, 3, tmp_path / "train.jsonl")
-    assert json.loads((tmp_path / SYNTHETIC_SPEC).read_text()) == {**vars(spec()), "n_validation": 0, "generator_revision": GENERATOR_REVISION}
+    assert json.loads((tmp_path / SYNTHETIC_SPEC).read_text()) == {
+        **vars(spec()), "n_validation": 0, "jitter": max_jitter(32),  # unset: the most
+        "generator_revision": GENERATOR_REVISION}
     first = made.train.stat().st_mtime_ns
     ensure_synthetic(spec(), tmp_path)
     assert made.train.stat().st_mtime_ns == first  # same spec: not regenerated
@@ -52,6 +54,9 @@ def test_an_interrupted_generation_is_redone(tmp_path):
 def test_an_unusable_spec_is_a_dataset_error(tmp_path):
     with pytest.raises(DatasetError, match="data.synthetic: image_size=16"):
         ensure_synthetic(spec(image_size=16), tmp_path)
+    with pytest.raises(DatasetError, match=r"data.synthetic: jitter=3: must be within \[0, 2\] at "
+                                           r"image_size=32 .* use a larger image or a smaller jitter"):
+        ensure_synthetic(spec(jitter=3), tmp_path)
     assert not (tmp_path / SYNTHETIC_SPEC).exists()
 
 

@@ -14,8 +14,8 @@ from PIL import Image
 from genrecal.data.readers import read_dataset
 from genrecal.data.synthetic import (
     COLOURS, INSTRUCTION, MAX_COUNT, PLURALS, POSITIONS, QUESTION_TYPES, SHAPES, ShapeSpec,
-    TEST_SCENE_FRACTION, SyntheticVQA, corpus_lines, is_test_scene, make_synthetic_vqa, scene_side,
-    questions_for, scene_key)
+    TEST_SCENE_FRACTION, SyntheticVQA, corpus_lines, is_test_scene, make_synthetic_vqa, max_jitter,
+    position_centre, questions_for, scene_key, scene_side)
 
 SIZE = 48
 
@@ -154,8 +154,51 @@ def test_to_dict_round_trip(synth):
     assert SyntheticVQA.from_dict(json.loads(json.dumps(synth.to_dict()))) == synth
 
 
+# ------------------------------------------------------------------ jitter
+
+
+@pytest.mark.parametrize("size", [32, 48, 64])
+def test_jittered_objects_stay_apart_and_inside(tmp_path, size):
+    """By default every object moves by up to max_jitter pixels per axis: objects of a scene
+    never touch (at least one white pixel between their boxes), every object stays in the image,
+    and the jitter is really used (both extremes occur)."""
+    made = make_synthetic_vqa(tmp_path, n_train=200, n_test=40, image_size=size, seed=2)
+    assert made.jitter == max_jitter(size) >= 2
+    centres = {*((x, y) for x in (size // 4, 3 * size // 4) for y in (size // 4, 3 * size // 4)),
+               *(position_centre(p, size) for p in POSITIONS)}
+    offsets = set()
+    for r in rows(made.train) + rows(made.test):
+        objects = [ShapeSpec(**o) for o in r["scene"]]
+        for o in objects:
+            assert 0 <= o.x - o.r and o.x + o.r < size and 0 <= o.y - o.r and o.y + o.r < size
+            home = min(centres, key=lambda c: abs(c[0] - o.x) + abs(c[1] - o.y))
+            offsets.add((o.x - home[0], o.y - home[1]))
+        for i, a in enumerate(objects):
+            for b in objects[i + 1:]:
+                gap = max(abs(a.x - b.x), abs(a.y - b.y)) - a.r - b.r
+                assert gap >= 2, f"objects {a} and {b} touch"
+    j = max_jitter(size)
+    assert {dx for dx, _ in offsets} == {dy for _, dy in offsets} == set(range(-j, j + 1))
+
+
+def test_jitter_zero_is_the_fixed_grid_and_jitter_makes_scenes_distinct(tmp_path):
+    """jitter=0 puts every object on its cell or side centre: the count scenes of a split then
+    repeat a few dozen images (4 copies of one shape: 12 scenes in all); jittered, almost every
+    count question has an image of its own (deterministic: 0.82 and 1.0 here)."""
+    fixed = make_synthetic_vqa(tmp_path / "f", n_train=400, n_test=0, image_size=32, jitter=0)
+    moved = make_synthetic_vqa(tmp_path / "m", n_train=400, n_test=0, image_size=32)
+    grid = {8, 24, 16}
+    assert all(o["x"] in grid and o["y"] in grid for r in rows(fixed.train) for o in r["scene"])
+    distinct = {}
+    for name, made in (("fixed", fixed), ("moved", moved)):
+        count_rows = [r for r in rows(made.train) if r["type"] == "count"]
+        distinct[name] = len({scene_key(r["scene"]) for r in count_rows}) / len(count_rows)
+    assert distinct["fixed"] < 0.9 and distinct["moved"] > 0.97, distinct  # 0.82 and 1.0
+
+
 @pytest.mark.parametrize("kwargs", [{"n_train": -1}, {"image_size": 16},
-                                    {"multi_turn_fraction": 1.5}])
+                                    {"multi_turn_fraction": 1.5}, {"jitter": -1},
+                                    {"image_size": 32, "jitter": 3}])
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
         make_synthetic_vqa(tmp_path, **kwargs)

@@ -311,3 +311,11 @@ def test_a_text_student_builds_with_head_dim_64(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_size"] // config["num_attention_heads"] == 64
     assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_jitter_is_refused_for_the_text_set(tmp_path):
+    """The text set names places in words: a pixel jitter would do nothing, so it is refused."""
+    path = _demo_text(tmp_path, **{"data.synthetic.jitter": 1})
+    with pytest.raises(ConfigError, match=r"pipelines\.demo-text\.data\.synthetic\.jitter: .*"
+                                          r"leave jitter out for modality: text"):
+        get_pipeline("demo-text", path)
