@@ -11,17 +11,14 @@ import importlib.metadata as metadata
 import platform
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
@@ -63,6 +60,23 @@ def test_pyproject_requirements_are_pinned_inside_their_ranges():
     outside = [f"{r} (locked {lock[canonicalize_name(r.name)]})" for r in _pyproject_requirements()
                if not r.specifier.contains(lock[canonicalize_name(r.name)], prereleases=True)]
     assert not outside, f"locked outside pyproject's range: {outside} (run `make lock`)"
+
+
+def test_requires_python_admits_no_python_a_locked_package_refuses():
+    """pyproject's requires-python may not promise a Python that a locked dependency refuses
+    (compressed-tensors 0.20 needs 3.11: a promise of 3.10 would fail at install time)."""
+    floor = re.fullmatch(r">=(\d+\.\d+)", tomllib.loads((ROOT / "pyproject.toml").read_text())
+                         ["project"]["requires-python"])
+    assert floor, "requires-python is expected as '>=X.Y'"
+    refused = {}
+    for name in _lock():
+        try:
+            needs = metadata.metadata(name).get("Requires-Python")
+        except metadata.PackageNotFoundError:  # pinned for another platform or not installed
+            continue
+        if needs and not SpecifierSet(needs).contains(floor[1]):
+            refused[name] = needs
+    assert not refused, f"requires-python {floor[0]} admits Pythons these refuse: {refused}"
 
 
 def test_torch_is_the_cpu_build():
