@@ -64,7 +64,10 @@ class ExtractSettings:
     """What a cache was extracted from; recorded as ``manifest.header.settings``.
 
     sources: the train-split data sources with absolute paths (synthetic data appears as the
-    LLaVA file it was generated into); read_on_error: the dataset reader's policy.
+    LLaVA file it was generated into); read_on_error: the dataset reader's policy; backend: the
+    engine that ran the teacher's forward (``teacher_engine.backend``: ``hf`` or ``vllm``), so
+    that a resume cannot mix the two (they agree within the bf16 bound of docs/vllm.md, not bit
+    for bit). Caches written before it was recorded read back as ``hf``.
     """
 
     teacher: TeacherSource
@@ -72,11 +75,12 @@ class ExtractSettings:
     max_length: int
     image_cache: str | None = None
     read_on_error: str = "raise"
+    backend: str = "hf"
 
     def to_dict(self) -> dict:
         return {"teacher": self.teacher.to_dict(), "sources": [s.to_dict() for s in self.sources],
                 "max_length": self.max_length, "image_cache": self.image_cache,
-                "read_on_error": self.read_on_error}
+                "read_on_error": self.read_on_error, "backend": self.backend}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExtractSettings":
@@ -85,7 +89,8 @@ class ExtractSettings:
                    sources=tuple(DataSource.from_dict(s, source="settings.sources")
                                  for s in data["sources"]),
                    max_length=int(data["max_length"]), image_cache=data.get("image_cache"),
-                   read_on_error=data.get("read_on_error", "raise"))
+                   read_on_error=data.get("read_on_error", "raise"),
+                   backend=data.get("backend", "hf"))
 
 
 def _known(data: dict, fields, where: str) -> dict:
@@ -126,6 +131,12 @@ class ExtractJob:
     engine: TeacherEngine = field(default_factory=TeacherEngine)  # hf, or vllm in a subprocess
     encode_workers: int = 0  # processes that encode windows ahead of the forward (0: a thread)
 
+    def __post_init__(self) -> None:
+        if self.settings.backend != self.engine.backend:
+            raise ExtractSetupError(
+                f"the job's recorded backend {self.settings.backend!r} is not its engine's "
+                f"{self.engine.backend!r}; build jobs with job_from_pipeline(..., backend=...)")
+
     @property
     def plan_window(self) -> int:
         return self.window or WINDOW_BATCHES * self.batch_size
@@ -140,10 +151,11 @@ def job_from_pipeline(pipe: Pipeline, *, out: str | None = None, limit: int | No
                       batch_size: int | None = None, backend: str | None = None) -> ExtractJob:
     """The :class:`ExtractJob` of ``pipe`` with the CLI overrides applied."""
     synthetic_dir = _absolute(str(pipeline_data.synthetic_dir(pipe.output_dir)))
+    engine = engine_settings(pipe, backend)
     settings = ExtractSettings(
         teacher=_teacher_source(pipe), sources=_train_sources(pipe, synthetic_dir),
         max_length=pipe.cache.max_length, image_cache=_absolute(f"{pipe.output_dir}/image_cache"),
-        read_on_error=pipe.data.on_error)
+        read_on_error=pipe.data.on_error, backend=engine.backend)
     location = out or pipe.cache.location
     job = ExtractJob(
         settings=settings, out=location if _is_url(location) else _absolute(location),
@@ -153,7 +165,7 @@ def job_from_pipeline(pipe: Pipeline, *, out: str | None = None, limit: int | No
         on_error=pipe.cache.on_error, limit=limit, resume=resume, device=pipe.teacher.device,
         device_map=pipe.teacher.device_map, tiny=pipe.teacher.tiny, synthetic=pipe.data.synthetic,
         synthetic_dir=synthetic_dir if pipe.data.synthetic is not None else None,
-        engine=engine_settings(pipe, backend), encode_workers=pipe.cache.encode_workers)
+        engine=engine, encode_workers=pipe.cache.encode_workers)
     return job.with_overrides(window=window, batch_size=batch_size)
 
 

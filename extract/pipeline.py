@@ -157,11 +157,25 @@ def check_output(job: ExtractJob) -> None:
     storage = CacheStorage(job.out)
     _check_directory(storage, job.out)
     if job.resume:
+        _check_resumed_backend(storage, job)
         return
     if storage.exists(MANIFEST) or storage.list_dir(RANKS_DIR) or storage.list_dir(SHARDS_DIR):
         raise CacheExistsError(
             f"{job.out} already holds a teacher cache (or part of one); pass --resume to extract "
             "only the samples it is missing (same teacher and settings), or choose another --out")
+
+
+def _check_resumed_backend(storage: CacheStorage, job: ExtractJob) -> None:
+    """Refuse, before any model loads, to resume a cache with another engine than wrote it (the
+    writer would refuse the different settings too, but only after the engine started)."""
+    for rank, log in sorted(read_rank_logs(storage).items()):
+        wrote = log.header.settings.get("backend", "hf")
+        if wrote != job.settings.backend:
+            raise ExtractSetupError(
+                f"cache {job.out} (rank {rank}) was extracted with --backend {wrote}, this run "
+                f"uses --backend {job.settings.backend}; the two agree within a bf16 bound, not "
+                f"bit for bit, so one cache does not mix them. Fix: resume with --backend {wrote} "
+                "(or teacher_engine.backend), or extract into a new --out")
 
 
 def _check_directory(storage: CacheStorage, out: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -42,6 +43,16 @@ def test_settings_round_trip_and_refuse_foreign_keys(tmp_path):
         ExtractSettings.from_dict({**data, "extra": 1})
     with pytest.raises(ExtractSetupError, match="missing keys.*'max_length'"):
         ExtractSettings.from_dict({k: v for k, v in data.items() if k != "max_length"})
+    # caches from before the backend was recorded were all written by transformers
+    assert ExtractSettings.from_dict({k: v for k, v in data.items() if k != "backend"}).backend == "hf"
+
+
+def test_the_recorded_backend_is_the_engine_s(tmp_path):
+    job = job_from_pipeline(_pipe(tmp_path), backend="vllm")
+    assert job.settings.backend == job.engine.backend == "vllm"
+    assert job_from_pipeline(_pipe(tmp_path)).settings.backend == "hf"
+    with pytest.raises(ExtractSetupError, match="recorded backend 'hf' is not its engine's 'vllm'"):
+        replace(job, settings=replace(job.settings, backend="hf"))
 
 
 def test_feature_specs_follow_the_config_and_reject_impossible_ones():

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from extract_support import cache_content, make_pipeline, pipeline_dict, write_pipelines
 from genrecal.cli import app
-from genrecal.extract.errors import CacheExistsError, SampleError
+from genrecal.extract.errors import CacheExistsError, ExtractSetupError, SampleError
 from genrecal.extract.fidelity import check_against_teacher
 from genrecal.extract.inputs import ensure_synthetic, read_inputs
 from genrecal.extract.job import job_from_pipeline
-from genrecal.extract.pipeline import batch_sample_features, run_extract
+from genrecal.extract.pipeline import batch_sample_features, check_output, run_extract
 from genrecal.extract.teacher import load_teacher
 from genrecal.store.artifacts import load_teacher_config, load_teacher_embeddings, load_teacher_head, load_tokenizer_files
 from genrecal.store.codecs import decode_feature, encode_feature
@@ -232,6 +232,20 @@ def test_existing_cache_needs_resume_and_resume_does_only_missing_work(tiny_vlm_
     assert (again.written, again.already) == (0, 3)
     more = _extract(pipe, limit=5, resume=True)
     assert (more.written, more.already, more.manifest.counts.samples) == (2, 3, 5)
+    assert more.manifest.header.settings["backend"] == "hf"
+
+
+def test_a_cache_is_not_resumed_with_another_backend(tiny_vlm_dir, tmp_path):
+    """The manifest records the engine that ran the forward; resuming with the other one is
+    refused by check_output, before any model or engine loads, naming the fix."""
+    pipe = make_pipeline("t", pipeline_dict(tiny_vlm_dir("qwen2_vl"), "qwen2_vl", tmp_path))
+    _extract(pipe, limit=2)
+    vllm_job = job_from_pipeline(pipe, resume=True, backend="vllm")
+    assert vllm_job.settings.backend == vllm_job.engine.backend == "vllm"
+    with pytest.raises(ExtractSetupError, match=r"extracted with --backend hf, this run uses "
+                                                r"--backend vllm.*resume with --backend hf"):
+        check_output(vllm_job)
+    check_output(job_from_pipeline(pipe, resume=True))  # the same backend resumes
 
 
 def _write_bad_dataset(root: Path) -> Path:
