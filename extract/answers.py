@@ -27,7 +27,6 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,16 +172,10 @@ def write_teacher_answers(loaded_teacher, read: DatasetRead, out_path: str | Pat
     _check_inputs(out, read, options.replace)
     out.parent.mkdir(parents=True, exist_ok=True)
     root = _image_root(read.samples, out.parent.resolve(), image_root)
-    if engine is not None:
-        from genrecal.extract.vllm_engine import generate_answers_vllm
-
-        generate = partial(generate_answers_vllm, engine)
-    else:
-        generate = generate_answers
-    generations = _by_sample(generate(
+    generations = _by_sample(generate_answers(
         loaded_teacher, read.samples, max_new_tokens=options.max_new_tokens,
         batch_size=batch_size, turn="all", temperature=options.temperature, top_p=options.top_p,
-        seed=seed, progress=progress))
+        seed=seed, progress=progress, engine=engine))
     rows, counts = [], {"teacher": 0, "reference": 0, "unusable": 0, "matched": 0}
     for sample in read.samples:
         generated = generations[sample.id]

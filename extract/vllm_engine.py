@@ -278,6 +278,15 @@ class VllmEngine:
         reply = self._call({"op": "generate", "prompts": list(prompts), "sampling": sampling})
         return [(o["token_ids"], len(o["prompt_token_ids"])) for o in reply["outputs"]]
 
+    def answer(self, loaded, prompts: Sequence, *, max_new_tokens: int, temperature: float,
+               top_p: float, seed: int | None,
+               stop_token_ids: Sequence[int]) -> list[tuple[list[int], int]]:
+        """:class:`~genrecal.model.generate.AnswerEngine`: ``generate_answers(..., engine=self)``
+        answers through vLLM, from the same prompts, stop tokens and answer decoding."""
+        return self.generate([_worker_prompt(loaded, p) for p in prompts],
+                             max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed, stop_token_ids=stop_token_ids)
+
 
 def token_prompt(input_ids: Sequence[int]) -> dict:
     """A worker prompt of ready token ids (text teachers)."""
@@ -380,57 +389,14 @@ def _padded(rows: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------- answers
 
 
-def generate_answers_vllm(engine: VllmEngine, loaded, samples, *, max_new_tokens: int,
-                          batch_size: int, turn: str = "last", temperature: float = 0.0,
-                          top_p: float = 1.0, seed: int | None = None, progress: bool = True):
-    """:func:`genrecal.model.generate.generate_answers` through vLLM: the same prompts (the
-    model's chat template with the generation prompt), stop tokens and answer decoding; greedy
-    at temperature 0. ``batch_size`` prompts go to the engine per call (it batches them)."""
-    from tqdm.auto import tqdm
-
-    from genrecal.model.generate import (Generation, _answer_text, _check_samples,
-                                         _sampling_kwargs, build_prompts, selected_turns,
-                                         stop_token_ids)
-
-    _sampling_kwargs(temperature, top_p)  # validates them
-    total = _check_samples(loaded, samples, turn)
-    stops = stop_token_ids(loaded)
-    pending, out = [], []
-    with tqdm(total=total, desc="generate (vllm)", unit="answer", disable=not progress) as bar:
-        def flush():
-            started = bar.format_dict.get("elapsed") or 0.0
-            new = engine.generate([p for _, p in pending], max_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, seed=seed,
-                                  stop_token_ids=stops)
-            for (gen, _), (ids, n_prompt) in zip(pending, new):
-                out.append(Generation(gen.sample_id, gen.turn, n_prompt,
-                                      _answer_text(loaded.tokenizer, ids, stops)))
-            bar.update(len(pending))
-            elapsed = bar.format_dict.get("elapsed") or 0.0
-            if elapsed > started:
-                bar.set_postfix_str(f"{bar.n / elapsed:.2f} samples/s", refresh=False)
-            pending.clear()
-
-        for sample in samples:
-            prompts = build_prompts(loaded, sample, turn)
-            for k, prompt in zip(selected_turns(sample, turn), prompts):
-                pending.append((prompt, _generation_prompt(loaded, sample, prompt, k)))
-                if len(pending) >= batch_size:
-                    flush()
-        if pending:
-            flush()
-    return out
-
-
-def _generation_prompt(loaded, sample, prompt, k: int) -> dict:
-    """The worker prompt of one generation :class:`~genrecal.model.generate.Prompt`."""
+def _worker_prompt(loaded, prompt) -> dict:
+    """The worker prompt of one generation :class:`~genrecal.model.generate.Prompt`: the ids
+    genrecal's processor makes of it (text teachers), else its rendered text and image files
+    (vLLM's multi-modal processor expands the placeholders as the model's processor does)."""
     if loaded.family.text_only:
-        tokenizer = loaded.tokenizer
-        bos = tokenizer.bos_token
+        bos = loaded.tokenizer.bos_token
         add_special = not (bos is not None and prompt.text.startswith(bos))
         ids = loaded.processor(text=[prompt.text], return_tensors="pt",
                                add_special_tokens=add_special)["input_ids"][0].tolist()
         return token_prompt(ids)
-    positions = [i for i, t in enumerate(sample.turns) if t.role == "assistant"]
-    refs = [p for t in sample.turns[:positions[k]] for p in t.parts if isinstance(p, int)]
-    return {"text": prompt.text, "images": [str(sample.images[i]) for i in refs]}
+    return {"text": prompt.text, "images": list(prompt.image_files)}

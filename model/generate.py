@@ -15,6 +15,10 @@ Generation stops at the model's ``eos_token_id`` and at the family's end-of-turn
 (:attr:`Family.end_of_turn`, those in the vocabulary); the new tokens up to the first stop
 token are decoded without special tokens and stripped of surrounding whitespace.
 
+Another engine can answer the same prompts instead of transformers' ``generate``
+(:class:`AnswerEngine`, e.g. vLLM in genrecal.extract.vllm_engine): prompts, batching, stop
+tokens, answer decoding and progress stay this module's.
+
 The module also defines how a generated answer is compared with a reference
 (:func:`normalise_answer`, :func:`answers_match`), shared by evaluation (genrecal.train) and
 the teacher-answers mode (genrecal.extract), which must agree on it.
@@ -26,7 +30,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -34,7 +38,7 @@ from genrecal.data.sample import Sample
 from genrecal.store.errors import GenerationError
 from genrecal.model.encoding import _check_control_tokens
 
-__all__ = ["Generation", "Prompt", "TurnSelection", "answers_match", "build_prompts",
+__all__ = ["AnswerEngine", "Generation", "Prompt", "TurnSelection", "answers_match", "build_prompts",
            "generate_answers", "normalise_answer", "selected_turns", "stop_token_ids"]
 
 TurnSelection = Literal["last", "all"]
@@ -79,12 +83,14 @@ class Generation:
 
 @dataclass(frozen=True)
 class Prompt:
-    """The rendered prompt of assistant turn ``turn`` of a sample, and its images in order."""
+    """The rendered prompt of assistant turn ``turn`` of a sample, and its images in order
+    (loaded, and the files they were read from, for engines that read them themselves)."""
 
     sample_id: str
     turn: int
     text: str
     images: tuple = field(default=(), repr=False)
+    image_files: tuple[str, ...] = ()
 
 
 def selected_turns(sample: Sample, turn: TurnSelection) -> list[int]:
@@ -112,7 +118,8 @@ def build_prompts(loaded, sample: Sample, turn: TurnSelection = "last") -> list[
         text = processor.apply_chat_template(sample.to_messages(upto_turn=upto), tokenize=False,
                                              add_generation_prompt=True)
         refs = [p for t in sample.turns[:upto] for p in t.parts if isinstance(p, int)]
-        prompts.append(Prompt(sample.id, k, text, tuple(images[i] for i in refs)))
+        prompts.append(Prompt(sample.id, k, text, tuple(images[i] for i in refs),
+                              tuple(str(sample.images[i]) for i in refs)))
     return prompts
 
 
@@ -192,6 +199,17 @@ def _sampling_kwargs(temperature: float, top_p: float) -> dict:
 
 
 # ----- generation ------------------------------------------------------------------------------
+class AnswerEngine(Protocol):
+    """An engine other than transformers' ``generate`` that answers a batch of prompts."""
+
+    def answer(self, loaded, prompts: Sequence[Prompt], *, max_new_tokens: int,
+               temperature: float, top_p: float, seed: int | None,
+               stop_token_ids: Sequence[int]) -> list[tuple[list[int], int]]:
+        """Per prompt: the new token ids (a stop token included when one ended the answer) and
+        the prompt's length in tokens."""
+        ...
+
+
 def _generate_batch(loaded, prompts: Sequence[Prompt], *, max_new_tokens: int, stop_ids,
                     pad_id: int, sampling: dict) -> list[Generation]:
     batch = _encode_batch(loaded, prompts, pad_id)
@@ -206,14 +224,16 @@ def _generate_batch(loaded, prompts: Sequence[Prompt], *, max_new_tokens: int, s
 
 def generate_answers(loaded, samples: Sequence[Sample], *, max_new_tokens: int, batch_size: int,
                      turn: TurnSelection = "last", temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int | None = None, progress: bool = True) -> list[Generation]:
+                     seed: int | None = None, progress: bool = True,
+                     engine: AnswerEngine | None = None) -> list[Generation]:
     """Generate the answer of each selected assistant turn of each sample (see module docstring).
 
     Returns one :class:`Generation` per (sample, selected turn), in sample order then turn order.
     ``temperature`` 0 is greedy decoding (the default, and what batching leaves unchanged);
     above 0 it samples with ``top_p``, seeded by ``seed`` when given (the global RNG state is
     restored afterwards). Every sample is checked before the first batch runs; images are
-    loaded batch by batch.
+    loaded batch by batch. ``engine``: answers each batch instead of ``loaded.model.generate``
+    (``batch_size`` prompts per call; greedy at temperature 0, ``seed`` passed to it).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise GenerationError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size}: both "
@@ -229,7 +249,15 @@ def generate_answers(loaded, samples: Sequence[Sample], *, max_new_tokens: int, 
     with _seeded(seed), tqdm(total=total, desc="generate", unit="answer",
                              disable=not progress) as bar:
         for batch in _prompt_batches(loaded, samples, turn, batch_size):
-            out += _generate_batch(loaded, batch, **options)
+            if engine is None:
+                out += _generate_batch(loaded, batch, **options)
+            else:
+                answered = engine.answer(loaded, batch, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p, seed=seed,
+                                         stop_token_ids=stop_ids)
+                out += [Generation(p.sample_id, p.turn, n,
+                                   _answer_text(loaded.tokenizer, ids, stop_ids))
+                        for p, (ids, n) in zip(batch, answered)]
             bar.update(len(batch))
     return out
 

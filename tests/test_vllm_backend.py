@@ -234,8 +234,7 @@ def test_vllm_greedy_answers_equal_transformers_token_for_token(tmp_path, vllm_p
     """float32 teacher: both engines pick the argmax of logits that agree to ~1e-6, so greedy
     decoding takes the same token at every step (a random tiny model has no exact ties); the
     command writes the same dataset file with either backend."""
-    from genrecal.extract.vllm_engine import generate_answers_vllm
-    from genrecal.model.generate import build_prompts, stop_token_ids
+    from genrecal.model.generate import build_prompts, generate_answers, stop_token_ids
     from genrecal.train.evaluate import load_pipeline_model, read_pipeline_split
 
     path = _text_pipeline(tmp_path, dtype="float32", python=str(vllm_python), n_train=12)
@@ -258,8 +257,8 @@ def test_vllm_greedy_answers_equal_transformers_token_for_token(tmp_path, vllm_p
                               temperature=0.0, top_p=1.0, seed=0, stop_token_ids=stops)
         assert [g for g, _ in got] == expected
         assert [n for _, n in got] == [x.shape[1] for x in ids]
-        texts = generate_answers_vllm(engine, loaded, samples, max_new_tokens=12, batch_size=5,
-                                      turn="all", progress=False)
+        texts = generate_answers(loaded, samples, max_new_tokens=12, batch_size=5, turn="all",
+                                 progress=False, engine=engine)
     assert any(len(e) > 1 for e in expected)
 
     runner = CliRunner()
@@ -271,7 +270,7 @@ def test_vllm_greedy_answers_equal_transformers_token_for_token(tmp_path, vllm_p
     rows = [[json.loads(line) for line in (tmp_path / f"answers-{b}.jsonl").read_text().splitlines()]
             for b in ("hf", "vllm")]
     assert rows[0] == rows[1] and len(rows[0]) == 12
-    # the file holds generate_answers_vllm's texts wherever it took the teacher's answer
+    # the file holds the vLLM engine's texts wherever it took the teacher's answer
     by_turn = {(g.sample_id, g.turn): g.text for g in texts}
     taken = 0
     for row in rows[1]:
@@ -318,6 +317,35 @@ def test_a_vlm_prompt_expands_to_the_ids_genrecal_encodes(loaded, make_sample):
                          images=())
     encoded = encode_sample(text, sample, max_length=512)
     assert sample_prompt(teacher, sample, encoded) == token_prompt(encoded.input_ids)
+
+
+def test_a_generation_prompt_reaches_vllm_as_transformers_encodes_it(loaded, make_sample):
+    """generate_answers(..., engine=VllmEngine) sends each Prompt as the worker prompt: for a
+    VLM its rendered text and image files, which the model's processor (what vLLM's multi-modal
+    processor calls) turns into exactly the ids transformers' generate is given; for a text
+    model the ids themselves."""
+    from PIL import Image
+
+    from genrecal.extract.vllm_engine import _worker_prompt
+    from genrecal.model.generate import build_prompts
+
+    vlm = loaded("qwen2_vl")
+    sample = make_sample(("user", (0, "What colour is the square?")), ("assistant", ("Red.",)),
+                         ("user", ("And the circle?",)), ("assistant", ("Blue.",)))
+    for prompt in build_prompts(vlm, sample, "all"):
+        sent = _worker_prompt(vlm, prompt)
+        assert sent["images"] == [str(p) for p in sample.images] and sent["text"] == prompt.text
+        images = [Image.open(p).convert("RGB") for p in sent["images"]]
+        ids = vlm.processor(text=[sent["text"]], images=images, return_tensors="pt")["input_ids"]
+        expected = vlm.processor(text=[prompt.text], images=list(prompt.images),
+                                 return_tensors="pt")["input_ids"]
+        assert ids.tolist() == expected.tolist()
+    text = loaded("qwen2_text")
+    sample = make_sample(("user", ("What colour is the square?",)), ("assistant", ("Red.",)),
+                         images=())
+    (prompt,) = build_prompts(text, sample, "last")
+    assert _worker_prompt(text, prompt) == token_prompt(
+        text.processor(text=[prompt.text], return_tensors="pt")["input_ids"][0].tolist())
 
 
 # ----------------------------------------------------------------------------- install
