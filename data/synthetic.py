@@ -5,8 +5,10 @@ so a tiny model can tell them apart. Objects sit in the cells of a 2x2 grid (mul
 scenes) or on one side (position scenes), each moved from its place by a random offset of up
 to ``jitter`` pixels per axis (:func:`max_jitter`, 2 at 32 px), so that nearly every image of a
 split is distinct: on the fixed places, the count scenes with four copies of one shape are 12
-images in all, and a split's count accuracy would rest on a handful of them. Every question needs the image to be answered, and
-every answer is one canonical word or digit, so exact match scores it:
+images in all, and a split's count accuracy would rest on a handful of them.
+
+Every question needs the image to be answered, and every answer is one canonical word or
+digit, so exact match scores it:
 
 * ``colour``: "What colour is the circle?" (or "What colour are the circles?") -> ``red``,
   ``green``, ``blue`` or ``yellow``;

@@ -38,8 +38,9 @@ from genrecal.data.sample import Sample
 from genrecal.store.errors import GenerationError
 from genrecal.model.encoding import _check_control_tokens
 
-__all__ = ["AnswerEngine", "Generation", "Prompt", "TurnSelection", "answers_match", "build_prompts",
-           "generate_answers", "normalise_answer", "selected_turns", "stop_token_ids"]
+__all__ = ["AnswerEngine", "Generation", "Prompt", "TurnSelection", "answers_match",
+           "build_prompts", "generate_answers", "normalise_answer", "selected_turns",
+           "stop_token_ids"]
 
 TurnSelection = Literal["last", "all"]
 _TRAILING = re.compile(r"[\s.,;:!?]+$")
