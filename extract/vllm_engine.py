@@ -252,8 +252,9 @@ class VllmEngine:
     # ----- work
     def hidden(self, prompts: Sequence[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
                                                       list[list[int]]]:
-        """Per prompt: final post-norm states [n_i, d] float32, the residual stream entering
-        the last block [n_i, d] float32 (or None without ``penultimate``), vLLM's token ids."""
+        """Per prompt: final post-norm states [n_i, d], the residual stream entering the last
+        block [n_i, d] (or None without ``penultimate``), each in the dtype vLLM produced it
+        in (never widened on the way), and vLLM's token ids."""
         from safetensors.torch import load_file
 
         self._calls += 1

@@ -21,7 +21,8 @@ before vLLM is imported, so engine subprocesses inherit it too). Requests:
   transformers' numbering: vLLM's blocks take ``(hidden_states, residual)`` with the residual
   add fused into the next norm, so the stream is their sum).
 * ``{"op": "hidden", "prompts": [...], "out": FILE}``: the states of each prompt, written as
-  safetensors ``final.<i>`` [n_i, d] (and ``penultimate.<i>``) in the engine's dtype; the
+  safetensors ``final.<i>`` [n_i, d] (and ``penultimate.<i>``) in the dtype vLLM produced them
+  in (the pooler's output dtype; the model's dtype for the hooked stream), never widened; the
   answer lists each prompt's token ids as vLLM saw them.
 * ``{"op": "generate", "prompts": [...], "sampling": {...}}``: the generated token ids.
 * ``{"op": "stop"}``.
@@ -171,7 +172,6 @@ class Worker:
         return out
 
     def hidden(self, request: dict) -> dict:
-        import torch
         from safetensors.torch import save_file
 
         prompts = self._prompts(request["prompts"])
@@ -185,7 +185,7 @@ class Worker:
             captured = self.llm.apply_model(_take_captured)[0] if self.penultimate else None
             for out in outputs:
                 data = out.outputs.data
-                tensors[f"final.{i}"] = data.to(torch.float32).contiguous()
+                tensors[f"final.{i}"] = data.contiguous()  # as vLLM gives it: no widening
                 ids.append(list(out.prompt_token_ids))
                 if self.penultimate:
                     if len(captured) != 1 or captured[0].shape[0] != data.shape[0]:
@@ -193,7 +193,7 @@ class Worker:
                             f"prompt {i}: the penultimate hook saw {len(captured)} forward(s) "
                             f"of {[c.shape[0] for c in captured]} tokens, expected one of "
                             f"{data.shape[0]}; raise max_model_len / max_num_batched_tokens")
-                    tensors[f"penultimate.{i}"] = captured[0].to(torch.float32).contiguous()
+                    tensors[f"penultimate.{i}"] = captured[0].contiguous()  # the model's dtype
                 i += 1
         save_file(tensors, request["out"])
         return {"prompt_token_ids": ids, "engine_s": engine_s}
