@@ -1,11 +1,12 @@
 """A deterministic synthetic visual-QA set for the demo and the tests.
 
 Every image is a white canvas with a few big, flat, pure-colour shapes (no anti-aliasing),
-so a tiny model can tell them apart. Objects sit in the cells of a 2x2 grid (multi-object
-scenes) or on one side (position scenes), each moved from its place by a random offset of up
-to ``jitter`` pixels per axis (:func:`max_jitter`, 2 at 32 px), so that nearly every image of a
-split is distinct: on the fixed places, the count scenes with four copies of one shape are 12
-images in all, and a split's count accuracy would rest on a handful of them.
+so a tiny model can tell them apart. A scene's *layout* puts its objects at fixed places: the
+cells of a 2x2 grid (multi-object scenes) or one side (position scenes). The image then moves
+each object from its place by a random offset of up to ``jitter`` pixels per axis
+(:func:`max_jitter`, 2 at 32 px), so that one layout gives many distinct images: on the fixed
+places alone, the count layouts with four copies of one shape are 12 images in all, and a
+model can learn them by heart instead of learning to count.
 
 Every question needs the image to be answered, and every answer is one canonical word or
 digit, so exact match scores it:
@@ -25,17 +26,19 @@ to ``images/<split>/<index>.png``) and reads back with
 
 * ``type`` - the question type of its first question, and ``types`` - one type per
   question, in order (multi-turn rows ask 1-2 follow-ups, of any type, about the same image);
-* ``scene`` - the generation spec (shape, colour, centre, size of every object), from
-  which tests and evaluation can re-derive each answer.
+* ``scene`` - the generation spec (shape, colour, centre, size of every object, as drawn),
+  from which tests and evaluation can re-derive each answer, and ``layout`` - the same objects
+  at their places, before the jitter.
 
-Train, validation and test come from disjoint scenes. A scene (the set of its objects: shape,
-colour, centre, size; :func:`scene_key`) belongs to one side of the scene space by a fixed hash
+Train, validation and test come from disjoint layouts. A layout (the set of its objects: shape,
+colour, place, size; :func:`scene_key`) belongs to one side of the scene space by a fixed hash
 of that set (:func:`scene_side`: :data:`TEST_SCENE_FRACTION` of it is test,
 :data:`VALIDATION_SCENE_FRACTION` validation, the rest train), the same for every seed, split
-size and pipeline: each split only draws scenes of its own side, so no test or validation image
-is ever a training image, and hyper-parameters tuned on validation never saw a test scene,
-whichever sets are compared (the demo's teacher trains on a large train split of the generator
-seed whose test split it is evaluated on; the students on a part of another one).
+size and pipeline; the jitter is drawn after that. Each split only draws layouts of its own
+side, so no test or validation image is a training image nor a moved copy of one, and
+hyper-parameters tuned on validation never saw a test layout, whichever sets are compared (the
+demo's teacher trains on a large train split of the generator seed whose test split it is
+evaluated on; the students on a part of another one).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import json
 import os
 import random
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -167,31 +170,40 @@ def _grid_radius(size: int) -> int:
     return max(4, int(size * 0.17))
 
 
+def _position_radius(size: int) -> int:
+    return max(4, int(size * 0.18))
+
+
 def max_jitter(size: int) -> int:
-    """The largest ``jitter`` (see :func:`make_synthetic_vqa`) at image size ``size``: every
-    object then stays inside its own quadrant of the image, one pixel from its edges (so
-    objects never touch and a position object's side is never ambiguous: ``size // 8`` at most)."""
-    return max(0, min(size // 4 - 1 - _grid_radius(size), size // 8))
+    """The largest ``jitter`` (see :func:`make_synthetic_vqa`) at image size ``size``. Moved by
+    up to that much, every object stays inside the image, objects in neighbouring grid cells
+    keep at least one white pixel between them, and a lone object's side (or corner) stays the
+    one its place gives (:func:`position_of`: ``size // 16`` at most, under ``size / 8``)."""
+    grid = size // 4 - 1 - _grid_radius(size)
+    side = min(size // 4, size - 1 - (3 * size) // 4) - _position_radius(size)
+    return max(0, min(grid, side, size // 16))
 
 
-def _jittered(rng: random.Random, centre: tuple[int, int], jitter: int) -> tuple[int, int]:
-    """``centre`` moved by up to ``jitter`` pixels along each axis (uniform, independent)."""
+def _jittered(rng: random.Random, layout: tuple[ShapeSpec, ...],
+              jitter: int) -> tuple[ShapeSpec, ...]:
+    """``layout`` with every object's centre moved by up to ``jitter`` pixels along each axis
+    (uniform, independent); ``jitter`` 0 draws nothing and returns ``layout``."""
     if not jitter:
-        return centre
-    return centre[0] + rng.randint(-jitter, jitter), centre[1] + rng.randint(-jitter, jitter)
+        return layout
+    return tuple(replace(o, x=o.x + rng.randint(-jitter, jitter), y=o.y + rng.randint(-jitter, jitter))
+                 for o in layout)
 
 
-def _distinct_scene(rng: random.Random, size: int, jitter: int) -> tuple[ShapeSpec, ...]:
+def _distinct_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
     """2-3 objects, all shapes different and all colours different (colour / shape questions)."""
     k = rng.randint(2, len(SHAPES))
     cells = rng.sample(_grid_cells(size), k)
     shapes, colours = rng.sample(SHAPES, k), rng.sample(list(COLOURS), k)
     r = _grid_radius(size)
-    return tuple(ShapeSpec(s, c, *_jittered(rng, cell, jitter), r)
-                 for s, c, cell in zip(shapes, colours, cells))
+    return tuple(ShapeSpec(s, c, x, y, r) for s, c, (x, y) in zip(shapes, colours, cells))
 
 
-def _count_scene(rng: random.Random, size: int, jitter: int) -> tuple[ShapeSpec, ...]:
+def _count_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
     """1-4 copies of one shape in one colour, plus distractors of other shapes in free cells."""
     target, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     n = rng.randint(1, MAX_COUNT)
@@ -199,17 +211,16 @@ def _count_scene(rng: random.Random, size: int, jitter: int) -> tuple[ShapeSpec,
     cells = rng.sample(_grid_cells(size), n + n_distractors)
     others = [s for s in SHAPES if s != target]
     r = _grid_radius(size)
-    objects = [ShapeSpec(target, colour, *_jittered(rng, cell, jitter), r) for cell in cells[:n]]
-    objects += [ShapeSpec(rng.choice(others), rng.choice(list(COLOURS)),
-                          *_jittered(rng, cell, jitter), r) for cell in cells[n:]]
+    objects = [ShapeSpec(target, colour, x, y, r) for x, y in cells[:n]]
+    objects += [ShapeSpec(rng.choice(others), rng.choice(list(COLOURS)), x, y, r)
+                for x, y in cells[n:]]
     return tuple(objects)
 
 
-def _position_scene(rng: random.Random, size: int, jitter: int) -> tuple[ShapeSpec, ...]:
+def _position_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
     """One object on the left / right / top / bottom."""
-    x, y = _jittered(rng, position_centre(rng.choice(POSITIONS), size), jitter)
-    r = max(4, int(size * 0.18))
-    return (ShapeSpec(rng.choice(SHAPES), rng.choice(list(COLOURS)), x, y, r),)
+    x, y = position_centre(rng.choice(POSITIONS), size)
+    return (ShapeSpec(rng.choice(SHAPES), rng.choice(list(COLOURS)), x, y, _position_radius(size)),)
 
 
 _SCENES = {"colour": _distinct_scene, "shape": _distinct_scene, "count": _count_scene,
@@ -220,7 +231,7 @@ TEST_SCENE_FRACTION = 0.25
 VALIDATION_SCENE_FRACTION = 0.15
 #: Changes whenever the same arguments start giving other files (2: disjoint train / test
 #: scenes), so that a record of generated sets can tell an older set from a current one.
-GENERATOR_REVISION = 4  # 3: a validation side of the scene space; 4: jittered objects
+GENERATOR_REVISION = 5  # 3: a validation side; 5: objects jittered after the layout's split
 _MAX_DRAWS = 10_000  # a split generator that finds no scene of its side in this many is a bug
 
 
@@ -233,9 +244,10 @@ def scene_key(scene: Iterable[ShapeSpec | dict]) -> tuple[tuple[str, str, int, i
 
 
 def scene_side(scene: Iterable[ShapeSpec | dict]) -> str:
-    """The split whose side of the scene space a scene is on (``train``, ``validation`` or
+    """The split whose side of the scene space a layout is on (``train``, ``validation`` or
     ``test``): a fixed hash of its :func:`scene_key` (not Python's salted ``hash``), so the
-    answer never depends on the seed, the split sizes or the process."""
+    answer never depends on the seed, the split sizes or the process. Pass a row's ``layout``
+    (its ``scene`` holds the jittered objects; the two are equal when ``jitter`` is 0)."""
     digest = hashlib.blake2b(repr(scene_key(scene)).encode(), digest_size=8).digest()
     u = int.from_bytes(digest, "big") / 2 ** 64
     if u < TEST_SCENE_FRACTION:
@@ -248,12 +260,11 @@ def is_test_scene(scene: Iterable[ShapeSpec | dict]) -> bool:
     return scene_side(scene) == "test"
 
 
-def _draw_scene(rng: random.Random, qtype: str, size: int, split: str,
-                jitter: int = 0) -> tuple[ShapeSpec, ...]:
-    """A scene for a ``qtype`` question from ``split``'s side of the scene space, each object
-    moved by up to ``jitter`` pixels from its place (0: the fixed grid)."""
+def _draw_scene(rng: random.Random, qtype: str, size: int, split: str) -> tuple[ShapeSpec, ...]:
+    """A layout for a ``qtype`` question (objects at their places) from ``split``'s side of
+    the scene space."""
     for _ in range(_MAX_DRAWS):
-        scene = _SCENES[qtype](rng, size, jitter)
+        scene = _SCENES[qtype](rng, size)
         if scene_side(scene) == split:
             return scene
     raise RuntimeError(f"no {split} scene for a {qtype} question at image size {size} in "
@@ -377,14 +388,16 @@ class SyntheticVQA:
 def _row(rng: random.Random, split: str, index: int, size: int, jitter: int,
          multi_turn_fraction: float, image_dir: Path, root: Path) -> dict:
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
-    scene = _draw_scene(rng, qtype, size, split, jitter)
+    layout = _draw_scene(rng, qtype, size, split)
+    scene = _jittered(rng, layout, jitter)  # after the split: a layout belongs to one split
     multi_turn = rng.random() < multi_turn_fraction
     questions = _questions(rng, qtype, scene, size, multi_turn)
     image_path = image_dir / f"{index:06d}.png"
     render(scene, size).save(image_path, format="PNG", compress_level=1)
     return {"id": f"{split}-{index:06d}", "image": image_path.relative_to(root).as_posix(),
             "conversations": _conversations(questions), "type": qtype,
-            "types": [qa.type for qa in questions], "scene": [asdict(o) for o in scene]}
+            "types": [qa.type for qa in questions], "scene": [asdict(o) for o in scene],
+            "layout": [asdict(o) for o in layout]}
 
 
 def _write_split(root: Path, split: str, n: int, size: int, jitter: int, seed: int,

@@ -92,10 +92,11 @@ def test_demo_splits_are_disjoint_scenes(tmp_path):
     train = rows(teacher.train)
     test = rows(student.test)
     assert rows(student.train) == train[:128]
-    train_keys = {scene_key(r["scene"]) for r in train}
-    assert not train_keys & {scene_key(r["scene"]) for r in test}
-    assert not any(is_test_scene(r["scene"]) for r in train)
-    assert all(is_test_scene(r["scene"]) for r in test)
+    train_keys = {scene_key(r["layout"]) for r in train}
+    assert not train_keys & {scene_key(r["layout"]) for r in test}  # nor moved copies of one
+    assert not {scene_key(r["scene"]) for r in train} & {scene_key(r["scene"]) for r in test}
+    assert not any(is_test_scene(r["layout"]) for r in train)
+    assert all(is_test_scene(r["layout"]) for r in test)
     # every question type (and, for position, every answer) is still asked on unseen scenes
     assert Counter(r["type"] for r in test) == {t: 50 for t in QUESTION_TYPES}
     positions = {r["conversations"][1]["value"] for r in test if r["type"] == "position"}
@@ -107,7 +108,7 @@ def test_scene_split_ignores_seed_sizes_and_object_order(tmp_path):
     b = make_synthetic_vqa(tmp_path / "b", n_train=60, n_test=10, image_size=32, seed=1)
     assert rows(b.test) == rows(a.test)[:10]  # the test split does not depend on n_train
     other_seed = make_synthetic_vqa(tmp_path / "c", n_train=60, n_test=0, image_size=32, seed=2)
-    assert not any(is_test_scene(r["scene"]) for r in rows(other_seed.train))
+    assert not any(is_test_scene(r["layout"]) for r in rows(other_seed.train))
     scene = (ShapeSpec("circle", "red", 8, 8, 5), ShapeSpec("square", "blue", 24, 8, 5))
     assert scene_key(scene) == scene_key(scene[::-1])
     assert scene_key(scene) == scene_key([vars(o) for o in scene])
@@ -132,8 +133,8 @@ def test_validation_split_draws_its_own_scenes(tmp_path):
     assert rows(made.train) == rows(plain.train) and rows(made.test) == rows(plain.test)
     validation = rows(made.validation)
     assert len(validation) == 20 and all(r["id"].startswith("validation-") for r in validation)
-    assert {scene_side(r["scene"]) for r in validation} == {"validation"}
-    keys = {split: {scene_key(r["scene"]) for r in rows(path)}
+    assert {scene_side(r["layout"]) for r in validation} == {"validation"}
+    keys = {split: {scene_key(r["layout"]) for r in rows(path)}
             for split, path in (("train", made.train), ("validation", made.validation),
                                 ("test", made.test))}
     assert not keys["validation"] & keys["train"] and not keys["validation"] & keys["test"]
@@ -155,6 +156,47 @@ def test_to_dict_round_trip(synth):
 
 
 # ------------------------------------------------------------------ jitter
+
+
+def test_max_jitter_keeps_every_object_in_place_at_every_size():
+    """max_jitter's promise, at the extreme offsets, for every image size the config accepts
+    from 32 px: objects inside the image, one white pixel at least between neighbouring grid
+    cells' objects, a lone object's side (or corner) unchanged."""
+    from genrecal.data.synthetic import _grid_radius, _position_radius, position_of
+
+    for size in range(32, 1025):
+        j = max_jitter(size)
+        assert j >= 2, size
+        r, rp = _grid_radius(size), _position_radius(size)
+        lo, hi = size // 4, (3 * size) // 4
+        assert lo - j - r >= 0 and hi + j + r <= size - 1, size
+        assert (hi - j - r) - (lo + j + r) >= 2, size  # a white pixel between neighbours
+        for place in POSITIONS:
+            x, y = position_centre(place, size)
+            for dx in (-j, j):
+                for dy in (-j, j):
+                    obj = ShapeSpec("circle", "red", x + dx, y + dy, rp)
+                    assert 0 <= obj.x - rp and obj.x + rp <= size - 1, (size, place)
+                    assert 0 <= obj.y - rp and obj.y + rp <= size - 1, (size, place)
+                    assert position_of(obj, size) == place, (size, place, dx, dy)
+                    corner = ShapeSpec("circle", "red", lo + dx, lo + dy, r)
+                    assert position_of(corner, size) is None, (size, dx, dy)
+
+
+def test_jitter_comes_after_the_split(tmp_path):
+    """Each row records its layout (objects at their places) and its scene (as drawn): the
+    same objects, each moved by at most the jitter; the split is the layout's, so the test
+    split holds no moved copy of a training layout."""
+    made = make_synthetic_vqa(tmp_path, n_train=300, n_test=100, image_size=32, seed=4)
+    for r in rows(made.train) + rows(made.test):
+        assert len(r["scene"]) == len(r["layout"])
+        for o, p in zip(r["scene"], r["layout"]):
+            assert (o["shape"], o["colour"], o["r"]) == (p["shape"], p["colour"], p["r"])
+            assert abs(o["x"] - p["x"]) <= made.jitter and abs(o["y"] - p["y"]) <= made.jitter
+    assert scene_side(rows(made.test)[0]["layout"]) == "test"
+    train = {scene_key(r["layout"]) for r in rows(made.train)}
+    assert not train & {scene_key(r["layout"]) for r in rows(made.test)}
+    assert sum(r["scene"] != r["layout"] for r in rows(made.train)) > 250  # jitter is used
 
 
 @pytest.mark.parametrize("size", [32, 48, 64])
@@ -189,6 +231,7 @@ def test_jitter_zero_is_the_fixed_grid_and_jitter_makes_scenes_distinct(tmp_path
     moved = make_synthetic_vqa(tmp_path / "m", n_train=400, n_test=0, image_size=32)
     grid = {8, 24, 16}
     assert all(o["x"] in grid and o["y"] in grid for r in rows(fixed.train) for o in r["scene"])
+    assert all(r["scene"] == r["layout"] for r in rows(fixed.train))
     distinct = {}
     for name, made in (("fixed", fixed), ("moved", moved)):
         count_rows = [r for r in rows(made.train) if r["type"] == "count"]
