@@ -170,8 +170,8 @@ def _measure_vllm(job, batches: list[list], tmp: str, repeats: int) -> dict:
     """The same batches through vLLM: its bare forward and ``extract --backend vllm``."""
     from genrecal.extract.vllm_engine import VllmEngine, token_prompt
 
-    engine = job.engine.model_copy(update={"backend": "vllm"})
-    source = job.settings.teacher
+    job = job.with_backend("vllm")
+    engine, source = job.engine, job.settings.teacher
     prompts = [[token_prompt(enc.input_ids) for _, enc in batch] for batch in batches]
     bare = []
     with VllmEngine(engine, model=source.location, mode="hidden", dtype=source.dtype,
@@ -184,7 +184,7 @@ def _measure_vllm(job, batches: list[list], tmp: str, repeats: int) -> dict:
                 vllm.hidden(batch)
             bare.append(time.perf_counter() - t0)
         version, start = vllm.version, vllm.start_seconds
-    runs = [run_extract(replace(job, out=f"{tmp}/vllm-cache-{r}", engine=engine))
+    runs = [run_extract(replace(job, out=f"{tmp}/vllm-cache-{r}"))
             for r in range(repeats)]
     return {"vllm": version, "vllm_start_s": start, "vllm_bare_cold_s": bare[0],
             "vllm_bare_s": statistics.median(bare[1:]),

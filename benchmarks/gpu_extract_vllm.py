@@ -112,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         ensure_synthetic(job)
         runs = {}
         for backend in ("hf", "vllm"):
-            engine = job.engine.model_copy(update={"backend": backend})
             began = time.perf_counter()
-            run = run_extract(replace(job, out=f"{tmp}/{backend}", engine=engine))
+            run = run_extract(replace(job.with_backend(backend), out=f"{tmp}/{backend}"))
             runs[backend] = {"samples": run.written, "tokens": run.tokens,
                              "loop_s": run.loop_seconds, "end_to_end_s": run.seconds,
                              "tokens_per_s": run.tokens / run.loop_seconds,

@@ -141,6 +141,12 @@ class ExtractJob:
     def plan_window(self) -> int:
         return self.window or WINDOW_BATCHES * self.batch_size
 
+    def with_backend(self, backend: str) -> "ExtractJob":
+        """A copy whose teacher forward runs on ``backend`` (``hf`` | ``vllm``): the engine and
+        the backend the cache records change together."""
+        return replace(self, engine=self.engine.model_copy(update={"backend": backend}),
+                       settings=replace(self.settings, backend=backend))
+
     def with_overrides(self, **changes) -> "ExtractJob":
         """A copy with the given fields replaced (``None`` values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -178,6 +178,18 @@ def _check_resumed_backend(storage: CacheStorage, job: ExtractJob) -> None:
                 "(or teacher_engine.backend), or extract into a new --out")
 
 
+def _settings_record(job: ExtractJob) -> dict:
+    """The settings the cache records: ``job.settings``, except that a cache an older genrecal
+    began without the ``backend`` key (written by transformers, then) is resumed under its own
+    record, so that the writer's header check sees the same settings."""
+    record = job.settings.to_dict()
+    if job.resume and job.settings.backend == "hf":
+        logs = read_rank_logs(CacheStorage(job.out))
+        if logs and all("backend" not in log.header.settings for log in logs.values()):
+            del record["backend"]
+    return record
+
+
 def _check_directory(storage: CacheStorage, out: str) -> None:
     """ExtractSetupError if the cache root, or (locally) a folder above it, is not a folder."""
     if storage.local:
@@ -206,7 +218,7 @@ def _run_rank(job: ExtractJob, info: RankInfo, engine=None) -> ExtractResult:
     inputs = read_inputs(job.settings, job.limit)
     windows = owned(sample_windows(inputs.samples, job.plan_window), info)
     writer = CacheWriter(job.out, teacher=fingerprint(teacher, files), features=specs,
-                         settings=job.settings.to_dict(), rank=info.rank,
+                         settings=_settings_record(job), rank=info.rank,
                          shard_tokens=job.shard_tokens or _NO_LIMIT,
                          shard_bytes=job.shard_bytes or _NO_LIMIT, commit=False)
     with engine if engine is not None else nullcontext():  # vLLM starts before the loop's clock

@@ -258,7 +258,7 @@ def generate_answers(loaded, samples: Sequence[Sample], *, max_new_tokens: int, 
                                          stop_token_ids=stop_ids)
                 out += [Generation(p.sample_id, p.turn, n,
                                    _answer_text(loaded.tokenizer, ids, stop_ids))
-                        for p, (ids, n) in zip(batch, answered)]
+                        for p, (ids, n) in zip(batch, answered, strict=True)]
             bar.update(len(batch))
     return out
 

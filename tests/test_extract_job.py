@@ -53,6 +53,8 @@ def test_the_recorded_backend_is_the_engine_s(tmp_path):
     assert job_from_pipeline(_pipe(tmp_path)).settings.backend == "hf"
     with pytest.raises(ExtractSetupError, match="recorded backend 'hf' is not its engine's 'vllm'"):
         replace(job, settings=replace(job.settings, backend="hf"))
+    back = job.with_backend("hf")  # engine and record change together
+    assert back.settings.backend == back.engine.backend == "hf" and back.out == job.out
 
 
 def test_feature_specs_follow_the_config_and_reject_impossible_ones():

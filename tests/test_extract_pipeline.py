@@ -248,6 +248,22 @@ def test_a_cache_is_not_resumed_with_another_backend(tiny_vlm_dir, tmp_path):
     check_output(job_from_pipeline(pipe, resume=True))  # the same backend resumes
 
 
+def test_a_cache_begun_before_the_backend_was_recorded_still_resumes(tiny_vlm_dir, tmp_path):
+    """Rank logs without settings.backend (an older genrecal; transformers wrote them) resume
+    with the hf backend under their own record, and are refused to vLLM."""
+    pipe = make_pipeline("t", pipeline_dict(tiny_vlm_dir("qwen2_vl"), "qwen2_vl", tmp_path))
+    first = _extract(pipe, limit=2)
+    for log in Path(first.out, "ranks").glob("rank-*.json"):
+        data = json.loads(log.read_text())
+        del data["header"]["settings"]["backend"]
+        log.write_text(json.dumps(data))
+    with pytest.raises(ExtractSetupError, match="extracted with --backend hf"):
+        check_output(job_from_pipeline(pipe, resume=True, backend="vllm"))
+    more = _extract(pipe, limit=4, resume=True)
+    assert (more.written, more.already, more.manifest.counts.samples) == (2, 2, 4)
+    assert "backend" not in more.manifest.header.settings  # the cache keeps its own record
+
+
 def _write_bad_dataset(root: Path) -> Path:
     from PIL import Image
 

@@ -81,6 +81,44 @@ def test_batched_generation_equals_one_at_a_time(kind, loaded, samples):
     assert vlm.tokenizer.padding_side == "right"  # left padding was restored
 
 
+class OnePromptEngine:
+    """An AnswerEngine that answers each prompt alone with transformers' greedy generate on its
+    own processor call (no batch, no padding): a second, independent way to answer."""
+
+    def __init__(self):
+        self.calls = []
+
+    def answer(self, loaded, prompts, *, max_new_tokens, temperature, top_p, seed,
+               stop_token_ids):
+        assert temperature == 0.0 and top_p == 1.0 and seed == 3
+        self.calls.append(len(prompts))
+        out = []
+        for p in prompts:
+            inputs = loaded.processor(text=[p.text], images=[list(p.images)] if p.images else None,
+                                      return_tensors="pt", add_special_tokens=False)
+            inputs = inputs.to(loaded.model.device, dtype=loaded.model.dtype)
+            ids = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        eos_token_id=list(stop_token_ids),
+                                        pad_token_id=stop_token_ids[0])
+            width = inputs["input_ids"].shape[1]
+            out.append((ids[0, width:].tolist(), width))
+        return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_answer_engine_gets_the_same_prompts_batches_and_decoding(kind, loaded, samples):
+    """generate_answers(..., engine=) hands the engine batch_size prompts at a time, in order,
+    and decodes what it returns exactly as for transformers: the same generations."""
+    vlm = loaded(kind)
+    engine = OnePromptEngine()
+    got = generate_answers(vlm, samples, max_new_tokens=6, batch_size=2, turn="all", seed=3,
+                           progress=False, engine=engine)
+    expected = generate_answers(vlm, samples, max_new_tokens=6, batch_size=2, turn="all",
+                                progress=False)
+    assert got == expected and any(g.text for g in got)
+    assert engine.calls == [2, 2, 1]  # 5 prompts, batch_size 2
+
+
 def test_sampling_is_reproducible_with_a_seed_and_leaves_the_global_rng(loaded, samples):
     vlm = loaded("llava_qwen2")
     before = torch.random.get_rng_state()
