@@ -199,9 +199,9 @@ class SyntheticData(ConfigModel):
     (the same scenes and questions with each scene described in words and no image, for
     text-only teachers and students, genrecal.data.synthetic_text; ``image_size`` is unused).
 
-    ``jitter``: how far (pixels, each axis) every object's centre moves from its place, drawn
-    per object; unset = the most that keeps each object in its quadrant (2 at 32 px, 5 at 64;
-    genrecal.data.synthetic.max_jitter), 0 = the fixed places. Images only."""
+    ``jitter``: how far (pixels, each axis) every object's centre may move from its place,
+    drawn per object after the split (0, the default: the fixed places; at most
+    genrecal.data.synthetic.max_jitter: 2 at 32 px, 4 at 64). Images only."""
 
     n_train: PosInt = 64
     n_test: NonNegInt = 16
@@ -209,14 +209,14 @@ class SyntheticData(ConfigModel):
     image_size: Annotated[int, Field(ge=8, le=1024)] = 32
     seed: NonNegInt = 0
     modality: Literal["image", "text"] = "image"
-    jitter: NonNegInt | None = None
+    jitter: NonNegInt = 0
 
     def _problems(self) -> list[Problem]:
         problems: list[Problem] = []
         if self.modality == "text" and self.n_validation:
             problems.append((("n_validation",), "the text set has train and test splits only; "
                              "leave n_validation out (or 0) for modality: text"))
-        if self.modality == "text" and self.jitter is not None:
+        if self.modality == "text" and self.jitter:
             problems.append((("jitter",), "the text set describes places in words, it has no "
                              "pixels to move; leave jitter out for modality: text"))
         return problems

@@ -31,7 +31,7 @@ from genrecal.common.atomic import write_json_atomic
 from genrecal.data.problems import Skip
 from genrecal.data.readers import DatasetRead, read_dataset
 from genrecal.data.sample import Sample
-from genrecal.data.synthetic import GENERATOR_REVISION, SyntheticVQA, make_synthetic_vqa, max_jitter
+from genrecal.data.synthetic import GENERATOR_REVISION, SyntheticVQA, make_synthetic_vqa
 from genrecal.data.synthetic_text import TEXT_GENERATOR_REVISION, make_synthetic_text
 from genrecal.store.errors import DatasetError, DuplicateSampleError
 
@@ -67,14 +67,12 @@ def synthetic_dir(output_dir: str | Path) -> Path:
 
 def synthetic_spec(spec: Any) -> dict[str, int]:
     """The generation arguments of a synthetic spec (``n_train``, ``n_test``, ``image_size``,
-    ``seed``, ``n_validation``; for images also ``jitter``, resolved: unset means
-    :func:`~genrecal.data.synthetic.max_jitter`), as recorded in ``synthetic.json``."""
+    ``seed``, ``n_validation``; for images also ``jitter``), as recorded in ``synthetic.json``."""
     args = {key: int(getattr(spec, key, 0) if key == "n_validation" else getattr(spec, key))
             for key in _SPEC_KEYS}  # n_validation: optional, 0 = no validation split
     if _is_text(spec):
         return args
-    jitter = getattr(spec, "jitter", None)
-    return {**args, "jitter": max_jitter(args["image_size"]) if jitter is None else int(jitter)}
+    return {**args, "jitter": int(getattr(spec, "jitter", 0))}
 
 
 def _is_text(spec: Any) -> bool:

@@ -2,11 +2,12 @@
 
 Every image is a white canvas with a few big, flat, pure-colour shapes (no anti-aliasing),
 so a tiny model can tell them apart. A scene's *layout* puts its objects at fixed places: the
-cells of a 2x2 grid (multi-object scenes) or one side (position scenes). The image then moves
-each object from its place by a random offset of up to ``jitter`` pixels per axis
-(:func:`max_jitter`, 2 at 32 px), so that one layout gives many distinct images: on the fixed
-places alone, the count layouts with four copies of one shape are 12 images in all, and a
-model can learn them by heart instead of learning to count.
+cells of a 2x2 grid (multi-object scenes) or one side (position scenes); with ``jitter`` > 0
+the image moves each object from its place by a random offset of up to that many pixels per
+axis (:func:`max_jitter`; off by default). The copies a count question counts each take their
+own colour: were they one colour, the layouts with four copies of one shape would be 12 in all
+(a quarter of the count questions), and a held-out split would ask about a shape-colour pair
+never seen four-fold, which a small model answers from memory rather than by counting.
 
 Every question needs the image to be answered, and every answer is one canonical word or
 digit, so exact match scores it:
@@ -203,15 +204,18 @@ def _distinct_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
     return tuple(ShapeSpec(s, c, x, y, r) for s, c, (x, y) in zip(shapes, colours, cells))
 
 
-def _count_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
-    """1-4 copies of one shape in one colour, plus distractors of other shapes in free cells."""
-    target, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+def _count_scene(rng: random.Random, size: int, one_colour: bool = False) -> tuple[ShapeSpec, ...]:
+    """1-4 copies of one shape, each in its own random colour (``one_colour``: all in one),
+    plus distractors of other shapes in free cells."""
+    target = rng.choice(SHAPES)
+    colour = rng.choice(list(COLOURS)) if one_colour else None
     n = rng.randint(1, MAX_COUNT)
     n_distractors = rng.randint(0, MAX_COUNT - n)
     cells = rng.sample(_grid_cells(size), n + n_distractors)
     others = [s for s in SHAPES if s != target]
     r = _grid_radius(size)
-    objects = [ShapeSpec(target, colour, x, y, r) for x, y in cells[:n]]
+    objects = [ShapeSpec(target, colour or rng.choice(list(COLOURS)), x, y, r)
+               for x, y in cells[:n]]
     objects += [ShapeSpec(rng.choice(others), rng.choice(list(COLOURS)), x, y, r)
                 for x, y in cells[n:]]
     return tuple(objects)
@@ -231,7 +235,8 @@ TEST_SCENE_FRACTION = 0.25
 VALIDATION_SCENE_FRACTION = 0.15
 #: Changes whenever the same arguments start giving other files (2: disjoint train / test
 #: scenes), so that a record of generated sets can tell an older set from a current one.
-GENERATOR_REVISION = 5  # 3: a validation side; 5: objects jittered after the layout's split
+GENERATOR_REVISION = 5  # 3: a validation side; 5: counted copies in their own colours,
+# rows record their layout, optional jitter after the layout's split
 _MAX_DRAWS = 10_000  # a split generator that finds no scene of its side in this many is a bug
 
 
@@ -260,11 +265,13 @@ def is_test_scene(scene: Iterable[ShapeSpec | dict]) -> bool:
     return scene_side(scene) == "test"
 
 
-def _draw_scene(rng: random.Random, qtype: str, size: int, split: str) -> tuple[ShapeSpec, ...]:
+def _draw_scene(rng: random.Random, qtype: str, size: int, split: str,
+                one_colour_counts: bool = False) -> tuple[ShapeSpec, ...]:
     """A layout for a ``qtype`` question (objects at their places) from ``split``'s side of
-    the scene space."""
+    the scene space (``one_colour_counts``: the counted copies share one colour)."""
     for _ in range(_MAX_DRAWS):
-        scene = _SCENES[qtype](rng, size)
+        scene = (_count_scene(rng, size, one_colour_counts) if qtype == "count"
+                 else _SCENES[qtype](rng, size))
         if scene_side(scene) == split:
             return scene
     raise RuntimeError(f"no {split} scene for a {qtype} question at image size {size} in "
@@ -433,7 +440,7 @@ def _check_args(n_train: int, n_test: int, image_size: int, multi_turn_fraction:
 def make_synthetic_vqa(out_dir: str | Path, *, n_train: int = 1000, n_test: int = 200,
                        image_size: int = 64, seed: int = 0,
                        multi_turn_fraction: float = 0.2, n_validation: int = 0,
-                       jitter: int | None = None) -> SyntheticVQA:
+                       jitter: int = 0) -> SyntheticVQA:
     """Write the synthetic VQA set (see module docstring) under ``out_dir``.
 
     Writes ``train.jsonl`` / ``test.jsonl`` (LLaVA format, image paths relative to
@@ -442,11 +449,11 @@ def make_synthetic_vqa(out_dir: str | Path, *, n_train: int = 1000, n_test: int 
     colour, shape, count, position so each is a quarter of every split; a
     ``multi_turn_fraction`` of the rows ask 1-2 follow-up questions about the same image.
     The splits draw from disjoint scenes (:func:`is_test_scene`), for any sizes and seeds.
-    Every object's centre is moved from its place (grid cell or side) by up to ``jitter``
-    pixels along each axis (default and most: :func:`max_jitter`; 0 = the fixed places).
+    With ``jitter`` > 0 every object's centre is moved from its place (grid cell or side) by
+    up to that many pixels along each axis (at most :func:`max_jitter`; 0, the default, keeps
+    the fixed places).
     Deterministic: the same arguments always give byte-identical files.
     """
-    jitter = max_jitter(image_size) if jitter is None else jitter
     _check_args(n_train, n_test, image_size, multi_turn_fraction, n_validation, jitter)
     root = Path(out_dir)
     splits = {"train": n_train, "test": n_test, "validation": n_validation}

@@ -70,7 +70,9 @@ def text_corpus_lines(seed: int = 0) -> list[str]:
 
 def _row(rng: random.Random, split: str, index: int, multi_turn_fraction: float) -> dict:
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
-    scene = _draw_scene(rng, qtype, SCENE_SIZE, split)
+    # revision 1 of the text set: the counted copies share one colour (the image set gives
+    # each its own since revision 5; the text set keeps its measured revision)
+    scene = _draw_scene(rng, qtype, SCENE_SIZE, split, one_colour_counts=True)
     multi_turn = rng.random() < multi_turn_fraction
     questions = _questions(rng, qtype, scene, SCENE_SIZE, multi_turn)
     turns = []

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from genrecal.data import make_synthetic_vqa, read_dataset
-from genrecal.data.synthetic import GENERATOR_REVISION, max_jitter
+from genrecal.data.synthetic import GENERATOR_REVISION
 from genrecal.data.pipeline_data import (SYNTHETIC_SPEC, SourceRef, ensure_synthetic,
                                                read_sources, read_split, synthetic_dir,
                                                synthetic_is_current)
@@ -32,7 +32,7 @@ def test_ensure_synthetic_generates_once_and_again_for_another_spec(tmp_path):
     made = ensure_synthetic(spec(), tmp_path)
     assert (made.n_train, made.n_test, made.train) == (4, 3, tmp_path / "train.jsonl")
     assert json.loads((tmp_path / SYNTHETIC_SPEC).read_text()) == {
-        **vars(spec()), "n_validation": 0, "jitter": max_jitter(32),  # unset: the most
+        **vars(spec()), "n_validation": 0, "jitter": 0,
         "generator_revision": GENERATOR_REVISION}
     first = made.train.stat().st_mtime_ns
     ensure_synthetic(spec(), tmp_path)

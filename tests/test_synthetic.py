@@ -187,7 +187,7 @@ def test_jitter_comes_after_the_split(tmp_path):
     """Each row records its layout (objects at their places) and its scene (as drawn): the
     same objects, each moved by at most the jitter; the split is the layout's, so the test
     split holds no moved copy of a training layout."""
-    made = make_synthetic_vqa(tmp_path, n_train=300, n_test=100, image_size=32, seed=4)
+    made = make_synthetic_vqa(tmp_path, n_train=300, n_test=100, image_size=32, seed=4, jitter=2)
     for r in rows(made.train) + rows(made.test):
         assert len(r["scene"]) == len(r["layout"])
         for o, p in zip(r["scene"], r["layout"]):
@@ -201,10 +201,11 @@ def test_jitter_comes_after_the_split(tmp_path):
 
 @pytest.mark.parametrize("size", [32, 48, 64])
 def test_jittered_objects_stay_apart_and_inside(tmp_path, size):
-    """By default every object moves by up to max_jitter pixels per axis: objects of a scene
-    never touch (at least one white pixel between their boxes), every object stays in the image,
-    and the jitter is really used (both extremes occur)."""
-    made = make_synthetic_vqa(tmp_path, n_train=200, n_test=40, image_size=size, seed=2)
+    """With jitter = max_jitter every object moves by up to that many pixels per axis: objects
+    of a scene never touch (at least one white pixel between their boxes), every object stays in
+    the image, and the jitter is really used (both extremes occur)."""
+    made = make_synthetic_vqa(tmp_path, n_train=200, n_test=40, image_size=size, seed=2,
+                              jitter=max_jitter(size))
     assert made.jitter == max_jitter(size) >= 2
     centres = {*((x, y) for x in (size // 4, 3 * size // 4) for y in (size // 4, 3 * size // 4)),
                *(position_centre(p, size) for p in POSITIONS)}
@@ -223,20 +224,32 @@ def test_jittered_objects_stay_apart_and_inside(tmp_path, size):
     assert {dx for dx, _ in offsets} == {dy for _, dy in offsets} == set(range(-j, j + 1))
 
 
-def test_jitter_zero_is_the_fixed_grid_and_jitter_makes_scenes_distinct(tmp_path):
-    """jitter=0 puts every object on its cell or side centre: the count scenes of a split then
-    repeat a few dozen images (4 copies of one shape: 12 scenes in all); jittered, almost every
-    count question has an image of its own (deterministic: 0.82 and 1.0 here)."""
-    fixed = make_synthetic_vqa(tmp_path / "f", n_train=400, n_test=0, image_size=32, jitter=0)
-    moved = make_synthetic_vqa(tmp_path / "m", n_train=400, n_test=0, image_size=32)
+def test_by_default_objects_sit_on_their_places(tmp_path):
+    """jitter 0 (the default) puts every object on its cell or side centre: scene == layout."""
+    fixed = make_synthetic_vqa(tmp_path / "f", n_train=200, n_test=0, image_size=32)
+    assert fixed.jitter == 0
     grid = {8, 24, 16}
     assert all(o["x"] in grid and o["y"] in grid for r in rows(fixed.train) for o in r["scene"])
     assert all(r["scene"] == r["layout"] for r in rows(fixed.train))
-    distinct = {}
-    for name, made in (("fixed", fixed), ("moved", moved)):
-        count_rows = [r for r in rows(made.train) if r["type"] == "count"]
-        distinct[name] = len({scene_key(r["scene"]) for r in count_rows}) / len(count_rows)
-    assert distinct["fixed"] < 0.9 and distinct["moved"] > 0.97, distinct  # 0.82 and 1.0
+
+
+def test_counted_copies_take_their_own_colours(tmp_path):
+    """The copies a count question counts are coloured one by one: four-copy layouts are not
+    12 images (3 shapes x 4 colours) but hundreds, so a held-out split asks to count copies in
+    colour mixes the training split has not shown, not shape-colour pairs it never saw
+    four-fold. Colour questions are then asked only where a shape's copies share a colour."""
+    made = make_synthetic_vqa(tmp_path, n_train=800, n_test=0, image_size=32, seed=5)
+    count_rows = [r for r in rows(made.train) if r["type"] == "count"]
+    copies = [[o["colour"] for o in r["layout"] if o["shape"] == r["layout"][0]["shape"]]
+              for r in count_rows]
+    assert sum(len(set(c)) > 1 for c in copies if len(c) >= 2) > 0.5 * sum(len(c) >= 2 for c in copies)
+    four = {scene_key(r["layout"]) for r, c in zip(count_rows, copies) if len(c) == 4}
+    assert len(four) > 12
+    for r in rows(made.train):
+        for qa in questions_for(tuple(ShapeSpec(**o) for o in r["scene"]), 32):
+            if qa.type == "colour":
+                shape = next(s for s in SHAPES if s in qa.question)
+                assert {o["colour"] for o in r["scene"] if o["shape"] == shape} == {qa.answer}
 
 
 @pytest.mark.parametrize("kwargs", [{"n_train": -1}, {"image_size": 16},
