@@ -191,8 +191,8 @@ def _jittered(rng: random.Random, layout: tuple[ShapeSpec, ...],
     (uniform, independent); ``jitter`` 0 draws nothing and returns ``layout``."""
     if not jitter:
         return layout
-    return tuple(replace(o, x=o.x + rng.randint(-jitter, jitter), y=o.y + rng.randint(-jitter, jitter))
-                 for o in layout)
+    return tuple(replace(o, x=o.x + rng.randint(-jitter, jitter),
+                         y=o.y + rng.randint(-jitter, jitter)) for o in layout)
 
 
 def _distinct_scene(rng: random.Random, size: int) -> tuple[ShapeSpec, ...]:
@@ -433,7 +433,7 @@ def _check_args(n_train: int, n_test: int, image_size: int, multi_turn_fraction:
         raise ValueError(f"multi_turn_fraction={multi_turn_fraction}: must be within [0, 1]")
     if not 0 <= jitter <= max_jitter(image_size):
         raise ValueError(f"jitter={jitter}: must be within [0, {max_jitter(image_size)}] at "
-                         f"image_size={image_size} (objects stay inside their quadrant); use a "
+                         f"image_size={image_size} (objects stay apart and in place); use a "
                          "larger image or a smaller jitter")
 
 
