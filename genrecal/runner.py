@@ -370,7 +370,8 @@ class StepBuilder:
             return _evaluate(model_dir, pipe, out, progress=self.options.progress)
 
         config = {"evaluation": pipe.evaluation.to_dict(), "model": model_dir, "row": row}
-        return self._step(f"eval-{name}", f"evaluate {self.plan.title(row)}"
+        split = "" if self.plan.split == "test" else f"{self.plan.split}-"  # one marker per split
+        return self._step(f"eval-{split}{name}", f"evaluate {self.plan.title(row)}"
                           + ("" if seed is None else f", seed {seed}"), config,
                           ["data", *upstream], [out], run, lambda _d: _eval_ok(out))
 

@@ -182,3 +182,6 @@ def test_study_variants_and_the_validation_split(tmp_path, monkeypatch):
     assert {k for k, v in steps.items() if v != "reuse"} == {k for k in steps if k.startswith("eval-")}
     first = json.loads((tmp_path / "out" / "report" / "results.json").read_text())
     assert first["split"] == "test"  # the test report is kept
+    run(path, name="demo-study")  # back to the test split: its evaluations are still valid
+    again = json.loads((tmp_path / "out" / "report" / "results.json").read_text())
+    assert {s["action"] for p in again["phases"] for s in p["steps"]} == {"reuse"}
