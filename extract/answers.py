@@ -23,6 +23,7 @@ that reads the file back with valid image paths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -164,18 +165,21 @@ def write_teacher_answers(loaded_teacher, read: DatasetRead, out_path: str | Pat
 
     ``options``: ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p`` and ``replace``
     (see the module docstring); ``seed`` seeds sampling when temperature > 0. Everything that
-    can be checked without the teacher is checked before it generates. ``engine``: a started
-    :class:`~genrecal.extract.vllm_engine.VllmEngine` (``--backend vllm``) generates instead
-    of transformers, from the same prompts; the rest is the same.
+    can be checked without the teacher is checked before it generates. ``engine``: a not yet
+    started :class:`~genrecal.extract.vllm_engine.VllmEngine` (``--backend vllm``,
+    :func:`~genrecal.extract.vllm_engine.answers_engine`), started here after those checks and
+    stopped when the answers are in, generates instead of transformers, from the same prompts;
+    the rest is the same.
     """
     out = Path(out_path)
     _check_inputs(out, read, options.replace)
     out.parent.mkdir(parents=True, exist_ok=True)
     root = _image_root(read.samples, out.parent.resolve(), image_root)
-    generations = _by_sample(generate_answers(
-        loaded_teacher, read.samples, max_new_tokens=options.max_new_tokens,
-        batch_size=batch_size, turn="all", temperature=options.temperature, top_p=options.top_p,
-        seed=seed, progress=progress, engine=engine))
+    with engine if engine is not None else contextlib.nullcontext():
+        generations = _by_sample(generate_answers(
+            loaded_teacher, read.samples, max_new_tokens=options.max_new_tokens,
+            batch_size=batch_size, turn="all", temperature=options.temperature,
+            top_p=options.top_p, seed=seed, progress=progress, engine=engine))
     rows, counts = [], {"teacher": 0, "reference": 0, "unusable": 0, "matched": 0}
     for sample in read.samples:
         generated = generations[sample.id]

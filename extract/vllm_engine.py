@@ -298,10 +298,13 @@ def token_prompt(input_ids: Sequence[int]) -> dict:
 # ----------------------------------------------------------------------------- the teacher pass
 
 
-def answers_engine(settings: TeacherEngine, pipe, options) -> VllmEngine:
-    """The (not yet started) engine of ``genrecal answers`` / the teacher-answers step: room
-    for the longest prompt the pipeline encodes (``cache.max_length``) plus the answer
-    (``options.max_new_tokens``), so no answer is cut shorter than the transformers path cuts it."""
+def answers_engine(settings: TeacherEngine, pipe, options) -> VllmEngine | None:
+    """The (not yet started) engine of ``genrecal answers`` / the teacher-answers step, or None
+    when ``settings.backend`` is not vllm (transformers answers). Room for the longest prompt the
+    pipeline encodes (``cache.max_length``) plus the answer (``options.max_new_tokens``), so no
+    answer is cut shorter than the transformers path cuts it; the early errors are raised now."""
+    if settings.backend != "vllm":
+        return None
     from genrecal.extract.job import teacher_source
 
     return engine_for_teacher(settings, teacher_source(pipe), mode="generate",

@@ -328,26 +328,21 @@ def answers_command(
     file: FileOption = None,
 ) -> None:
     """Let the teacher of pipeline NAME answer its data; write a new LLaVA JSONL dataset."""
-    import contextlib
     import json
 
     from genrecal.extract.answers import teacher_answers_path, write_teacher_answers
     from genrecal.extract.job import engine_settings
+    from genrecal.extract.vllm_engine import answers_engine
     from genrecal.train.evaluate import load_pipeline_model, read_pipeline_split
 
     pipe = config.get_pipeline(name, pipelines_file(ctx, file))
     options = pipe.cache.generate_answers or config.GenerateAnswers()
     settings = engine_settings(pipe, backend.value if backend else None)
-    engine = None
-    if settings.backend == "vllm":  # its early errors before the data is read
-        from genrecal.extract.vllm_engine import answers_engine
-
-        engine = answers_engine(settings, pipe, options)
+    engine = answers_engine(settings, pipe, options)  # vllm: its early errors before the data
     read = read_pipeline_split(pipe, split, limit=limit)
     teacher = load_pipeline_model(pipe, "teacher", device="cpu" if engine else None)
-    with engine if engine is not None else contextlib.nullcontext():
-        report = write_teacher_answers(teacher, read, out or teacher_answers_path(pipe, split),
-                                       options, batch_size=pipe.cache.batch_size, engine=engine)
+    report = write_teacher_answers(teacher, read, out or teacher_answers_path(pipe, split),
+                                   options, batch_size=pipe.cache.batch_size, engine=engine)
     typer.echo(f"wrote {report.path}: {report.samples} samples, {report.answers} answers: "
                f"{report.replaced} from the teacher, {report.kept} references kept "
                f"(replace={report.replace}, {report.matched} teacher answers matched, "

@@ -33,7 +33,6 @@ labelled samples; it never reads the teacher.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -228,11 +227,10 @@ class StepBuilder:
             read = read_split(self.pipe.data, "train", output_dir=self.plan.root)
             teacher = load_pipeline_model(pipe, "teacher", source=self.plan.teacher_dir,
                                           device="cpu" if engine else None)
-            with engine if engine is not None else contextlib.nullcontext():
-                report = write_teacher_answers(teacher, read, out, options,
-                                               batch_size=pipe.cache.batch_size,
-                                               image_root=self.plan.answers_image_root,
-                                               progress=self.options.progress, engine=engine)
+            report = write_teacher_answers(teacher, read, out, options,
+                                           batch_size=pipe.cache.batch_size,
+                                           image_root=self.plan.answers_image_root,
+                                           progress=self.options.progress, engine=engine)
             return {"path": report.path, "samples": report.samples, "replaced": report.replaced,
                     "kept": report.kept, "matched": report.matched}
 
@@ -428,8 +426,6 @@ class StepBuilder:
 def _answers_engine(pipe: Pipeline):
     """The (not yet started) vLLM engine of the teacher-answers step when the pipeline's
     ``teacher_engine.backend`` is vllm, else None (transformers)."""
-    if pipe.teacher_engine.backend != "vllm":
-        return None
     from genrecal.extract.vllm_engine import answers_engine
 
     return answers_engine(pipe.teacher_engine, pipe, pipe.cache.generate_answers)
