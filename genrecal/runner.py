@@ -254,8 +254,9 @@ class StepBuilder:
             run_extract(job_from_pipeline(pipe, resume=resume))
             return _validated_cache(location)
 
-        config = {"teacher": self.pipe.teacher.to_dict(), "cache": pipe.cache.to_dict(),
-                  "location": location}
+        # encode_workers only changes how fast the same cache is written (bit for bit): not hashed
+        cache = {k: v for k, v in pipe.cache.to_dict().items() if k != "encode_workers"}
+        config = {"teacher": self.pipe.teacher.to_dict(), "cache": cache, "location": location}
         return self._step("cache" if row is None else f"cache-{row}",
                           "teacher cache" if row is None else f"teacher cache of {self.plan.title(row)!r}",
                           config, upstream, [location], run, lambda d: _cache_unchanged(location, d))

@@ -183,8 +183,9 @@ class ArrayCodec:
                                           f"validate`") from exc
 
         _map(pool, one, range(first, last))
-        lo = start - first * self.chunk
-        return span[lo:lo + stop - start]
+        lo, n = start - first * self.chunk, stop - start
+        # rows inside whole chunks: a copy, so that a few rows do not keep the chunks' buffer alive
+        return span if n == len(span) else span[lo:lo + n].copy()
 
 
 def _map(pool: ThreadPoolExecutor | None, fn: Callable, items: Sequence | range) -> list:

@@ -128,9 +128,6 @@ class TeacherTurn:
     answer_start: int = 0
     question_positions: torch.Tensor | None = None
 
-    def _tensors(self) -> tuple:
-        return self.window, self.answer_ids, self.question
-
     def _apply(self, fn) -> "TeacherTurn":
         """A copy with ``fn`` applied to every tensor (``question_positions`` included)."""
         return replace(self, window=fn(self.window), answer_ids=fn(self.answer_ids),
@@ -138,11 +135,10 @@ class TeacherTurn:
                        question_positions=None if self.question_positions is None else fn(self.question_positions))
 
     def to(self, device, non_blocking: bool = False) -> "TeacherTurn":
-        return replace(self, **dict(zip(("window", "answer_ids", "question"),
-                                        (_move(x, device, non_blocking) for x in self._tensors()))))
+        return self._apply(lambda t: _move(t, device, non_blocking))
 
     def pin_memory(self) -> "TeacherTurn":
-        return replace(self, **dict(zip(("window", "answer_ids", "question"), (_pin(x) for x in self._tensors()))))
+        return self._apply(_pin)
 
 
 @dataclass
@@ -678,10 +674,9 @@ def _for_handover(batch: TrainBatch):
     its tensors' bytes as one buffer per dtype (:class:`_Inline`: no descriptor); a larger one
     as one shared-memory segment per dtype (:func:`_packed`).
     """
-    tensors = _tensors_of(batch)
-    if sum(x.numel() * x.element_size() for x in tensors) <= INLINE_BYTES:
+    if _tensor_bytes(batch) <= INLINE_BYTES:
         return _Inline(batch)
-    return _packed(batch, shared=True)
+    return _packed(batch)
 
 
 @dataclass(frozen=True)
@@ -728,22 +723,10 @@ def _from_inline(skeleton: TrainBatch, buffers: dict[str, bytearray]) -> TrainBa
     return _map_tensors(skeleton, tensor)
 
 
-def _tensors_of(batch: TrainBatch) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-
-    def keep(x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            found.append(x)
-        return x
-
-    _map_tensors(batch, keep)
-    return found
-
-
-def _packed(batch: TrainBatch, shared: bool) -> TrainBatch:
+def _packed(batch: TrainBatch) -> TrainBatch:
     """``batch`` with every CPU tensor (student inputs and labels, teacher records) copied into
-    one buffer per dtype (in shared memory if ``shared``), as views of it. Values, shapes and
-    dtypes are unchanged."""
+    one shared-memory buffer per dtype (allocated there, as default_collate does in workers),
+    as views of it. Values, shapes and dtypes are unchanged."""
     sizes: dict[torch.dtype, int] = {}
 
     def count(x: torch.Tensor) -> torch.Tensor:
@@ -753,8 +736,7 @@ def _packed(batch: TrainBatch, shared: bool) -> TrainBatch:
 
     _map_tensors(batch, count)
     flat = {dt: torch.empty(0, dtype=dt).set_(torch.UntypedStorage._new_shared(n * dt.itemsize), 0, (n,))
-            if shared else torch.empty(n, dtype=dt)
-            for dt, n in sizes.items()}  # shared: allocated there, as default_collate does in workers
+            for dt, n in sizes.items()}
     at = dict.fromkeys(sizes, 0)
 
     def place(x: torch.Tensor) -> torch.Tensor:
