@@ -184,8 +184,10 @@ class ArrayCodec:
 
         _map(pool, one, range(first, last))
         lo, n = start - first * self.chunk, stop - start
-        # rows inside whole chunks: a copy, so that a few rows do not keep the chunks' buffer alive
-        return span if n == len(span) else span[lo:lo + n].copy()
+        # a few rows out of whole chunks (less than half of them): copied, so that they do not
+        # keep the chunks' buffer alive; a long read (a whole array) stays a view, no extra pass
+        rows = span[lo:lo + n]
+        return rows.copy() if 2 * n < len(span) else rows
 
 
 def _map(pool: ThreadPoolExecutor | None, fn: Callable, items: Sequence | range) -> list:
